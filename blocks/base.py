@@ -1,0 +1,111 @@
+"""The base of every target block: settings + credentials + the verbs that use them.
+
+As prefect-aws's ``S3Bucket`` owns ``upload_from_path``, a target block owns ``send`` and
+``test_connection``; the flows only load a block by the target's mercure name and call a verb, so
+no secret ever travels as a run parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from prefect.blocks.core import Block
+from pydantic import Field
+
+from tasks.taskjson import Task
+
+__all__ = ["DispatchTarget", "SendContext", "SendResult", "target_slug"]
+
+_SLUG_JUNK = re.compile(r"[^a-z0-9]+")
+
+
+def target_slug(name: str) -> str:
+    """The block document name for a mercure target name (``PACS_Main`` → ``pacs-main``).
+
+    Prefect accepts only lowercase letters, digits and dashes in document names.
+    """
+    slug = _SLUG_JUNK.sub("-", name.lower()).strip("-")
+    return slug or "target"
+
+
+@dataclass(frozen=True)
+class SendContext:
+    """What a target needs to know about the case it sends."""
+
+    case_dir: Path
+    task: Task
+    #: dcmsend-format report to write (DICOM-type targets), ``None`` for the others.
+    report_path: Path | None = None
+
+    @property
+    def task_id(self) -> str:
+        return self.task.id
+
+
+@dataclass
+class SendResult:
+    """What was delivered; becomes the per-target line of the case's artifact."""
+
+    files: int = 0
+    bytes: int = 0
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DispatchTarget(Block, ABC):
+    """Common fields of every mercure target type, and the verbs each type implements."""
+
+    #: mercure's ``target_type`` discriminator (``"dicom"``, ``"folder"``, ...).
+    target_type: ClassVar[str]
+
+    target_name: str = Field(
+        default="",
+        description="The target's name as task.json and mercure.json use it (e.g. PACS_Main).",
+    )
+    contact: str | None = Field(default="", description="Who to call about this target.")
+    comment: str = Field(default="", description="Free text shown with the target.")
+    direction: Literal["push", "pull", "both"] = Field(
+        default="push", description="Whether cases are sent to it, queried from it, or both."
+    )
+    max_concurrent_sends: int | None = Field(
+        default=None,
+        description="At most this many sends to this target at once (0 or empty: no limit).",
+    )
+
+    @property
+    def logger(self) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+        """The run logger inside a flow or task run, a module logger outside."""
+        try:
+            from prefect.logging import get_run_logger
+
+            return get_run_logger()
+        except Exception:
+            return logging.getLogger(f"dicom_dispatch.{type(self).__name__}")
+
+    @abstractmethod
+    def send(self, context: SendContext) -> SendResult:
+        """Deliver the case; raise a :class:`~blocks.errors.TargetError` if it did not arrive."""
+
+    @abstractmethod
+    def test_connection(self) -> dict[str, Any]:
+        """Probe the target; returns mercure's keys for this type (all true = usable)."""
+
+    @staticmethod
+    def connection_ok(result: dict[str, Any]) -> bool:
+        """A test result is usable when every boolean it reports is true."""
+        return all(v for v in result.values() if isinstance(v, bool))
+
+    @property
+    def writes_dcmsend_report(self) -> bool:
+        """DICOM-type targets write a dcmsend-format ``sent.txt``."""
+        return False
+
+
+def dicom_files(case_dir: Path) -> list[Path]:
+    """The ``*.dcm`` files of a case, recursively and in a stable order (dcmsend ``+r +sd``)."""
+    return sorted(p for p in case_dir.rglob("*.dcm") if p.is_file())

@@ -1,0 +1,158 @@
+"""mercure's DICOM target (C-STORE), sent with pynetdicom instead of a ``dcmsend`` subprocess.
+
+One association per (case, target) — or ``max_associations`` in parallel processes — with
+presentation contexts taken from the files' headers and the files sent without decoding pixel
+data. Every instance's DIMSE status is kept; the case counts as sent only when every instance was
+accepted (warnings count as accepted unless ``warning_counts_as_sent`` is off). A dcmsend-format
+report is written so tooling that parses mercure's ``sent.txt`` keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from blocks import _dimse
+from blocks.base import DispatchTarget, SendContext, SendResult, dicom_files
+from blocks.errors import PermanentTargetError, TransientTargetError
+from tasks.dcmsend_report import write_report
+
+__all__ = ["DicomTarget"]
+
+DEFAULT_PORT = 104
+DEFAULT_CALLING_AET = "DCMSEND"  # what dcmsend calls itself when mercure passes no -aet
+DEFAULT_CALLED_AET = "ANY-SCP"
+#: DIMSE "out of resources" (0xA7xx) is worth a quick retry; other failures are not.
+_RESOURCE_FAILURES = range(0xA700, 0xA800)
+
+
+class DicomTarget(DispatchTarget):
+    """A DICOM node that receives cases by C-STORE (and, later, answers queries).
+
+    Field names are mercure's, so a mercure.json target imports one to one.
+
+    Example:
+        ```python
+        from blocks.dicom import DicomTarget
+
+        DicomTarget.load("pacs-main").test_connection()
+        ```
+    """
+
+    _block_type_name = "DICOM Target"
+    _block_type_slug = "dicom-target"
+    _description = "A DICOM node that receives cases by C-STORE (mercure's DICOM target)."
+    target_type: ClassVar[str] = "dicom"
+
+    ip: str = Field(
+        description='Host name or IP address; "sender" sends back to the case\'s sender address.'
+    )
+    port: str = Field(default="104", description="TCP port (default 104).")
+    aet_target: str = Field(default="", description="Called AE title (empty: ANY-SCP).")
+    aet_source: str | None = Field(default="", description="Calling AE title (empty: DCMSEND).")
+    pass_sender_aet: bool | None = Field(
+        default=False, description="Use the case's sender AE title as calling AE title."
+    )
+    pass_receiver_aet: bool | None = Field(
+        default=False, description="Use the case's receiver AE title as called AE title."
+    )
+    warning_counts_as_sent: bool = Field(
+        default=True,
+        description="Count instances acknowledged with a DIMSE warning as sent (mercure: no).",
+    )
+    max_associations: int = Field(
+        default=1, ge=1, le=16, description="Parallel associations (processes) per send."
+    )
+    connect_timeout: float = Field(default=10, gt=0, description="TCP connect timeout, seconds.")
+    acse_timeout: float = Field(default=30, gt=0, description="Association timeout, seconds.")
+    dimse_timeout: float = Field(default=60, gt=0, description="Per-response timeout, seconds.")
+    network_timeout: float = Field(default=60, gt=0, description="Idle network timeout, seconds.")
+    retrieve_method: Literal["get", "move"] = Field(
+        default="get", description="How studies are retrieved from this node: C-GET or C-MOVE."
+    )
+    move_destination_aet: str = Field(
+        default="", description="AE title C-MOVE sends to (our Storage SCP)."
+    )
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _port_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+    @property
+    def writes_dcmsend_report(self) -> bool:
+        return True
+
+    def peer(self, context: SendContext | None = None) -> tuple[str, int, str, str]:
+        """(host, port, called AE, calling AE) for a case, mercure's rules applied."""
+        host = self.ip
+        info = context.task.info if context is not None else None
+        if host == "sender":
+            if info is None or info.sender_address in ("", "MISSING"):
+                raise PermanentTargetError(
+                    f"target {self.target_name}: ip is 'sender' but the case has no sender address"
+                )
+            host = info.sender_address
+        if not host:
+            raise PermanentTargetError(f"target {self.target_name}: no ip configured")
+        port = int(self.port) if str(self.port).strip() else DEFAULT_PORT
+        called = self.aet_target or DEFAULT_CALLED_AET
+        calling = self.aet_source or DEFAULT_CALLING_AET
+        if info is not None and self.pass_sender_aet and info.sender_aet not in ("", "MISSING"):
+            calling = info.sender_aet
+        if info is not None and self.pass_receiver_aet and info.receiver_aet not in ("", "MISSING"):
+            called = info.receiver_aet
+        return host, port, called, calling
+
+    def send(self, context: SendContext) -> SendResult:
+        files = dicom_files(context.case_dir)
+        if not files:
+            raise PermanentTargetError(f"target {self.target_name}: the case has no *.dcm files")
+        host, port, called, calling = self.peer(context)
+        result = _dimse.store_files(
+            files,
+            host,
+            port,
+            called,
+            calling,
+            connect_timeout=self.connect_timeout,
+            acse_timeout=self.acse_timeout,
+            dimse_timeout=self.dimse_timeout,
+            network_timeout=self.network_timeout,
+            associations=self.max_associations,
+        )
+        if context.report_path is not None:
+            write_report(context.report_path, result)
+        failed = result.failed(self.warning_counts_as_sent)
+        if failed:
+            lost = sum(1 for r in failed if r.status is None)
+            sample = failed[0]
+            why = sample.error or _dimse.status_text(sample.status)
+            message = (
+                f"target {self.target_name} ({host}:{port} {calling}->{called}): only "
+                f"{len(files) - len(failed)} out of {len(files)} instances were sent successfully"
+                f" (first failure: {sample.path.name}: {why})"
+            )
+            transient = lost > 0 or any(r.status in _RESOURCE_FAILURES for r in failed)
+            raise (TransientTargetError if transient else PermanentTargetError)(message)
+        size = sum(r.size for r in result.instances)
+        return SendResult(
+            files=len(files),
+            bytes=size,
+            detail=f"{len(files)} instances to {host}:{port} ({calling}->{called})",
+            extra={"associations": result.associations},
+        )
+
+    @staticmethod
+    def connection_ok(result: dict[str, Any]) -> bool:
+        return bool(result.get("loopback_mode")) or bool(result.get("c-echo"))
+
+    def test_connection(self) -> dict[str, Any]:
+        """mercure's keys: ``ping`` (here: TCP connect), ``c-echo``, ``loopback_mode``."""
+        if self.ip == "sender":
+            return {"ping": False, "c-echo": False, "loopback_mode": True}
+        host, port, called, calling = self.peer()
+        reachable = _dimse.tcp_reachable(host, port, timeout=min(self.connect_timeout, 5))
+        echo = reachable and _dimse.echo(host, port, called, calling, timeout=5)
+        return {"ping": reachable, "c-echo": bool(echo), "loopback_mode": False}

@@ -1,0 +1,72 @@
+"""``DispatcherSettings``: the folders, retry rules, off-peak window, rule priorities and limits.
+
+One document (default name ``default``) replaces the dispatcher part of mercure.json. Without a
+document the defaults apply, with the folders under the data directory, so a fresh install needs
+no configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from prefect.blocks.core import Block
+from pydantic import Field
+
+from tasks.datadir import data_dir
+
+__all__ = ["DEFAULT_SETTINGS_NAME", "DispatcherSettings", "data_dir"]
+
+DEFAULT_SETTINGS_NAME = "default"
+Priority = Literal["normal", "urgent", "offpeak"]
+
+
+class DispatcherSettings(Block):
+    """How the dispatcher works: mercure's folder and retry settings plus the concurrency limits.
+
+    Example:
+        ```python
+        from blocks.settings import DispatcherSettings
+
+        settings = DispatcherSettings.load("default")
+        ```
+    """
+
+    _block_type_name = "Dispatcher Settings"
+    _block_type_slug = "dispatcher-settings"
+    _description = "Folders, retries, off-peak window, rule priorities and limits of the dispatcher."
+
+    outgoing_folder: str = Field(default="", description="Queue of cases (empty: <data dir>/outgoing).")
+    success_folder: str = Field(default="", description="Sent cases (empty: <data dir>/success).")
+    error_folder: str = Field(default="", description="Failed cases (empty: <data dir>/error).")
+    retry_max: int = Field(default=5, ge=0, description="Attempts per case before error/ (mercure).")
+    retry_delay: float = Field(default=900, ge=0, description="Seconds between attempts of a case.")
+    dispatcher_scan_interval: float = Field(
+        default=1, gt=0, description="Seconds between scans of the outgoing folder."
+    )
+    offpeak_start: str = Field(default="22:00", description="Off-peak window start, HH:MM local.")
+    offpeak_end: str = Field(default="06:00", description="Off-peak window end, HH:MM local.")
+    rule_priorities: dict[str, Priority] = Field(
+        default_factory=dict, description="Priority of each mercure rule by name."
+    )
+    num_proc: int = Field(
+        default=8, ge=0, description="At most this many sends at once in total (0: no limit)."
+    )
+    type_limits: dict[str, int] = Field(
+        default_factory=dict,
+        description="At most this many sends at once per target type, e.g. {'dicom': 4}.",
+    )
+    invalid_grace_seconds: float = Field(
+        default=300,
+        ge=0,
+        description="An invalid case folder unchanged this long is moved to error/ with a reason.",
+    )
+
+    def folders(self) -> tuple[Path, Path, Path]:
+        """(outgoing, success, error), defaults under the data directory."""
+        base = data_dir()
+        return (
+            Path(self.outgoing_folder or base / "outgoing"),
+            Path(self.success_folder or base / "success"),
+            Path(self.error_folder or base / "error"),
+        )

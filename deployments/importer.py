@@ -1,0 +1,135 @@
+"""``import-config``: a real mercure.json → target blocks and ``DispatcherSettings``.
+
+Targets keep mercure's names (stored under their slug, the original name in ``target_name``) and
+field names, so the import is one to one. A target type this version cannot send to yet is
+reported and skipped; two names that would share a block document name are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from blocks.base import target_slug
+from blocks.errors import ConfigError
+from blocks.registry import NOT_YET_SUPPORTED, TARGET_TYPES, aload_settings
+from blocks.settings import DEFAULT_SETTINGS_NAME
+
+__all__ = ["ImportReport", "import_mercure_config", "infer_target_type"]
+
+SETTINGS_KEYS = (
+    "outgoing_folder",
+    "success_folder",
+    "error_folder",
+    "retry_max",
+    "retry_delay",
+    "dispatcher_scan_interval",
+    "offpeak_start",
+    "offpeak_end",
+)
+
+
+@dataclass
+class ImportReport:
+    imported: dict[str, str] = field(default_factory=dict)  # name -> target type
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+    ignored_fields: dict[str, list[str]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "imported": self.imported,
+            "skipped": self.skipped,
+            "ignored_fields": self.ignored_fields,
+            "settings": self.settings,
+        }
+
+
+def infer_target_type(spec: dict[str, Any]) -> str | None:
+    """mercure accepts a target without ``target_type`` when its fields fit a type."""
+    if spec.get("target_type"):
+        return str(spec["target_type"])
+    if {"ip", "port", "aet_target"} <= spec.keys():
+        return "dicom"
+    if {"folder", "user", "host"} <= spec.keys():
+        return "sftp"
+    if "folder" in spec:
+        return "folder"
+    return None
+
+
+def read_mercure_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold a JSON object")
+    return data
+
+
+def _check_slugs(names: list[str]) -> None:
+    by_slug: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        by_slug[target_slug(name)].append(name)
+    clashes = {slug: group for slug, group in by_slug.items() if len(group) > 1}
+    if clashes:
+        text = "; ".join(f"{', '.join(g)} -> {s}" for s, g in clashes.items())
+        raise ConfigError(f"target names that would share a block name: {text}; rename one")
+
+
+async def import_mercure_config(path: Path) -> ImportReport:
+    """Create or update blocks from ``path``; nothing is deleted."""
+    data = read_mercure_json(path)
+    targets = data.get("targets") or {}
+    if not isinstance(targets, dict):
+        raise ConfigError(f"{path}: 'targets' must be an object")
+    _check_slugs(list(targets))
+    report = ImportReport()
+    for name, spec in targets.items():
+        if not isinstance(spec, dict):
+            report.skipped[name] = "not an object"
+            continue
+        kind = infer_target_type(spec)
+        cls = TARGET_TYPES.get(kind or "")
+        if cls is None:
+            report.skipped[name] = (
+                f"target type {kind!r} is not supported by this version yet"
+                if kind in NOT_YET_SUPPORTED
+                else f"unknown target type {kind!r}"
+            )
+            continue
+        fields = {k: v for k, v in spec.items() if k in cls.model_fields and v is not None}
+        ignored = sorted(k for k in spec if k not in cls.model_fields and k != "target_type")
+        if ignored:
+            report.ignored_fields[name] = ignored
+        try:
+            block = cls(**{**fields, "target_name": name})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            report.skipped[name] = f"invalid field {'.'.join(map(str, first['loc']))}: {first['msg']}"
+            continue
+        await block.save(target_slug(name), overwrite=True)
+        report.imported[name] = cls.target_type
+
+    settings = await aload_settings()
+    for key in SETTINGS_KEYS:
+        if data.get(key) not in (None, ""):
+            setattr(settings, key, data[key])
+    rules = data.get("rules") or {}
+    if isinstance(rules, dict):
+        settings.rule_priorities = {
+            rule: spec.get("priority", "normal")
+            for rule, spec in rules.items()
+            if isinstance(spec, dict) and spec.get("priority", "normal") in ("normal", "urgent", "offpeak")
+        }
+    await settings.save(DEFAULT_SETTINGS_NAME, overwrite=True)
+    report.settings = settings.model_dump(mode="json", exclude={"block_type_slug"})
+    return report

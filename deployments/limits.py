@@ -1,0 +1,44 @@
+"""Bootstrap Prefect's tag concurrency limits from ``DispatcherSettings`` and the target blocks.
+
+``dicom-dispatch`` = ``num_proc``, ``target-type:<type>`` = the per-type limit and
+``target:<name>`` = the block's ``max_concurrent_sends``. A limit of 0 or unset means *no limit*:
+the tag's limit is deleted, never set to 0 (a limit of 0 makes Prefect abort the runs).
+"""
+
+from __future__ import annotations
+
+from prefect.client.orchestration import PrefectClient
+from prefect.exceptions import ObjectNotFound
+
+from blocks.registry import TARGET_TYPES
+from blocks.settings import DispatcherSettings
+from tasks.send import send_tags
+
+__all__ = ["apply_limits", "wanted_limits"]
+
+
+def wanted_limits(
+    settings: DispatcherSettings, target_limits: dict[str, int | None]
+) -> dict[str, int]:
+    """Every tag we manage and its limit (0 = none)."""
+    wanted = {"dicom-dispatch": settings.num_proc}
+    for kind in TARGET_TYPES:
+        wanted[f"target-type:{kind}"] = settings.type_limits.get(kind, 0)
+    for name, limit in target_limits.items():
+        wanted[send_tags(name, "")[2]] = limit or 0
+    return wanted
+
+
+async def apply_limits(client: PrefectClient, wanted: dict[str, int]) -> dict[str, int]:
+    """Create, update or delete tag limits so the server matches ``wanted``; returns what is set."""
+    applied: dict[str, int] = {}
+    for tag, limit in wanted.items():
+        if limit and limit > 0:
+            await client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+            applied[tag] = limit
+        else:
+            try:
+                await client.delete_concurrency_limit_by_tag(tag)
+            except ObjectNotFound:
+                pass
+    return applied

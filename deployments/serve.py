@@ -1,0 +1,134 @@
+"""``dicom-dispatch serve``: the whole service in one command (DESIGN 4.6).
+
+Without ``PREFECT_API_URL``: a local Prefect server with its UI (embedded PostgreSQL, filesystem
+lease storage) as a child process. Always: block types registered, tag limits set from the
+settings, the ``dispatch-case`` and ``sweep-outgoing`` deployments served, and the dispatcher
+loop running in this process. SIGTERM/SIGINT: stop scanning, let current sends finish, stop the
+runner, the server and the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deployments.environment import (
+    _profile_api_url,
+    ensure_embedded_database,
+    remove_service_record,
+    stop_embedded_postgres,
+    write_service_record,
+)
+from deployments.server import PrefectServer
+
+if TYPE_CHECKING:
+    from blocks.settings import DispatcherSettings
+
+__all__ = ["SETTINGS_REFRESH_SECONDS", "is_loopback", "serve"]
+
+LOGGER = logging.getLogger("dicom_dispatch.serve")
+SETTINGS_REFRESH_SECONDS = 15.0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve(home: Path, host: str, port: int, db: str) -> int:
+    server: PrefectServer | None = None
+    embedded_db = False
+    if not os.environ.get("PREFECT_API_URL") and not _profile_api_url():
+        embedded_db = not (
+            os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
+            or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
+        )
+        await asyncio.to_thread(ensure_embedded_database, home, db)
+        server = PrefectServer(host, port, home / "logs" / "prefect-server.log")
+        LOGGER.info("starting the Prefect server on %s", server.ui_url)
+        await asyncio.to_thread(server.start)
+        os.environ["PREFECT_API_URL"] = server.api_url
+        write_service_record(home, server.api_url, server.ui_url)
+        print(f"Prefect UI: {server.ui_url}", flush=True)
+    try:
+        await _run_service()
+    finally:
+        remove_service_record(home)
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+        if embedded_db and db != "sqlite":
+            await asyncio.to_thread(stop_embedded_postgres, home / "postgres")
+    return 0
+
+
+async def _run_service() -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments.runner import EntrypointType
+    from prefect.runner import Runner
+
+    from blocks.registry import aload_settings, aregister_block_types
+    from flows.dispatch import dispatch_case
+    from flows.sweep import Dispatcher, sweep_outgoing
+
+    async with get_client() as client:
+        await aregister_block_types(client)
+    settings = await aload_settings()
+    await _sync_limits(settings)
+
+    runner = Runner(name="dicom-dispatch", pause_on_shutdown=False)
+    for flow_obj, name in ((dispatch_case, "dispatch-case"), (sweep_outgoing, "sweep-outgoing")):
+        await runner.aadd_flow(flow_obj, name=name, entrypoint_type=EntrypointType.MODULE_PATH)
+
+    stop = asyncio.Event()
+    dispatcher = Dispatcher(settings)
+    runner_task = asyncio.create_task(runner.start())
+    await asyncio.sleep(0)  # let the runner install its handlers, then take SIGTERM/SIGINT back
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    LOGGER.info("dispatching from %s", settings.folders()[0])
+    print(f"dispatching from {settings.folders()[0]}", flush=True)
+
+    async def refresh() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), SETTINGS_REFRESH_SECONDS)
+            if stop.is_set():
+                return
+            try:
+                dispatcher.settings = await aload_settings()
+                await _sync_limits(dispatcher.settings)
+            except Exception:
+                LOGGER.exception("could not refresh the settings")
+
+    refresher = asyncio.create_task(refresh())
+    try:
+        await dispatcher.run_forever(stop)
+    finally:
+        stop.set()
+        refresher.cancel()
+        runner.stop()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(runner_task, 30)
+
+
+async def _sync_limits(settings: DispatcherSettings) -> None:
+    from prefect.client.orchestration import get_client
+
+    from blocks.registry import alist_targets
+    from deployments.limits import apply_limits, wanted_limits
+
+    targets = await alist_targets()
+    per_target = {t.target_name or t._block_document_name or "": t.max_concurrent_sends for t in targets}
+    async with get_client() as client:
+        await apply_limits(client, wanted_limits(settings, per_target))

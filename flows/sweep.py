@@ -1,0 +1,205 @@
+"""The dispatcher: scan outgoing/, order, claim, and dispatch ready cases in this process.
+
+``Dispatcher`` is shared by the service's loop (``serve``: a scan every
+``dispatcher_scan_interval``, each case a top-level flow run) and by the ``sweep_outgoing`` flow
+(one pass, each case a child run). Running cases in-process keeps a case's orchestration cost to
+API calls: no subprocess per case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+
+from blocks.registry import aload_settings
+from blocks.settings import DispatcherSettings
+from flows.dispatch import run_case
+from tasks import casefolder as cf
+
+__all__ = ["Dispatcher", "PassResult", "sweep_outgoing"]
+
+LOGGER = logging.getLogger(__name__)
+UNLIMITED_CASES = 32
+FLOW_RUN_CLAIM_CHECK_SECONDS = 30.0
+
+
+@dataclass
+class PassResult:
+    """What one pass over outgoing/ did."""
+
+    dispatched: int = 0
+    succeeded: int = 0
+    halted: bool = False
+    waiting_for_retry: int = 0
+    next_retry_at: float | None = None
+    cases: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def all_succeeded(self) -> bool:
+        return self.succeeded == self.dispatched
+
+
+class Dispatcher:
+    """Scans, orders and dispatches cases; at most ``capacity`` cases at once."""
+
+    def __init__(self, settings: DispatcherSettings) -> None:
+        self.settings = settings
+        self._reported_invalid: set[Path] = set()
+        self._last_run_claim_check = 0.0
+        self._in_flight: set[asyncio.Task[bool]] = set()
+
+    @property
+    def capacity(self) -> int:
+        return self.settings.num_proc if self.settings.num_proc > 0 else UNLIMITED_CASES
+
+    def ensure_folders(self) -> None:
+        for folder in self.settings.folders():
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _scan(self) -> cf.Scan:
+        outgoing, _, error = self.settings.folders()
+        scan = cf.scan_outgoing(
+            outgoing,
+            rule_priorities=self.settings.rule_priorities,
+            invalid_grace=self.settings.invalid_grace_seconds,
+        )
+        for path, reason in scan.invalid:
+            if path not in self._reported_invalid:
+                self._reported_invalid.add(path)
+                LOGGER.warning("case %s is not dispatchable yet: %s", path.name, reason)
+        for path, reason in scan.expired_invalid:
+            self._reported_invalid.discard(path)
+            try:
+                dest = cf.move_case(path, error, fail_stage=cf.FAIL_STAGE, reason=reason)
+                LOGGER.error("case %s moved to %s: %s", path.name, dest, reason)
+            except OSError as exc:
+                LOGGER.error("case %s could not be moved to error/: %s", path.name, exc)
+        for path in scan.claimed:
+            if cf.claim_is_stale(path):
+                cf.release_claim(path)
+                LOGGER.warning("case %s: released the claim of a process that is gone", path.name)
+        return scan
+
+    async def _release_claims_of_dead_runs(self, claimed: list[Path]) -> None:
+        """Claims made on other hosts are judged by their flow run: a finished run owns nothing."""
+        if time.monotonic() - self._last_run_claim_check < FLOW_RUN_CLAIM_CHECK_SECONDS:
+            return
+        self._last_run_claim_check = time.monotonic()
+        owners = [(p, cf.read_claim(p)) for p in claimed]
+        foreign = [(p, o) for p, o in owners if o and o.flow_run_id and not o.is_this_process()]
+        if not foreign:
+            return
+        async with get_client() as client:
+            for path, owner in foreign:
+                try:
+                    run = await client.read_flow_run(owner.flow_run_id)  # type: ignore[arg-type]
+                except Exception:  # noqa: BLE001 - unknown run: leave the claim alone
+                    continue
+                if run.state is not None and run.state.is_final() and cf.read_claim(path) == owner:
+                    cf.release_claim(path)
+                    LOGGER.warning(
+                        "case %s: released the claim of finished run %s", path.name, run.id
+                    )
+
+    async def ready_cases(self) -> tuple[cf.Scan, list[cf.Candidate]]:
+        scan = await anyio.to_thread.run_sync(self._scan)
+        await self._release_claims_of_dead_runs(scan.claimed)
+        now = dt.datetime.now().time()
+        offpeak = cf.is_offpeak(self.settings.offpeak_start, self.settings.offpeak_end, now)
+        return scan, cf.order_cases(scan.ready, offpeak_now=offpeak)
+
+    def _start(self, cand: cf.Candidate) -> asyncio.Task[bool] | None:
+        outgoing = self.settings.folders()[0]
+        if cf.is_halted(outgoing) or not cand.path.is_dir():
+            return None
+        if not cf.claim_case(cand.path):
+            return None
+        job = asyncio.create_task(run_case(cand.path, cand.priority, cand.task))
+        self._in_flight.add(job)
+        job.add_done_callback(self._in_flight.discard)
+        return job
+
+    async def one_pass(self) -> PassResult:
+        """Dispatch every case ready now (HALT checked before each), wait for all of them."""
+        scan, ordered = await self.ready_cases()
+        result = PassResult(halted=scan.halted)
+        result.waiting_for_retry = len(scan.not_due)
+        due = [c.task.dispatch.next_retry_at or 0 for c in scan.not_due if c.task.dispatch]
+        result.next_retry_at = min(due) if due else None
+        if scan.halted:
+            return result
+        slots = asyncio.Semaphore(self.capacity)
+
+        async def guarded(cand: cf.Candidate) -> None:
+            async with slots:
+                job = self._start(cand)
+                if job is not None:
+                    result.dispatched += 1
+                    ok = await job
+                    result.cases[cand.path.name] = ok
+                    result.succeeded += int(ok)
+
+        # Started in order: each waits for a free slot before claiming its case.
+        jobs = [asyncio.create_task(guarded(c)) for c in ordered]
+        if jobs:
+            await asyncio.gather(*jobs)
+        return result
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        """The service loop: sleep first (as mercure), then start what fits in free capacity."""
+        self.ensure_folders()
+        interval = self.settings.dispatcher_scan_interval
+        while not stop.is_set():
+            with anyio.move_on_after(interval):
+                await stop.wait()
+            if stop.is_set():
+                break
+            try:
+                await self._fill()
+            except Exception:
+                LOGGER.exception("error while dispatching")
+        if self._in_flight:
+            LOGGER.info("waiting for %d case(s) in flight", len(self._in_flight))
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def _fill(self) -> None:
+        free = self.capacity - len(self._in_flight)
+        if free <= 0:
+            return
+        scan, ordered = await self.ready_cases()
+        if scan.halted:
+            return
+        for cand in ordered[:free]:
+            self._start(cand)
+
+
+@flow(name="sweep_outgoing", persist_result=False)
+async def sweep_outgoing() -> dict[str, Any]:
+    """Dispatch every case that is ready in the outgoing folder now, and wait for them."""
+    logger = get_run_logger()
+    dispatcher = Dispatcher(await aload_settings())
+    dispatcher.ensure_folders()
+    result = await dispatcher.one_pass()
+    logger.info(
+        "dispatched %d case(s), %d reached success/%s",
+        result.dispatched,
+        result.succeeded,
+        " (HALT is set)" if result.halted else "",
+    )
+    return {
+        "dispatched": result.dispatched,
+        "succeeded": result.succeeded,
+        "halted": result.halted,
+        "waiting_for_retry": result.waiting_for_retry,
+        "next_retry_at": result.next_retry_at,
+        "cases": result.cases,
+    }

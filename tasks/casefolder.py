@@ -1,0 +1,464 @@
+"""mercure's case-folder protocol: readiness, ordering, claims, retries and moves.
+
+Every function here works on the file system only (no Prefect), so the protocol can be tested
+and reasoned about on its own. The behaviour is mercure's dispatcher (``status.py``,
+``dispatcher.py``, ``retry.py``, ``send.py``), with the quirks fixed as DESIGN 4.1 says:
+the 2:1 interleave falls back to the other list, priority is the highest triggered rule,
+invalid folders are moved to ``error/`` after a grace period with a reason, and a claim whose
+owner is provably gone is released.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tasks.taskjson import (
+    TASKFILE,
+    Task,
+    TaskFileError,
+    now_str,
+    read_task,
+    read_task_raw,
+    target_names,
+    update_task,
+)
+
+__all__ = [
+    "COMPLETE",
+    "ERROR",
+    "HALT",
+    "LOCK",
+    "PROCESSING",
+    "REASON_FILE",
+    "Candidate",
+    "ClaimOwner",
+    "Scan",
+    "case_priority",
+    "claim_case",
+    "claim_is_stale",
+    "halt",
+    "is_halted",
+    "is_offpeak",
+    "move_case",
+    "order_cases",
+    "read_claim",
+    "record_failed_attempt",
+    "release_claim",
+    "reset_status_if_mismatched",
+    "restart_case",
+    "scan_outgoing",
+    "set_target_status",
+    "unhalt",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+LOCK = ".lock"
+PROCESSING = ".processing"
+ERROR = ".error"
+HALT = "HALT"
+COMPLETE = ".complete"
+REASON_FILE = "dispatch_error.txt"
+FAIL_STAGE = "DISPATCHING"
+PRIORITY_RANK = {"urgent": 2, "normal": 1, "offpeak": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# priority and off-peak
+
+
+def is_offpeak(start: str, end: str, now: dt.time) -> bool:
+    """mercure's window test: inclusive, over midnight when start >= end, unparsable = always."""
+    try:
+        s = dt.datetime.strptime(start, "%H:%M").time()
+        e = dt.datetime.strptime(end, "%H:%M").time()
+    except (TypeError, ValueError):
+        return True
+    if s < e:
+        return s <= now <= e
+    return now >= s or now <= e
+
+
+def case_priority(task: Task, rule_priorities: Mapping[str, str]) -> str:
+    """The applied rule's priority; else the highest of the triggered rules' (urgent > normal >
+    offpeak); ``normal`` when no rule is known. (mercure took the first triggered rule and never
+    yielded ``offpeak`` for series-level tasks: a quirk fixed here.)"""
+    applied = task.info.applied_rule
+    if applied and applied in rule_priorities:
+        return _known_priority(rule_priorities[applied])
+    triggered = task.info.triggered_rules
+    found = [
+        _known_priority(rule_priorities[name])
+        for name in (triggered if isinstance(triggered, dict) else {})
+        if name in rule_priorities
+    ]
+    return max(found, key=PRIORITY_RANK.__getitem__) if found else "normal"
+
+
+def _known_priority(value: str) -> str:
+    return value if value in PRIORITY_RANK else "normal"
+
+
+# ---------------------------------------------------------------------------------------------
+# scanning and ordering
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A case folder with a valid task.json, and what ordering needs to know about it."""
+
+    path: Path
+    task: Task
+    priority: str
+    mtime: float
+
+
+@dataclass
+class Scan:
+    """One look at the outgoing folder."""
+
+    halted: bool = False
+    ready: list[Candidate] = field(default_factory=list)
+    not_due: list[Candidate] = field(default_factory=list)
+    claimed: list[Path] = field(default_factory=list)
+    busy: list[Path] = field(default_factory=list)
+    invalid: list[tuple[Path, str]] = field(default_factory=list)
+    expired_invalid: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def is_halted(outgoing: Path) -> bool:
+    return (outgoing / HALT).exists()
+
+
+def halt(outgoing: Path) -> None:
+    (outgoing / HALT).touch()
+
+
+def unhalt(outgoing: Path) -> None:
+    (outgoing / HALT).unlink(missing_ok=True)
+
+
+def scan_outgoing(
+    outgoing: Path,
+    *,
+    rule_priorities: Mapping[str, str],
+    invalid_grace: float,
+    now: float | None = None,
+) -> Scan:
+    """Classify every entry of ``outgoing`` (mercure's readiness rules, §1.2 of the reference).
+
+    ``invalid`` folders (unreadable task.json, ``dispatch: {}``, no task.json) stay where they are
+    until nothing in them has changed for ``invalid_grace`` seconds; then they are listed in
+    ``expired_invalid`` for the caller to quarantine.
+    """
+    now = time.time() if now is None else now
+    scan = Scan(halted=is_halted(outgoing))
+    try:
+        entries = list(os.scandir(outgoing))
+    except FileNotFoundError:
+        return scan
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        path = Path(entry.path)
+        if (path / PROCESSING).exists():
+            scan.claimed.append(path)
+            continue
+        if (path / LOCK).exists() or (path / ERROR).exists():
+            scan.busy.append(path)
+            continue
+        try:
+            _, task = read_task(path)
+            if task.dispatch is None:
+                raise TaskFileError("task.json has an empty dispatch section: nothing to send")
+        except TaskFileError as exc:
+            reason = str(exc)
+            if now - _last_change(path) >= invalid_grace:
+                scan.expired_invalid.append((path, reason))
+            else:
+                scan.invalid.append((path, reason))
+            continue
+        cand = Candidate(path, task, case_priority(task, rule_priorities), _mtime(path))
+        due_at = task.dispatch.next_retry_at or 0
+        (scan.ready if now >= due_at else scan.not_due).append(cand)
+    return scan
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _last_change(path: Path) -> float:
+    return max(_mtime(path), _mtime(path / TASKFILE))
+
+
+def order_cases(cands: Iterable[Candidate], *, offpeak_now: bool) -> list[Candidate]:
+    """Urgent and normal cases interleaved 2:1, each list oldest (folder mtime) first.
+
+    Off-peak cases join the normal list inside the window and wait outside it. When one list is
+    empty the other continues (mercure aborted the cycle there: a quirk fixed here).
+    """
+    urgent: list[Candidate] = []
+    normal: list[Candidate] = []
+    for cand in cands:
+        if cand.priority == "urgent":
+            urgent.append(cand)
+        elif cand.priority == "normal" or offpeak_now:
+            normal.append(cand)
+    urgent.sort(key=lambda c: c.mtime)
+    normal.sort(key=lambda c: c.mtime)
+    ordered: list[Candidate] = []
+    counter = 0
+    while urgent or normal:
+        take_urgent = (counter % 3 < 2 and urgent) or not normal
+        ordered.append((urgent if take_urgent else normal).pop(0))
+        counter += 1
+    return ordered
+
+
+# ---------------------------------------------------------------------------------------------
+# claims
+
+
+@dataclass(frozen=True)
+class ClaimOwner:
+    """Who holds a ``.processing`` marker. mercure's own dispatcher leaves it empty."""
+
+    host: str
+    pid: int
+    process_started: float
+    claimed_at: str
+    flow_run_id: str | None = None
+
+    @classmethod
+    def me(cls, flow_run_id: str | None = None) -> ClaimOwner:
+        return cls(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            process_started=_process_started(os.getpid()) or 0.0,
+            claimed_at=dt.datetime.now().astimezone().isoformat(),
+            flow_run_id=flow_run_id,
+        )
+
+    def is_this_process(self) -> bool:
+        return self.host == socket.gethostname() and self.pid == os.getpid()
+
+
+def _process_started(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def claim_case(case_dir: Path, flow_run_id: str | None = None) -> bool:
+    """Create ``.processing`` exclusively; False when someone else holds the case."""
+    try:
+        fd = os.open(case_dir / PROCESSING, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        json.dump(asdict(ClaimOwner.me(flow_run_id)), fh)
+    return True
+
+
+def read_claim(case_dir: Path) -> ClaimOwner | None:
+    """The owner recorded in ``.processing``; None if absent, empty or foreign (mercure's)."""
+    try:
+        data = json.loads((case_dir / PROCESSING).read_text() or "null")
+        return ClaimOwner(**data) if isinstance(data, dict) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def record_claim_run(case_dir: Path, flow_run_id: str) -> None:
+    """Add the flow run id to our claim, so a claim can be traced (and judged) by its run."""
+    owner = read_claim(case_dir)
+    if owner is None or not owner.is_this_process():
+        return
+    tmp = case_dir / f"{PROCESSING}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({**asdict(owner), "flow_run_id": flow_run_id}))
+    os.replace(tmp, case_dir / PROCESSING)
+
+
+def release_claim(case_dir: Path) -> None:
+    (case_dir / PROCESSING).unlink(missing_ok=True)
+
+
+def claim_is_stale(case_dir: Path) -> bool:
+    """True when the claim was made on this host by a process that no longer exists.
+
+    An empty or foreign marker (mercure's dispatcher writes none) is never judged stale here:
+    its owner cannot be proven gone. Claims from other hosts are judged by their flow run.
+    """
+    owner = read_claim(case_dir)
+    if owner is None or owner.host != socket.gethostname():
+        return False
+    started = _process_started(owner.pid)
+    return started is None or abs(started - owner.process_started) > 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# per-target status and retries
+
+
+def reset_status_if_mismatched(case_dir: Path, targets: list[str]) -> dict[str, Any]:
+    """mercure resets every target to "waiting" when the status does not match the targets.
+
+    mercure compared only the counts and then crashed on a renamed target (KeyError, case stuck);
+    here the *names* are compared.
+    """
+
+    def change(raw: dict[str, Any]) -> None:
+        dispatch = raw.setdefault("dispatch", {})
+        status = dispatch.get("status") or {}
+        if set(status) != set(targets):
+            stamp = now_str()
+            dispatch["status"] = {t: {"state": "waiting", "time": stamp} for t in targets}
+
+    return update_task(case_dir, change)
+
+
+def set_target_status(
+    case_dir: Path, target: str, state: str, message: str | None = None
+) -> None:
+    """Record one target's outcome; ``message`` (our extra key) says why it failed."""
+
+    def change(raw: dict[str, Any]) -> None:
+        status = raw.setdefault("dispatch", {}).setdefault("status", {})
+        entry: dict[str, Any] = {"state": state, "time": now_str()}
+        if message:
+            entry["message"] = message
+        status[target] = entry
+
+    update_task(case_dir, change)
+
+
+def record_failed_attempt(
+    case_dir: Path, retry_max: int, retry_delay: float, now: float | None = None
+) -> bool:
+    """mercure's ``increase_retry``: True = retry later (written), False = attempts exhausted.
+
+    ``retries`` counts failed attempts; when the new count reaches ``retry_max`` nothing is
+    written and the case goes to error, so a case makes ``max(retry_max, 1)`` attempts.
+    """
+    now = time.time() if now is None else now
+    retries = (read_task_raw(case_dir).get("dispatch", {}).get("retries") or 0) + 1
+    if retries >= retry_max:
+        return False
+
+    def change(raw: dict[str, Any]) -> None:
+        raw["dispatch"]["retries"] = retries
+        raw["dispatch"]["next_retry_at"] = now + retry_delay
+
+    update_task(case_dir, change)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# moves
+
+
+def move_case(
+    case_dir: Path,
+    dest_root: Path,
+    *,
+    fail_stage: str | None = None,
+    reason: str | None = None,
+) -> Path:
+    """Move a case folder into ``dest_root`` (``<name>_<isoformat>`` on collision).
+
+    With ``fail_stage`` the moved ``task.json`` gets ``info.fail_stage`` (a plain string, as
+    mercure's quirk did not manage) and ``info.fail_reason``; a ``reason`` is also written as a
+    readable ``dispatch_error.txt``. The claim marker is removed last.
+    """
+    dest_root.mkdir(parents=True, exist_ok=True)
+    dest = dest_root / case_dir.name
+    if dest.exists():
+        dest = dest_root / f"{case_dir.name}_{dt.datetime.now().isoformat()}"
+    try:
+        os.rename(case_dir, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.move(str(case_dir), str(dest))
+    if reason:
+        (dest / REASON_FILE).write_text(reason.rstrip() + "\n", encoding="utf-8")
+    if fail_stage:
+        with contextlib.suppress(TaskFileError):
+            update_task(dest, lambda raw: _set_fail(raw, fail_stage, reason))
+    release_claim(dest)
+    return dest
+
+
+def _set_fail(raw: dict[str, Any], stage: str, reason: str | None) -> None:
+    info = raw.get("info")
+    if isinstance(info, dict):
+        info["fail_stage"] = stage
+        if reason:
+            info["fail_reason"] = reason
+
+
+def restart_case(case_dir: Path, outgoing: Path) -> Path:
+    """mercure's ``restart_dispatch``: send a case from error/ (or success/) again.
+
+    Retries, ``next_retry_at`` and ``fail_stage`` are reset; targets already complete stay
+    complete, so only the unfinished ones are sent. Guarded by ``.lock`` while it moves.
+    """
+    for marker in (LOCK, ERROR, PROCESSING):
+        if (case_dir / marker).exists():
+            raise TaskFileError(f"cannot restart {case_dir.name}: it has a {marker} marker")
+    raw = read_task_raw(case_dir)
+    info = raw.get("info")
+    action = info.get("action") if isinstance(info, dict) else None
+    if action not in (None, "route", "both"):
+        raise TaskFileError(f"cannot restart {case_dir.name}: action {action!r} is not routed")
+    dispatch = raw.get("dispatch")
+    if not isinstance(dispatch, dict) or "status" not in dispatch:
+        # mercure's "no_dispatch_status"; checked before the .lock so a refusal leaves none behind
+        raise TaskFileError(f"cannot restart {case_dir.name}: task.json has no dispatch status")
+    dest = outgoing / case_dir.name
+    if dest.exists():
+        raise TaskFileError(f"cannot restart {case_dir.name}: {dest} already exists")
+    (case_dir / LOCK).touch()
+
+    def change(raw: dict[str, Any]) -> None:
+        dispatch = raw.setdefault("dispatch", {})
+        dispatch["retries"] = None
+        dispatch["next_retry_at"] = None
+        info = raw.get("info")
+        if isinstance(info, dict):
+            if "fail_stage" in info:
+                info["fail_stage"] = None
+            info.pop("fail_reason", None)
+
+    update_task(case_dir, change)
+    (case_dir / REASON_FILE).unlink(missing_ok=True)
+    shutil.move(str(case_dir), str(dest))
+    (dest / LOCK).unlink(missing_ok=True)
+    return dest
+
+
+def case_targets(case_dir: Path) -> list[str]:
+    """Target names of a case (empty when task.json cannot be read)."""
+    try:
+        return target_names(read_task(case_dir)[1])
+    except TaskFileError:
+        return []

@@ -1,0 +1,60 @@
+"""``send_to_target``: one task run per (case, target), visible, tagged and retried in Prefect.
+
+The task takes the target's *name* and loads its block itself, so no credential reaches the run's
+parameters. Quick retries (seconds) cover transient network errors only; the folder protocol's
+retries (``retry_delay``, ``retry_max``) cover everything else across attempts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import anyio
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.logging import get_run_logger
+from prefect.states import State
+
+from blocks.base import SendContext
+from blocks.errors import TransientTargetError
+from blocks.registry import aload_target
+from tasks.taskjson import read_task
+
+__all__ = ["QUICK_RETRY_DELAYS", "send_tags", "send_to_target"]
+
+#: Seconds before each quick retry of a transient failure within one attempt.
+QUICK_RETRY_DELAYS = [2, 10]
+
+
+def send_tags(target_name: str, target_type: str) -> list[str]:
+    """The tags whose concurrency limits apply to a send (DESIGN 4.4)."""
+    return ["dicom-dispatch", f"target-type:{target_type}", f"target:{target_name}"]
+
+
+def _transient_only(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
+    return isinstance(state.data, TransientTargetError)
+
+
+@task(
+    name="send_to_target",
+    retries=len(QUICK_RETRY_DELAYS),
+    retry_delay_seconds=QUICK_RETRY_DELAYS,
+    retry_condition_fn=_transient_only,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+async def send_to_target(case_dir: str, target_name: str, report_name: str | None) -> dict[str, Any]:
+    """Send one case folder to one target; raises a ``TargetError`` when it did not arrive."""
+    logger = get_run_logger()
+    folder = Path(case_dir)
+    target = await aload_target(target_name)
+    _, case_task = read_task(folder)
+    context = SendContext(folder, case_task, folder / report_name if report_name else None)
+    result = await anyio.to_thread.run_sync(target.send, context)
+    logger.info(
+        "sent %d file(s), %d bytes to %s: %s", result.files, result.bytes, target_name, result.detail
+    )
+    return asdict(result)

@@ -1,0 +1,180 @@
+"""mercure's ``task.json``: validation, and atomic read-modify-write that keeps every key.
+
+The file is the contract with mercure's router and processor, its web UI and users' scripts, so it
+is edited as a plain dict (unknown keys, top-level or nested, survive every rewrite) and only
+*validated* through the pydantic models below. Writes go to a temporary file in the same folder
+and are renamed over ``task.json``, so a crash never leaves half a file. This module has no
+Prefect dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from blocks.errors import CaseError
+
+__all__ = [
+    "TASKFILE",
+    "Task",
+    "TaskDispatch",
+    "TaskDispatchStatus",
+    "TaskFileError",
+    "TaskInfo",
+    "now_str",
+    "parse_task",
+    "read_task",
+    "read_task_raw",
+    "target_names",
+    "update_task",
+    "write_task",
+]
+
+TASKFILE = "task.json"
+TMP_PREFIX = ".task.json."
+TMP_SUFFIX = ".tmp"
+
+FailStage = Literal["DISPATCHING", "PROCESSING", "ROUTING"]
+DispatchState = Literal["waiting", "complete", "error"]
+
+
+class TaskFileError(CaseError):
+    """``task.json`` is missing, not JSON, or does not follow mercure's schema."""
+
+
+class _Model(BaseModel):
+    # Keys we don't know are accepted (DESIGN 4.1); they live on in the raw dict we rewrite.
+    model_config = ConfigDict(extra="allow")
+
+
+class TaskInfo(_Model):
+    action: Literal["route", "both", "process", "discard", "notification"]
+    uid: str
+    uid_type: Literal["series", "study"]
+    triggered_rules: dict[str, Any] | str
+    applied_rule: str | None = None
+    patient_name: str | None = None
+    mrn: str
+    acc: str
+    sender_address: str = "MISSING"
+    mercure_version: str
+    mercure_appliance: str
+    mercure_server: str
+    device_serial_number: str | None = None
+    fail_stage: FailStage | None = None
+    sender_aet: str = "MISSING"
+    receiver_aet: str = "MISSING"
+
+
+class TaskDispatchStatus(_Model):
+    state: DispatchState
+    time: str
+
+
+class TaskDispatch(_Model):
+    target_name: str | list[str]
+    status: dict[str, TaskDispatchStatus] = {}
+    retries: int | None = 0
+    next_retry_at: float | None = 0
+    series_uid: str | None = None
+
+
+class Task(_Model):
+    info: TaskInfo
+    id: str
+    dispatch: TaskDispatch | None = None
+    process: Any = None
+    study: Any = None
+    nomad_info: Any = None
+
+    @field_validator("dispatch", mode="before")
+    @classmethod
+    def _empty_dispatch(cls, value: Any) -> Any:
+        # mercure writes ``{}`` for "nothing to dispatch"; keep that distinguishable from a section.
+        return None if value in ({}, None) else value
+
+
+def target_names(task: Task) -> list[str]:
+    """The targets of a task as a list (mercure accepts a plain string for one target)."""
+    if task.dispatch is None:
+        return []
+    names = task.dispatch.target_name
+    return [names] if isinstance(names, str) else list(names)
+
+
+def now_str(now: float | None = None) -> str:
+    """mercure's timestamp format for status entries: local time, seconds."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+
+
+def read_task_raw(case_dir: Path) -> dict[str, Any]:
+    """The parsed JSON of ``task.json`` (a dict), or :class:`TaskFileError`."""
+    path = case_dir / TASKFILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TaskFileError(f"{path.name} is missing") from None
+    except OSError as exc:
+        raise TaskFileError(f"{path.name} cannot be read: {exc.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise TaskFileError(f"{path.name} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise TaskFileError(f"{path.name} must hold a JSON object")
+    return raw
+
+
+def parse_task(raw: dict[str, Any]) -> Task:
+    """Validate a raw task dict against mercure's schema; the error names the first bad field."""
+    try:
+        return Task.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "task"
+        raise TaskFileError(
+            f"task.json has invalid format: {where}: {first['msg']} ({exc.error_count()} error(s))"
+        ) from None
+
+
+def read_task(case_dir: Path) -> tuple[dict[str, Any], Task]:
+    """Read and validate ``task.json``: the raw dict (to edit) and the typed view (to decide)."""
+    raw = read_task_raw(case_dir)
+    return raw, parse_task(raw)
+
+
+def write_task(case_dir: Path, raw: dict[str, Any]) -> None:
+    """Replace ``task.json`` atomically (temp file in the same folder, fsync, rename)."""
+    tmp = case_dir / f"{TMP_PREFIX}{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
+    data = json.dumps(raw).encode("utf-8")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, case_dir / TASKFILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_update_lock = threading.Lock()
+
+
+def update_task(case_dir: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Re-read ``task.json``, apply ``change`` to the dict, write it back atomically.
+
+    Re-reading (as mercure does) keeps edits made by others since our last read; the lock
+    serialises the concurrent per-target status writes of one process.
+    """
+    with _update_lock:
+        raw = read_task_raw(case_dir)
+        change(raw)
+        write_task(case_dir, raw)
+        return raw

@@ -1,0 +1,80 @@
+"""Build mercure case folders (task.json + DICOM files) for the tests and the benchmark."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tests.dicomfiles import make_ct_series
+
+__all__ = ["make_case", "task_json"]
+
+
+def task_json(
+    case_id: str,
+    targets: list[str] | str,
+    *,
+    acc: str = "ACC0001",
+    mrn: str = "MRN0001",
+    applied_rule: str = "",
+    triggered_rules: dict[str, bool] | None = None,
+    sender_address: str = "127.0.0.1",
+    sender_aet: str = "SENDER",
+    receiver_aet: str = "RECEIVER",
+) -> dict[str, Any]:
+    """A task.json as mercure's router writes it (reference §2.7)."""
+    names = [targets] if isinstance(targets, str) else targets
+    return {
+        "info": {
+            "action": "route",
+            "uid": "1.2.826.0.1.3680043.8.498.1",
+            "uid_type": "series",
+            "triggered_rules": triggered_rules if triggered_rules is not None else {"rule": True},
+            "applied_rule": applied_rule,
+            "patient_name": "TEST^PATIENT",
+            "mrn": mrn,
+            "acc": acc,
+            "sender_address": sender_address,
+            "mercure_version": "0.4.1",
+            "mercure_appliance": "master",
+            "mercure_server": "mercure-01",
+            "device_serial_number": None,
+            "fail_stage": None,
+            "sender_aet": sender_aet,
+            "receiver_aet": receiver_aet,
+        },
+        "id": case_id,
+        "dispatch": {
+            "target_name": targets,
+            "status": {t: {"state": "waiting", "time": "2026-01-01 10:00:00"} for t in names},
+            "retries": None,
+            "next_retry_at": None,
+            "series_uid": None,
+        },
+        "process": {},
+        "study": {},
+        "nomad_info": None,
+    }
+
+
+def make_case(
+    outgoing: Path,
+    targets: list[str] | str,
+    *,
+    files: int = 3,
+    rows: int = 32,
+    cols: int = 32,
+    case_id: str | None = None,
+    **task_kwargs: Any,
+) -> Path:
+    """A ready case folder in ``outgoing`` (written under ``.lock``, as mercure's router does)."""
+    case_id = case_id or str(uuid.uuid1())
+    folder = outgoing / case_id
+    folder.mkdir(parents=True)
+    (folder / ".lock").touch()
+    make_ct_series(folder, files, rows=rows, cols=cols, accession=task_kwargs.get("acc", "ACC0001"))
+    (folder / "task.json").write_text(json.dumps(task_json(case_id, targets, **task_kwargs)))
+    (folder / ".lock").unlink()
+    return folder

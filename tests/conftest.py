@@ -1,0 +1,61 @@
+"""Session fixtures: a real Prefect server on embedded PostgreSQL, and per-test dispatcher folders.
+
+The environment is set before Prefect is imported (Prefect reads it once): no telemetry, a
+throw-away PREFECT_HOME and data directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="dicom-dispatch-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect-home"))
+os.environ["DICOM_DISPATCH_HOME"] = str(_SESSION_DIR / "data")
+os.environ.update(
+    {
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+    }
+)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """A real ``prefect server start`` on embedded PostgreSQL; the API URL is set for the test."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
+
+    from tests.peers.prefect_server import running_prefect_server
+
+    with running_prefect_server(_SESSION_DIR / "prefect-server") as server:
+        os.environ["PREFECT_API_URL"] = server.api_url  # for CLI subprocesses
+        with temporary_settings(
+            updates={PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+        ):
+            import asyncio
+
+            from blocks.registry import aregister_block_types
+
+            asyncio.run(aregister_block_types())
+            yield server.api_url
+            _drain_prefect_workers()
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def _drain_prefect_workers() -> None:
+    """Ship queued logs and events while the server is still up (as prefect_test_harness does)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)

@@ -1,0 +1,171 @@
+"""Real DCMTK peers for the tests: storescp on 127.0.0.1, and where to find DCMTK's binaries.
+
+DCMTK is the reference implementation mercure ships (dcmsend/storescp 3.6.7), so "byte-identical
+at the far end" and "same report as dcmsend" are only worth something against the real thing.
+pynetdicom installs its own ``storescp``/``echoscu`` into the venv's ``bin/``, which shadows
+DCMTK's when the venv is active, so binaries are resolved by absolute path, never by bare name.
+Missing DCMTK skips locally but fails on CI (``CI`` set): a green CI run must have used it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+
+__all__ = ["StoreSCP", "dcmtk_binary", "free_port", "wait_for_port"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0 and release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(
+    port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Block until 127.0.0.1:port accepts a TCP connection (or fail the test)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"peer exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    pytest.fail(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def dcmtk_binary(name: str) -> str:
+    """Absolute path of DCMTK's ``name`` (``/usr/bin`` first, then PATH without the venv)."""
+    candidate = Path("/usr/bin") / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    venv_bin = str(Path(sys.prefix) / "bin")
+    path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin
+    )
+    found = shutil.which(name, path=path)
+    if found and Path(found).parent != Path(venv_bin):
+        return found
+    message = f"DCMTK binary {name!r} not found (install the Debian package 'dcmtk')"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+_CT_ONLY_REFUSED = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = OppositeEndianExplicit
+TransferSyntax3 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[Only]
+{contexts}
+
+[[Profiles]]
+[Default]
+PresentationContexts = Only
+"""
+
+
+class StoreSCP:
+    """DCMTK storescp on a free 127.0.0.1 port, started and always killed by ``with``.
+
+    ``refuse=True`` rejects every association (A-ASSOCIATE-RJ, permanent). ``accept_only``
+    limits the accepted storage SOP classes to the given DCMTK names (e.g. ``["MRImageStorage"]``)
+    through a generated ``-xf`` profile, so anything else gets no presentation context.
+    ``nodelay`` sets ``TCP_NODELAY=1`` for the peer (DCMTK reads it from the environment).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        aet: str = "STORESCP",
+        refuse: bool = False,
+        accept_only: Sequence[str] | None = None,
+        nodelay: bool = True,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.folder = folder
+        self.aet = aet
+        self.port = 0
+        self._refuse = refuse
+        self._accept_only = list(accept_only) if accept_only is not None else None
+        self._nodelay = nodelay
+        self._extra = list(extra_args)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = folder.parent / f"{folder.name}.storescp.log"
+
+    def __enter__(self) -> StoreSCP:
+        binary = dcmtk_binary("storescp")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = [binary, "-aet", self.aet, "-od", str(self.folder), "-dhl"]
+        if self._refuse:
+            args.append("--refuse")
+        if self._accept_only is not None:
+            cfg = self.folder.parent / f"{self.folder.name}.storescp.cfg"
+            lines = [
+                f"PresentationContext{i} = {name}\\Uncompressed"
+                for i, name in enumerate(["VerificationSOPClass", *self._accept_only], 1)
+            ]
+            cfg.write_text(_CT_ONLY_REFUSED.format(contexts="\n".join(lines)))
+            args += ["-xf", str(cfg), "Default"]
+        args += self._extra
+        env = dict(os.environ)
+        if self._nodelay:
+            env["TCP_NODELAY"] = "1"
+        else:
+            env.pop("TCP_NODELAY", None)
+        for _attempt in range(5):
+            self.port = free_port()
+            log = self._log.open("ab")
+            self._proc = subprocess.Popen(
+                [*args, str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+            log.close()
+            time.sleep(0.05)
+            if self._proc.poll() is None:  # else: port was taken meanwhile, try another
+                break
+        assert self._proc is not None
+        wait_for_port(self.port, proc=self._proc)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+
+    def log(self) -> str:
+        """What storescp printed so far (for assertion messages)."""
+        return self._log.read_text(errors="replace") if self._log.exists() else ""
+
+    def received(self) -> dict[str, Path]:
+        """SOP Instance UID -> file, for every object storescp has written to ``folder``."""
+        from pydicom import dcmread
+
+        out: dict[str, Path] = {}
+        for path in sorted(self.folder.iterdir()):
+            if path.is_file():
+                ds = dcmread(path, stop_before_pixels=True)
+                out[str(ds.SOPInstanceUID)] = path
+        return out

@@ -1,0 +1,50 @@
+"""A real ``prefect server start`` on an embedded PostgreSQL, for the integration tests.
+
+The same code path as the service (``deployments.server.PrefectServer``), so the tests exercise
+what users run: scheduler, repossessor and filesystem lease storage included.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from deployments.environment import (
+    LEASE_STORAGE,
+    QUIET_ENV,
+    embedded_postgres_url,
+    stop_embedded_postgres,
+)
+from deployments.server import PrefectServer
+from tests.peers.net import free_port
+
+__all__ = ["running_prefect_server"]
+
+
+@contextmanager
+def running_prefect_server(base: Path, db: str = "postgres") -> Iterator[PrefectServer]:
+    """Start a Prefect server (own PREFECT_HOME and database under ``base``); stop it after."""
+    base.mkdir(parents=True, exist_ok=True)
+    saved = dict(os.environ)
+    pgdata = base / "postgres"
+    os.environ.update(QUIET_ENV)
+    os.environ["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] = LEASE_STORAGE
+    os.environ["PREFECT_HOME"] = str(base / "prefect-home")
+    if db == "postgres":
+        os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = embedded_postgres_url(pgdata)
+    else:
+        os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = (
+            f"sqlite+aiosqlite:///{base / 'prefect.db'}"
+        )
+    server = PrefectServer("127.0.0.1", free_port(), base / "server.log")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+        if db == "postgres":
+            stop_embedded_postgres(pgdata)

@@ -1,0 +1,64 @@
+"""Shared fixtures for the unit tests: mercure case folders on a tmp_path."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .mercure_task import CASE_ID, MERCURE_TASK, SERIES_UID
+
+_EXAMPLE = object()
+
+
+@pytest.fixture
+def task_dict() -> dict[str, Any]:
+    """A fresh, mutable copy of mercure's example task."""
+    return copy.deepcopy(MERCURE_TASK)
+
+
+@pytest.fixture
+def outgoing(tmp_path: Path) -> Path:
+    path = tmp_path / "outgoing"
+    path.mkdir()
+    return path
+
+
+MakeCase = Callable[..., Path]
+
+
+@pytest.fixture
+def make_case(outgoing: Path) -> MakeCase:
+    """Write a case folder: ``task.json`` (compact, one line, as mercure writes it) and two files.
+
+    ``task`` is a dict to write (default: mercure's example), or ``None`` for no task.json;
+    ``text`` writes task.json verbatim instead (for broken files).
+    """
+
+    def make(
+        name: str = CASE_ID,
+        task: Any = _EXAMPLE,
+        *,
+        parent: Path | None = None,
+        text: str | None = None,
+        files: bool = True,
+    ) -> Path:
+        case = (parent or outgoing) / name
+        case.mkdir(parents=True)
+        if text is not None:
+            (case / "task.json").write_text(text, encoding="utf-8")
+        elif task is not None:
+            data = copy.deepcopy(MERCURE_TASK) if task is _EXAMPLE else task
+            (case / "task.json").write_text(json.dumps(data), encoding="utf-8")
+        if files:
+            (case / f"{SERIES_UID}#1.2.3.4.1.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 64)
+            (case / f"{SERIES_UID}#1.2.3.4.1.tags").write_text(
+                json.dumps({"SeriesInstanceUID": SERIES_UID}), encoding="utf-8"
+            )
+        return case
+
+    return make

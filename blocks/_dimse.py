@@ -396,6 +396,11 @@ def _associate(
     instances as having no context). Rejections by the peer with result "permanent" raise
     PermanentTargetError, "transient" rejections (congestion, local limit) TransientTargetError.
     """
+    connected = threading.Event()
+
+    def on_open(event: evt.Event) -> None:
+        connected.set()
+
     started = time.monotonic()
     try:
         assoc = ae.associate(
@@ -404,7 +409,7 @@ def _associate(
             contexts=contexts,
             ae_title=target.called_aet,
             max_pdu=options.max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay), (evt.EVT_CONN_OPEN, on_open)],
         )
     except OSError as exc:  # name resolution and the like
         raise TransientTargetError(f"cannot reach {target.describe()}: {exc}") from exc
@@ -419,13 +424,13 @@ def _associate(
     if result == 0x00:  # A-ASSOCIATE-AC without any accepted presentation context
         return assoc
     elapsed = time.monotonic() - started
-    if answer is None and not assoc.is_aborted:
+    if not connected.is_set():
         if elapsed >= options.connect_timeout - 0.05:
             why = f"no TCP connection within {options.connect_timeout:g} s"
-        elif elapsed >= options.acse_timeout - 0.05:
-            why = f"no answer to the association request within {options.acse_timeout:g} s"
         else:
-            why = "TCP connection refused or closed"
+            why = "TCP connection refused"
+    elif answer is None and elapsed >= options.acse_timeout - 0.05:
+        why = f"no answer to the association request within {options.acse_timeout:g} s"
     else:
         why = "association aborted during negotiation"
     raise TransientTargetError(f"cannot associate with {target.describe()}: {why}")
@@ -459,8 +464,9 @@ def _send_one(assoc: Any, info: _FileInfo, number: int, msg_id: int) -> Instance
         response = assoc.send_c_store(payload, msg_id=msg_id)
     except RuntimeError:  # association gone between two C-STOREs (peer abort, network)
         return info.result(**sent, error=_ASSOCIATION_LOST)
-    except (ValueError, AttributeError, OSError) as exc:
-        return info.result(**sent, error=f"cannot send: {exc}")
+    except Exception as exc:  # unreadable file, encoding error: this file's outcome only
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return info.result(**sent, error=f"cannot send: {reason}")
     status = response.get("Status") if response is not None else None
     if status is None:
         why = (
@@ -502,15 +508,18 @@ def _store_serial(
         out.contexts += len(contexts)
         number = out.associations
         answered = lost = 0
-        for msg_id, info in enumerate(batch, start=1):
-            if not assoc.is_established:
+        no_contexts = not assoc.is_established  # A-ASSOCIATE-AC, but every context rejected
+        for msg_id, info in enumerate(batch):
+            if no_contexts:
                 result = info.result(
                     association=number,
                     no_context=True,
                     error="the peer accepted none of the proposed presentation contexts",
                 )
+            elif not assoc.is_established:
+                result = info.result(error=_ASSOCIATION_LOST)
             else:
-                result = _send_one(assoc, info, number, msg_id & 0xFFFF)
+                result = _send_one(assoc, info, number, msg_id % 0xFFFF + 1)
             if result.error == _ASSOCIATION_LOST:
                 lost += 1  # not sent: stays pending for the next association
                 break

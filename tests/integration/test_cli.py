@@ -1,0 +1,126 @@
+"""The ``dicom-dispatch`` command line, run as users run it (a subprocess), exit codes included."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from blocks.folder import FolderTarget
+from tests.cases import make_case
+from tests.integration.conftest import DispatchEnv
+
+CLI = [sys.executable, "-m", "deployments.cli"]
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
+    )
+
+
+def test_help_and_usage_errors_start_no_server(tmp_path: Path) -> None:
+    env = {**os.environ, "DICOM_DISPATCH_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    started = time.monotonic()
+    ok = subprocess.run([*CLI, "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert ok.returncode == 0 and "import-config" in ok.stdout
+    bad = subprocess.run([*CLI, "frobnicate"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2
+    assert time.monotonic() - started < 20
+    assert not (tmp_path / "home" / "postgres").exists(), "--help must not start a database"
+
+
+def test_import_config_from_mercure_json(env: DispatchEnv, tmp_path: Path) -> None:
+    mercure = {
+        "outgoing_folder": str(env.outgoing),
+        "success_folder": str(env.success),
+        "error_folder": str(env.error),
+        "retry_max": 4,
+        "retry_delay": 60,
+        "offpeak_start": "21:00",
+        "offpeak_end": "05:30",
+        "targets": {
+            "PACS_Main": {"target_type": "dicom", "ip": "127.0.0.1", "port": "11112",
+                          "aet_target": "PACS", "aet_source": "MERCURE", "contact": "",
+                          "comment": "", "direction": "both"},
+            "research_share": {"target_type": "folder", "folder": str(tmp_path / "share"),
+                               "file_filter": "*.tags"},
+            "null_target": {"target_type": "dummy"},
+            "remote_sftp": {"target_type": "sftp", "folder": "/x", "user": "u", "host": "h",
+                            "password": "secret"},
+        },
+        "rules": {"stroke": {"priority": "urgent", "target": "PACS_Main"},
+                  "nightly": {"priority": "offpeak"}},
+    }  # fmt: skip
+    path = tmp_path / "mercure.json"
+    path.write_text(json.dumps(mercure))
+
+    done = run_cli("import-config", str(path), "--json")
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["imported"] == {
+        "PACS_Main": "dicom",
+        "research_share": "folder",
+        "null_target": "dummy",
+    }
+    assert "sftp" in report["skipped"]["remote_sftp"]
+    assert report["settings"]["retry_max"] == 4
+    assert report["settings"]["offpeak_start"] == "21:00"
+    assert report["settings"]["rule_priorities"] == {"stroke": "urgent", "nightly": "offpeak"}
+
+    listed = run_cli("targets", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    names = {t["name"]: t for t in json.loads(listed.stdout)}
+    assert names["PACS_Main"]["block"] == "pacs-main"
+    assert names["PACS_Main"]["type"] == "dicom"
+    assert "secret" not in done.stdout + listed.stdout
+
+
+def test_import_config_refuses_names_that_share_a_slug(env: DispatchEnv, tmp_path: Path) -> None:
+    path = tmp_path / "mercure.json"
+    path.write_text(json.dumps({"targets": {
+        "PACS_Main": {"target_type": "dummy"}, "pacs-main": {"target_type": "dummy"}}}))  # fmt: skip
+    done = run_cli("import-config", str(path))
+    assert done.returncode == 1
+    assert "pacs-main" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_targets_test_exit_codes(env: DispatchEnv, tmp_path: Path) -> None:
+    env.save_target(FolderTarget(folder=str(tmp_path)), "writable")
+    env.save_target(FolderTarget(folder=str(tmp_path / "missing")), "missing")
+    ok = run_cli("targets", "test", "writable")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == {"Folder exists": True, "Folder is writeable": True}
+    assert run_cli("targets", "test", "missing").returncode == 1
+    unknown = run_cli("targets", "test", "no_such_target")
+    assert unknown.returncode == 1 and "no_such_target" in unknown.stderr
+
+
+def test_dispatch_sweep_halt_and_status(env: DispatchEnv, tmp_path: Path) -> None:
+    env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
+    first = make_case(env.outgoing, ["share"])
+    assert run_cli("dispatch", first.name).returncode == 0
+    assert (env.success / first.name).is_dir()
+
+    unknown = make_case(env.outgoing, ["nowhere"])
+    assert run_cli("dispatch", str(unknown)).returncode == 1
+    assert (env.error / unknown.name / "dispatch_error.txt").exists()
+
+    assert run_cli("halt").returncode == 0
+    assert (env.outgoing / "HALT").exists()
+    held = make_case(env.outgoing, ["share"])
+    status = run_cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["halted"] is True and data["outgoing"]["ready"] == 1
+    assert run_cli("sweep").returncode == 0
+    assert held.is_dir(), "HALT must stop the sweep"
+
+    assert run_cli("unhalt").returncode == 0
+    assert run_cli("sweep", "--until-empty").returncode == 0
+    assert (env.success / held.name).is_dir()

@@ -471,7 +471,7 @@ def _send_one(assoc: Any, info: _FileInfo, number: int, msg_id: int) -> Instance
     if status is None:
         why = (
             "association aborted while waiting for the C-STORE response"
-            if assoc.is_aborted
+            if assoc.is_aborted or assoc.acse.is_aborted()
             else "no C-STORE response (DIMSE timeout or lost response)"
         )
         return info.result(**sent, request_sent=True, error=why)

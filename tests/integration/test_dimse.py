@@ -245,6 +245,15 @@ def test_peer_that_never_answers_is_given_up(series: list[Path]) -> None:
     assert "gave up" in (result.instances[-1].error or "")
 
 
+def test_storescp_aborting_every_association(series: list[Path], tmp_path: Path) -> None:
+    with StoreSCP(tmp_path / "aborting", extra_args=["--abort-after"]) as scp:
+        result = store_files(series[:4], HOST, scp.port, scp.aet, CALLING)
+    assert result.counts()["none"] == 4
+    assert result.associations == _dimse.MAX_STALLED_ASSOCIATIONS
+    assert not result.accepted()
+    assert "abort" in (result.instances[0].error or "")
+
+
 # ---------------------------------------------------------------------------- socket, echo
 
 

@@ -20,7 +20,10 @@ What it does, and why:
 * ``TCP_NODELAY`` is set on every association socket: with Nagle on, each C-STORE waits ≈ 40 ms
   for the peer's delayed ACK (measured: 0.24 s vs 0.9-10 s for 200 CT images).
 * ``associations > 1`` sends in parallel in separate *processes* (pure-Python PDU encoding holds
-  the GIL, so threads do not help).
+  the GIL, so threads do not help). It only pays off against peers that serve associations
+  concurrently (DCMTK storescp does not, unless started with ``--fork``). The processes come
+  from a forkserver, which imports the caller's ``__main__`` once per worker: scripts need the
+  usual ``if __name__ == "__main__":`` guard.
 * A missing response (timeout, abort, or pynetdicom 3.0.4 losing it) is recorded as
   ``status=None`` -- never as sent -- the association is aborted and the remaining files go on a
   new association. ``store_files`` raises only when no association could be made at all.
@@ -52,6 +55,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import split_dataset
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import code_to_category
 
@@ -59,13 +63,17 @@ from blocks.errors import PermanentTargetError, TargetError, TransientTargetErro
 
 __all__ = [
     "MAX_CONTEXTS",
+    "MAX_STALLED_ASSOCIATIONS",
+    "REACTOR_RACE_FIXED",
     "EchoResult",
     "InstanceResult",
     "StoreResult",
     "echo",
     "shutdown_workers",
     "status_category",
+    "status_text",
     "store_files",
+    "tcp_reachable",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -174,6 +182,13 @@ def status_category(code: int | None) -> str:
     if category == "Warning":
         return "warning"
     return "failure"
+
+
+def status_text(code: int | None) -> str:
+    """Short text for messages and logs: ``"0xA700 (failure)"``, or ``"no response"``."""
+    if code is None:
+        return "no response"
+    return f"0x{code:04X} ({status_category(code)})"
 
 
 @dataclass(frozen=True)
@@ -386,6 +401,24 @@ def _make_ae(target: _Target, options: _Options) -> AE:
     return ae
 
 
+def _unread_rejection(assoc: Any) -> Any:
+    """An A-ASSOCIATE-RJ the peer sent but pynetdicom never read, or None.
+
+    A peer that rejects and closes at once (storescp ``--refuse``) can make pynetdicom 3.0.4's
+    DUL thread process the rejection *and* the closed connection before the requesting thread
+    checks ``_is_connected``; it then aborts instead of reading the answer, and the rejection
+    would look like a network failure (transient) instead of what it is (permanent).
+    """
+    try:
+        pending = list(assoc.dul.to_user_queue.queue)
+    except AttributeError:
+        return None
+    for primitive in pending:
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+            return primitive
+    return None
+
+
 def _associate(
     ae: AE, target: _Target, options: _Options, contexts: list[PresentationContext]
 ) -> Any:
@@ -415,9 +448,9 @@ def _associate(
         raise TransientTargetError(f"cannot reach {target.describe()}: {exc}") from exc
     if assoc.is_established:
         return assoc
-    answer = getattr(assoc.acceptor, "primitive", None)
+    answer = getattr(assoc.acceptor, "primitive", None) or _unread_rejection(assoc)
     result = getattr(answer, "result", None)
-    if assoc.is_rejected and answer is not None:
+    if answer is not None and result in (0x01, 0x02):
         reason = f"{answer.result_str}, source: {answer.source_str}, reason: {answer.reason_str}"
         error_type = TransientTargetError if result == 0x02 else PermanentTargetError
         raise error_type(f"association rejected by {target.describe()}: {reason}")
@@ -726,6 +759,15 @@ def store_files(
         counts["none"],
     )
     return result
+
+
+def tcp_reachable(host: str, port: int, timeout: float = 5) -> bool:
+    """Whether a TCP connection to ``host:port`` opens: mercure's "ping", without ICMP."""
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def echo(

@@ -33,10 +33,14 @@ __all__ = [
     "forget_cached_targets",
 ]
 
+#: Every target block class (one per mercure target type).
+TARGET_CLASSES: tuple[type[DispatchTarget], ...] = (
+    DicomTarget,
+    FolderTarget,
+    DummyTarget,
+)
 #: mercure ``target_type`` → block class.
-TARGET_TYPES: dict[str, type[DispatchTarget]] = {
-    cls.target_type: cls for cls in (DicomTarget, FolderTarget, DummyTarget)
-}
+TARGET_TYPES: dict[str, type[DispatchTarget]] = {cls.target_type: cls for cls in TARGET_CLASSES}
 _BY_SLUG: dict[str, type[DispatchTarget]] = {
     cls.get_block_type_slug(): cls for cls in TARGET_TYPES.values()
 }

@@ -18,6 +18,8 @@ from tasks.datadir import data_dir
 __all__ = ["DEFAULT_SETTINGS_NAME", "DispatcherSettings", "data_dir"]
 
 DEFAULT_SETTINGS_NAME = "default"
+#: Seconds before each quick retry of a transient send failure within one attempt.
+DEFAULT_QUICK_RETRY_DELAYS: tuple[float, ...] = (2.0, 10.0)
 Priority = Literal["normal", "urgent", "offpeak"]
 
 
@@ -34,12 +36,18 @@ class DispatcherSettings(Block):
 
     _block_type_name = "Dispatcher Settings"
     _block_type_slug = "dispatcher-settings"
-    _description = "Folders, retries, off-peak window, rule priorities and limits of the dispatcher."
+    _description = (
+        "Folders, retries, off-peak window, rule priorities and limits of the dispatcher."
+    )
 
-    outgoing_folder: str = Field(default="", description="Queue of cases (empty: <data dir>/outgoing).")
+    outgoing_folder: str = Field(
+        default="", description="Queue of cases (empty: <data dir>/outgoing)."
+    )
     success_folder: str = Field(default="", description="Sent cases (empty: <data dir>/success).")
     error_folder: str = Field(default="", description="Failed cases (empty: <data dir>/error).")
-    retry_max: int = Field(default=5, ge=0, description="Attempts per case before error/ (mercure).")
+    retry_max: int = Field(
+        default=5, ge=0, description="Attempts per case before error/ (mercure)."
+    )
     retry_delay: float = Field(default=900, ge=0, description="Seconds between attempts of a case.")
     dispatcher_scan_interval: float = Field(
         default=1, gt=0, description="Seconds between scans of the outgoing folder."
@@ -55,6 +63,10 @@ class DispatcherSettings(Block):
     type_limits: dict[str, int] = Field(
         default_factory=dict,
         description="At most this many sends at once per target type, e.g. {'dicom': 4}.",
+    )
+    quick_retry_delays: list[float] = Field(
+        default_factory=lambda: list(DEFAULT_QUICK_RETRY_DELAYS),
+        description="Within one attempt, seconds before each quick retry of a transient error.",
     )
     invalid_grace_seconds: float = Field(
         default=300,

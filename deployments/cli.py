@@ -67,11 +67,18 @@ async def cmd_targets_list(args: argparse.Namespace, home: Path) -> int:
 
     targets = await alist_targets()
     rows = [
-        (t.target_name or t._block_document_name, t.target_type, t._block_document_name, t.direction)
+        (
+            t.target_name or t._block_document_name,
+            t.target_type,
+            t._block_document_name,
+            t.direction,
+        )
         for t in targets
     ]
     if args.json:
-        _print_json([dict(zip(("name", "type", "block", "direction"), r, strict=True)) for r in rows])
+        _print_json(
+            [dict(zip(("name", "type", "block", "direction"), r, strict=True)) for r in rows]
+        )
     else:
         _human(rows, ("NAME", "TYPE", "BLOCK", "DIRECTION"))
     return 0
@@ -109,8 +116,10 @@ async def cmd_sweep(args: argparse.Namespace, home: Path) -> int:
         total += result["dispatched"]
         ok = ok and result["dispatched"] == result["succeeded"]
         if not args.json:
-            print(f"dispatched {result['dispatched']}, succeeded {result['succeeded']}"
-                  + (" (HALT)" if result["halted"] else ""))  # fmt: skip
+            print(
+                f"dispatched {result['dispatched']}, succeeded {result['succeeded']}"
+                + (" (HALT)" if result["halted"] else "")
+            )
         if not args.until_empty or result["halted"]:
             break
         if result["dispatched"]:
@@ -157,10 +166,13 @@ async def cmd_status(args: argparse.Namespace, home: Path) -> int:
         _print_json(status)
     else:
         print(f"dispatching: {'HALTED' if scan.halted else 'on'}")
-        print(f"outgoing:    {outgoing}  ready {len(scan.ready)}, waiting {len(scan.not_due)}, "
-              f"running {len(scan.claimed)}, locked {len(scan.busy)}, invalid {len(scan.invalid)}")  # fmt: skip
-        print(f"success:     {success}  {status['success']['cases']} case(s)")  # type: ignore[index]
-        print(f"error:       {error}  {status['error']['cases']} case(s)")  # type: ignore[index]
+        counts = (
+            f"ready {len(scan.ready)}, waiting {len(scan.not_due)}, running {len(scan.claimed)}, "
+            f"locked {len(scan.busy)}, invalid {len(scan.invalid)}"
+        )
+        print(f"outgoing:    {outgoing}  {counts}")
+        print(f"success:     {success}  {count(success)} case(s)")
+        print(f"error:       {error}  {count(error)} case(s)")
         print(f"service:     {record['ui_url'] if record else 'not running'}")
     return 0
 
@@ -214,8 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_dispatch)
 
     p = sub.add_parser("sweep", help="dispatch every ready case now and wait")
-    p.add_argument("--until-empty", action="store_true",
-                   help="repeat, waiting for retries, until nothing is ready or due")  # fmt: skip
+    p.add_argument(
+        "--until-empty",
+        action="store_true",
+        help="repeat, waiting for retries, until nothing is ready or due",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_sweep)
 
@@ -231,8 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the service (Prefect server + UI, dispatcher loop)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=4200)
-    p.add_argument("--db", choices=("postgres", "sqlite"), default="postgres",
-                   help="database of the embedded Prefect server (default: postgres)")  # fmt: skip
+    p.add_argument(
+        "--db",
+        choices=("postgres", "sqlite"),
+        default="postgres",
+        help="database of the embedded Prefect server (default: postgres)",
+    )
     p.set_defaults(handler=None)
     return parser
 

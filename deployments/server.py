@@ -46,8 +46,17 @@ class PrefectServer:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start",
-                 "--host", self.host, "--port", str(self.port)],  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "server",
+                    "start",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.port),
+                ],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

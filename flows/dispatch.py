@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run as current_run
 
 from blocks.base import DispatchTarget
@@ -86,7 +88,9 @@ def case_run_name() -> str:
         raw = read_task_raw(path) if path.is_dir() else {}
     except TaskFileError:
         raw = {}
-    info = raw.get("info") if isinstance(raw.get("info"), dict) else {}
+    info = raw.get("info")
+    if not isinstance(info, dict):
+        info = {}
     parts = [str(info.get("acc") or ""), str(info.get("mrn") or ""), path.name or case]
     return " ".join(p for p in parts if p) or "case"
 
@@ -178,7 +182,9 @@ async def _dispatch_claimed(case_dir: Path, settings: DispatcherSettings) -> Cas
     targets = target_names(task)
     await _add_run_tags(case_tags(case_dir, task))
     if not targets:
-        return _to_error(case_dir, settings, f"No targets provided. Unable to dispatch job {task.id}")
+        return _to_error(
+            case_dir, settings, f"No targets provided. Unable to dispatch job {task.id}"
+        )
     blocks: dict[str, DispatchTarget] = {}
     for name in targets:
         try:
@@ -194,7 +200,10 @@ async def _dispatch_claimed(case_dir: Path, settings: DispatcherSettings) -> Cas
     logger.info("case %s: sending to %s", task.id, ", ".join(pending) or "nothing (all complete)")
 
     results = await asyncio.gather(
-        *(_send_one(case_dir, name, blocks[name], reports.get(name)) for name in pending)
+        *(
+            _send_one(case_dir, name, blocks[name], reports.get(name), settings.quick_retry_delays)
+            for name in pending
+        )
     )
     per_target = dict(zip(pending, results, strict=True))
     failed = {name: r["message"] for name, r in per_target.items() if r["state"] != "complete"}
@@ -221,13 +230,23 @@ def _configure_admission(settings: DispatcherSettings, blocks: dict[str, Dispatc
 
 
 async def _send_one(
-    case_dir: Path, name: str, block: DispatchTarget, report: str | None
+    case_dir: Path,
+    name: str,
+    block: DispatchTarget,
+    report: str | None,
+    retry_delays: list[float],
 ) -> dict[str, Any]:
     """Run the send task for one target and record its outcome in task.json at once."""
     run_tags = send_tags(name, block.target_type)
+    task = send_to_target.with_options(
+        tags=run_tags,
+        task_run_name=f"send-{name}",
+        retries=len(retry_delays),
+        retry_delay_seconds=list(retry_delays) or 0,
+    )
     async with admission.admit(run_tags):
-        state = await send_to_target.with_options(tags=run_tags, task_run_name=f"send-{name}")(
-            str(case_dir), name, report, return_state=True
+        state: State[dict[str, Any]] = await cast(
+            Awaitable[State[dict[str, Any]]], task(str(case_dir), name, report, return_state=True)
         )
     if state.is_completed():
         result: dict[str, Any] = await state.aresult()

@@ -102,7 +102,10 @@ class Dispatcher:
             for path, owner in foreign:
                 try:
                     run = await client.read_flow_run(owner.flow_run_id)  # type: ignore[arg-type]
-                except Exception:  # noqa: BLE001 - unknown run: leave the claim alone
+                except Exception as exc:  # unknown run: leave the claim alone
+                    LOGGER.debug(
+                        "claim of %s: run %s unreadable: %s", path.name, owner.flow_run_id, exc
+                    )
                     continue
                 if run.state is not None and run.state.is_final() and cf.read_claim(path) == owner:
                     cf.release_claim(path)

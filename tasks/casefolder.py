@@ -336,9 +336,7 @@ def reset_status_if_mismatched(case_dir: Path, targets: list[str]) -> dict[str, 
     return update_task(case_dir, change)
 
 
-def set_target_status(
-    case_dir: Path, target: str, state: str, message: str | None = None
-) -> None:
+def set_target_status(case_dir: Path, target: str, state: str, message: str | None = None) -> None:
     """Record one target's outcome; ``message`` (our extra key) says why it failed."""
 
     def change(raw: dict[str, Any]) -> None:

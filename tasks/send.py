@@ -14,19 +14,16 @@ from typing import Any
 import anyio
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.logging import get_run_logger
-from prefect.states import State
 
 from blocks.base import SendContext
 from blocks.errors import TransientTargetError
 from blocks.registry import aload_target
+from blocks.settings import DEFAULT_QUICK_RETRY_DELAYS
 from tasks.taskjson import read_task
 
-__all__ = ["QUICK_RETRY_DELAYS", "send_tags", "send_to_target"]
-
-#: Seconds before each quick retry of a transient failure within one attempt.
-QUICK_RETRY_DELAYS = [2, 10]
+__all__ = ["send_tags", "send_to_target"]
 
 
 def send_tags(target_name: str, target_type: str) -> list[str]:
@@ -40,13 +37,15 @@ def _transient_only(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) 
 
 @task(
     name="send_to_target",
-    retries=len(QUICK_RETRY_DELAYS),
-    retry_delay_seconds=QUICK_RETRY_DELAYS,
+    retries=len(DEFAULT_QUICK_RETRY_DELAYS),
+    retry_delay_seconds=list(DEFAULT_QUICK_RETRY_DELAYS),
     retry_condition_fn=_transient_only,
     cache_policy=NO_CACHE,
     persist_result=False,
 )
-async def send_to_target(case_dir: str, target_name: str, report_name: str | None) -> dict[str, Any]:
+async def send_to_target(
+    case_dir: str, target_name: str, report_name: str | None
+) -> dict[str, Any]:
     """Send one case folder to one target; raises a ``TargetError`` when it did not arrive."""
     logger = get_run_logger()
     folder = Path(case_dir)
@@ -55,6 +54,10 @@ async def send_to_target(case_dir: str, target_name: str, report_name: str | Non
     context = SendContext(folder, case_task, folder / report_name if report_name else None)
     result = await anyio.to_thread.run_sync(target.send, context)
     logger.info(
-        "sent %d file(s), %d bytes to %s: %s", result.files, result.bytes, target_name, result.detail
+        "sent %d file(s), %d bytes to %s: %s",
+        result.files,
+        result.bytes,
+        target_name,
+        result.detail,
     )
     return asdict(result)

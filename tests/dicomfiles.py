@@ -6,9 +6,9 @@ Used by the tests and by bench/, so the data is cheap to make and deterministic 
 from __future__ import annotations
 
 import hashlib
+import random
 from pathlib import Path
 
-import random
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 

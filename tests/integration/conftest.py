@@ -29,6 +29,7 @@ class DispatchEnv:
             "retry_delay": 0.0,
             "dispatcher_scan_interval": 0.2,
             "invalid_grace_seconds": 3600,
+            "quick_retry_delays": [0.2, 0.2],
         }
         fields.update(changes)
         DispatcherSettings(**fields).save("default", overwrite=True)
@@ -56,4 +57,4 @@ def env(prefect_server: str, tmp_path: Path) -> Iterator[DispatchEnv]:
     for folder in (e.outgoing, e.success, e.error):
         folder.mkdir()
     e.save_settings()
-    yield e
+    return e

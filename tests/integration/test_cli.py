@@ -27,7 +27,8 @@ def test_help_and_usage_errors_start_no_server(tmp_path: Path) -> None:
     env.pop("PREFECT_API_URL", None)
     started = time.monotonic()
     ok = subprocess.run([*CLI, "--help"], capture_output=True, text=True, env=env, timeout=60)
-    assert ok.returncode == 0 and "import-config" in ok.stdout
+    assert ok.returncode == 0
+    assert "import-config" in ok.stdout
     bad = subprocess.run([*CLI, "frobnicate"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2
     assert time.monotonic() - started < 20
@@ -44,18 +45,35 @@ def test_import_config_from_mercure_json(env: DispatchEnv, tmp_path: Path) -> No
         "offpeak_start": "21:00",
         "offpeak_end": "05:30",
         "targets": {
-            "PACS_Main": {"target_type": "dicom", "ip": "127.0.0.1", "port": "11112",
-                          "aet_target": "PACS", "aet_source": "MERCURE", "contact": "",
-                          "comment": "", "direction": "both"},
-            "research_share": {"target_type": "folder", "folder": str(tmp_path / "share"),
-                               "file_filter": "*.tags"},
+            "PACS_Main": {
+                "target_type": "dicom",
+                "ip": "127.0.0.1",
+                "port": "11112",
+                "aet_target": "PACS",
+                "aet_source": "MERCURE",
+                "contact": "",
+                "comment": "",
+                "direction": "both",
+            },
+            "research_share": {
+                "target_type": "folder",
+                "folder": str(tmp_path / "share"),
+                "file_filter": "*.tags",
+            },
             "null_target": {"target_type": "dummy"},
-            "remote_sftp": {"target_type": "sftp", "folder": "/x", "user": "u", "host": "h",
-                            "password": "secret"},
+            "remote_sftp": {
+                "target_type": "sftp",
+                "folder": "/x",
+                "user": "u",
+                "host": "h",
+                "password": "secret",
+            },
         },
-        "rules": {"stroke": {"priority": "urgent", "target": "PACS_Main"},
-                  "nightly": {"priority": "offpeak"}},
-    }  # fmt: skip
+        "rules": {
+            "stroke": {"priority": "urgent", "target": "PACS_Main"},
+            "nightly": {"priority": "offpeak"},
+        },
+    }
     path = tmp_path / "mercure.json"
     path.write_text(json.dumps(mercure))
 
@@ -83,11 +101,12 @@ def test_import_config_from_mercure_json(env: DispatchEnv, tmp_path: Path) -> No
 
 def test_import_config_refuses_names_that_share_a_slug(env: DispatchEnv, tmp_path: Path) -> None:
     path = tmp_path / "mercure.json"
-    path.write_text(json.dumps({"targets": {
-        "PACS_Main": {"target_type": "dummy"}, "pacs-main": {"target_type": "dummy"}}}))  # fmt: skip
+    clash = {"PACS_Main": {"target_type": "dummy"}, "pacs-main": {"target_type": "dummy"}}
+    path.write_text(json.dumps({"targets": clash}))
     done = run_cli("import-config", str(path))
     assert done.returncode == 1
-    assert "pacs-main" in done.stderr and "Traceback" not in done.stderr
+    assert "pacs-main" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_targets_test_exit_codes(env: DispatchEnv, tmp_path: Path) -> None:
@@ -98,7 +117,8 @@ def test_targets_test_exit_codes(env: DispatchEnv, tmp_path: Path) -> None:
     assert json.loads(ok.stdout) == {"Folder exists": True, "Folder is writeable": True}
     assert run_cli("targets", "test", "missing").returncode == 1
     unknown = run_cli("targets", "test", "no_such_target")
-    assert unknown.returncode == 1 and "no_such_target" in unknown.stderr
+    assert unknown.returncode == 1
+    assert "no_such_target" in unknown.stderr
 
 
 def test_dispatch_sweep_halt_and_status(env: DispatchEnv, tmp_path: Path) -> None:
@@ -117,7 +137,8 @@ def test_dispatch_sweep_halt_and_status(env: DispatchEnv, tmp_path: Path) -> Non
     status = run_cli("status", "--json")
     assert status.returncode == 0, status.stderr
     data = json.loads(status.stdout)
-    assert data["halted"] is True and data["outgoing"]["ready"] == 1
+    assert data["halted"] is True
+    assert data["outgoing"]["ready"] == 1
     assert run_cli("sweep").returncode == 0
     assert held.is_dir(), "HALT must stop the sweep"
 

@@ -23,7 +23,8 @@ def test_folder_target_receives_case_with_complete_marker(env: DispatchEnv, tmp_
 
     assert result["location"] == "success"
     done = env.success / case.name
-    assert done.is_dir() and not case.exists()
+    assert done.is_dir()
+    assert not case.exists()
     assert not (done / ".processing").exists()
     assert env.task(done)["dispatch"]["status"]["Share_1"]["state"] == "complete"
     [copy] = _received(dest)

@@ -45,8 +45,8 @@ def test_max_retries_moves_case_to_error_with_fail_stage(
 
 
 def test_retry_gate_holds_case_until_next_retry_at(env: DispatchEnv, broken_folder: str) -> None:
-    from flows.sweep import Dispatcher
     from blocks.settings import DispatcherSettings
+    from flows.sweep import Dispatcher
 
     env.save_target(FolderTarget(folder=broken_folder), "broken")
     env.save_settings(retry_max=5, retry_delay=3600.0)
@@ -57,7 +57,8 @@ def test_retry_gate_holds_case_until_next_retry_at(env: DispatchEnv, broken_fold
 
     settings = DispatcherSettings.load("default")
     result = asyncio.run(Dispatcher(settings).one_pass())
-    assert result.dispatched == 0 and result.waiting_for_retry == 1
+    assert result.dispatched == 0
+    assert result.waiting_for_retry == 1
     assert env.task(case)["dispatch"]["retries"] == 1
 
 
@@ -103,8 +104,8 @@ def test_restart_from_error_resends_only_unfinished(env: DispatchEnv, tmp_path: 
 
 
 def test_invalid_task_json_is_quarantined_after_grace(env: DispatchEnv) -> None:
-    from flows.sweep import Dispatcher
     from blocks.settings import DispatcherSettings
+    from flows.sweep import Dispatcher
 
     env.save_settings(invalid_grace_seconds=1.0)
     bad = env.outgoing / "bad-case"
@@ -123,15 +124,16 @@ def test_invalid_task_json_is_quarantined_after_grace(env: DispatchEnv) -> None:
         os.utime(p, (old, old))
     asyncio.run(dispatcher.one_pass())
 
-    assert not bad.exists() and not empty.exists()
+    assert not bad.exists()
+    assert not empty.exists()
     assert "not valid JSON" in (env.error / "bad-case" / "dispatch_error.txt").read_text()
     assert (env.error / "bad-case" / "x.dcm").read_bytes() == b"data"
     assert (env.error / "empty-dispatch" / "dispatch_error.txt").exists()
 
 
 def test_stale_claim_of_dead_process_is_released_and_dispatched(env: DispatchEnv) -> None:
-    from flows.sweep import Dispatcher
     from blocks.settings import DispatcherSettings
+    from flows.sweep import Dispatcher
 
     env.save_target(DummyTarget(), "dummy")
     case = make_case(env.outgoing, ["dummy"])
@@ -148,12 +150,13 @@ def test_stale_claim_of_dead_process_is_released_and_dispatched(env: DispatchEnv
     asyncio.run(Dispatcher(DispatcherSettings.load("default")).one_pass())  # dispatches
 
     assert (env.success / case.name).is_dir()
-    assert foreign.is_dir() and (foreign / ".processing").exists()
+    assert foreign.is_dir()
+    assert (foreign / ".processing").exists()
 
 
 def test_priority_order_urgent_two_to_one(env: DispatchEnv, tmp_path: Path) -> None:
-    from flows.sweep import Dispatcher
     from blocks.settings import DispatcherSettings
+    from flows.sweep import Dispatcher
 
     env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
     env.save_settings(num_proc=1, rule_priorities={"fast": "urgent", "slow": "normal"})
@@ -170,27 +173,29 @@ def test_priority_order_urgent_two_to_one(env: DispatchEnv, tmp_path: Path) -> N
 
 
 def test_offpeak_case_waits_outside_the_window(env: DispatchEnv) -> None:
-    from flows.sweep import Dispatcher
     from blocks.settings import DispatcherSettings
+    from flows.sweep import Dispatcher
 
     env.save_target(DummyTarget(), "dummy")
     now = time.localtime()
     closed = f"{(now.tm_hour + 2) % 24:02d}:00", f"{(now.tm_hour + 3) % 24:02d}:00"
-    env.save_settings(rule_priorities={"night": "offpeak"}, offpeak_start=closed[0],
-                      offpeak_end=closed[1])  # fmt: skip
+    env.save_settings(
+        rule_priorities={"night": "offpeak"}, offpeak_start=closed[0], offpeak_end=closed[1]
+    )
     case = make_case(env.outgoing, ["dummy"], applied_rule="night")
     asyncio.run(Dispatcher(DispatcherSettings.load("default")).one_pass())
     assert case.is_dir()
 
-    env.save_settings(rule_priorities={"night": "offpeak"}, offpeak_start="00:00",
-                      offpeak_end="00:00")  # fmt: skip
+    env.save_settings(
+        rule_priorities={"night": "offpeak"}, offpeak_start="00:00", offpeak_end="00:00"
+    )
     asyncio.run(Dispatcher(DispatcherSettings.load("default")).one_pass())
     assert (env.success / case.name).is_dir()
 
 
 def test_lock_and_error_markers_keep_a_case_back(env: DispatchEnv) -> None:
-    from flows.sweep import Dispatcher
     from blocks.settings import DispatcherSettings
+    from flows.sweep import Dispatcher
 
     env.save_target(DummyTarget(), "dummy")
     locked = make_case(env.outgoing, ["dummy"])
@@ -198,7 +203,9 @@ def test_lock_and_error_markers_keep_a_case_back(env: DispatchEnv) -> None:
     errored = make_case(env.outgoing, ["dummy"])
     (errored / ".error").touch()
     asyncio.run(Dispatcher(DispatcherSettings.load("default")).one_pass())
-    assert locked.is_dir() and errored.is_dir()
+    assert locked.is_dir()
+    assert errored.is_dir()
     (locked / ".lock").unlink()
     asyncio.run(Dispatcher(DispatcherSettings.load("default")).one_pass())
-    assert (env.success / locked.name).is_dir() and errored.is_dir()
+    assert (env.success / locked.name).is_dir()
+    assert errored.is_dir()

@@ -42,8 +42,11 @@ def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
 def test_serve_dispatches_and_serves_deployments(env: DispatchEnv, tmp_path: Path) -> None:
     env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
     log = tmp_path / "serve.log"
-    proc_env = {**os.environ, "DICOM_DISPATCH_HOME": str(tmp_path / "home"),
-                "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # fmt: skip
+    proc_env = {
+        **os.environ,
+        "DICOM_DISPATCH_HOME": str(tmp_path / "home"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    }
     with open(log, "wb") as out:
         proc = subprocess.Popen([*CLI, "serve"], env=proc_env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -59,7 +62,8 @@ def test_serve_dispatches_and_serves_deployments(env: DispatchEnv, tmp_path: Pat
         run = run_deployment(
             "dispatch_case/dispatch-case", parameters={"case": str(second)}, timeout=120
         )
-        assert run.state is not None and run.state.is_completed(), run.state
+        assert run.state is not None
+        assert run.state.is_completed(), run.state
         assert (env.success / second.name).is_dir()
     finally:
         stop(proc, log)
@@ -89,8 +93,13 @@ def test_serve_embedded_default_stack(tmp_path: Path) -> None:
         # A CLI command finds the running service through its record (no ephemeral server).
         mercure = tmp_path / "mercure.json"
         mercure.write_text(json.dumps({"targets": {"null": {"target_type": "dummy"}}}))
-        done = subprocess.run([*CLI, "import-config", str(mercure)], env=proc_env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [*CLI, "import-config", str(mercure)],
+            env=proc_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         case = make_case(home / "outgoing", ["null"])
         wait_for(lambda: (home / "success" / case.name).is_dir(), 90, "dispatch by the service")

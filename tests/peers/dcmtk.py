@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,30 +20,9 @@ from types import TracebackType
 
 import pytest
 
+from tests.peers.net import free_port, wait_for_port
+
 __all__ = ["StoreSCP", "dcmtk_binary", "free_port", "wait_for_port"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0 and release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(
-    port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
-) -> None:
-    """Block until 127.0.0.1:port accepts a TCP connection (or fail the test)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"peer exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    pytest.fail(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
 def dcmtk_binary(name: str) -> str:
@@ -65,7 +43,7 @@ def dcmtk_binary(name: str) -> str:
     pytest.skip(message)
 
 
-_CT_ONLY_REFUSED = """\
+_PROFILE_TEMPLATE = """\
 [[TransferSyntaxes]]
 [Uncompressed]
 TransferSyntax1 = LocalEndianExplicit
@@ -89,6 +67,8 @@ class StoreSCP:
     limits the accepted storage SOP classes to the given DCMTK names (e.g. ``["MRImageStorage"]``)
     through a generated ``-xf`` profile, so anything else gets no presentation context.
     ``nodelay`` sets ``TCP_NODELAY=1`` for the peer (DCMTK reads it from the environment).
+    ``fork=True`` serves associations in parallel (``--fork``); by default storescp handles one
+    association at a time, so parallel senders queue up behind each other.
     """
 
     def __init__(
@@ -99,6 +79,7 @@ class StoreSCP:
         refuse: bool = False,
         accept_only: Sequence[str] | None = None,
         nodelay: bool = True,
+        fork: bool = False,
         extra_args: Sequence[str] = (),
     ) -> None:
         self.folder = folder
@@ -107,6 +88,7 @@ class StoreSCP:
         self._refuse = refuse
         self._accept_only = list(accept_only) if accept_only is not None else None
         self._nodelay = nodelay
+        self._fork = fork
         self._extra = list(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log = folder.parent / f"{folder.name}.storescp.log"
@@ -117,13 +99,15 @@ class StoreSCP:
         args = [binary, "-aet", self.aet, "-od", str(self.folder), "-dhl"]
         if self._refuse:
             args.append("--refuse")
+        if self._fork:
+            args.append("--fork")
         if self._accept_only is not None:
             cfg = self.folder.parent / f"{self.folder.name}.storescp.cfg"
             lines = [
                 f"PresentationContext{i} = {name}\\Uncompressed"
                 for i, name in enumerate(["VerificationSOPClass", *self._accept_only], 1)
             ]
-            cfg.write_text(_CT_ONLY_REFUSED.format(contexts="\n".join(lines)))
+            cfg.write_text(_PROFILE_TEMPLATE.format(contexts="\n".join(lines)))
             args += ["-xf", str(cfg), "Default"]
         args += self._extra
         env = dict(os.environ)

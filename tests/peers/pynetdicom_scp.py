@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
 
 __all__ = ["DROP", "Action", "ParrotSCP", "Received", "parrot_scp"]
 
 DROP = "drop"
+VERIFICATION = "1.2.840.10008.1.1"
 Action = int | str
 # Chooses the action for one C-STORE: (SOP Instance UID, 1-based arrival number) -> action.
 Script = Callable[[str, int], Action]
@@ -77,14 +76,15 @@ def parrot_scp(
     ae.dimse_timeout = 30
     ae.network_timeout = 30
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax)
-    ae.add_supported_context(Verification)
+        ae.add_supported_context(str(cx.abstract_syntax))
+    ae.add_supported_context(VERIFICATION)
     lock = threading.Lock()
     stopping = threading.Event()
     holder: dict[str, ParrotSCP] = {}
 
     def on_open(event: evt.Event) -> None:
-        sock: socket.socket = event.assoc.dul.socket.socket
+        wrapper: Any = event.assoc.dul.socket
+        sock: Any = wrapper.socket
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         holder["scp"].nodelay_set.append(
             bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
@@ -112,7 +112,7 @@ def parrot_scp(
             return 0x0000
         return int(action)
 
-    server = ae.start_server(
+    server: Any = ae.start_server(
         ("127.0.0.1", 0),
         block=False,
         evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, on_store)],
@@ -124,4 +124,3 @@ def parrot_scp(
     finally:
         stopping.set()
         server.shutdown()
-        time.sleep(0.01)

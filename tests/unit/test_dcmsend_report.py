@@ -252,6 +252,12 @@ def test_status_category_and_accepted() -> None:
     assert lost.counts() == {"success": 1, "warning": 0, "failure": 0, "none": 1}
 
 
+def test_status_text() -> None:
+    assert _dimse.status_text(None) == "no response"
+    assert _dimse.status_text(0xA700) == "0xA700 (failure)"
+    assert _dimse.status_text(0xB000) == "0xB000 (warning)"
+
+
 def test_proposed_syntaxes_and_context_batches() -> None:
     assert _dimse._proposed_syntaxes(EXPLICIT) == [EXPLICIT, str(ImplicitVRLittleEndian)]
     assert _dimse._proposed_syntaxes(str(ImplicitVRLittleEndian)) == [
@@ -297,13 +303,13 @@ def test_reactor_get_msg_leaves_responses_to_a_paused_sender() -> None:
     dimse = _Checkpointed()
     dimse.msg_queue.put((1, "rsp-1"))
     # Reactor running normally: it gets the message.
-    assert get_msg(dimse, block=False) == (1, "rsp-1")  # type: ignore[arg-type]
+    assert get_msg(dimse, block=False) == (1, "rsp-1")  # type: ignore[arg-type,comparison-overlap,unused-ignore]
     # A send_*() cleared the checkpoint: the non-blocking reactor call must not take it ...
     dimse.msg_queue.put((1, "rsp-2"))
     dimse.assoc._reactor_checkpoint.clear()
-    assert get_msg(dimse, block=False) == (None, None)  # type: ignore[arg-type]
+    assert get_msg(dimse, block=False) == (None, None)  # type: ignore[arg-type,comparison-overlap,unused-ignore]
     # ... while the sender's blocking call does.
-    assert get_msg(dimse, block=True) == (1, "rsp-2")  # type: ignore[arg-type]
+    assert get_msg(dimse, block=True) == (1, "rsp-2")  # type: ignore[arg-type,comparison-overlap,unused-ignore]
 
 
 def test_reactor_get_msg_puts_back_a_message_taken_inside_the_window() -> None:
@@ -327,7 +333,7 @@ def test_reactor_get_msg_puts_back_a_message_taken_inside_the_window() -> None:
     dimse.msg_queue = ClearingQueue()
     dimse.msg_queue.put((3, "first"))
     dimse.msg_queue.put((3, "second"))
-    assert get_msg(dimse, block=False) == (None, None)  # type: ignore[arg-type]
+    assert get_msg(dimse, block=False) == (None, None)  # type: ignore[arg-type,comparison-overlap,unused-ignore]
     # Put back at the head, in order, for the blocked sender.
-    assert get_msg(dimse, block=True) == (3, "first")  # type: ignore[arg-type]
-    assert get_msg(dimse, block=True) == (3, "second")  # type: ignore[arg-type]
+    assert get_msg(dimse, block=True) == (3, "first")  # type: ignore[arg-type,comparison-overlap,unused-ignore]
+    assert get_msg(dimse, block=True) == (3, "second")  # type: ignore[arg-type,comparison-overlap,unused-ignore]

@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -277,6 +279,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace, home: Path) -> int:
+    """Run the service in a worker thread; the main thread only turns signals into a stop.
+
+    Prefect's flow engine swaps its own SIGTERM handler in and out around every flow run it
+    runs in the main thread; with many concurrent in-process case runs that would race with
+    ours. Off the main thread the engine leaves signals alone.
+    """
     from deployments.serve import is_loopback, serve
 
     if not is_loopback(args.host) and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
@@ -284,7 +292,19 @@ def _serve(args: argparse.Namespace, home: Path) -> int:
             f"refusing to serve on {args.host}: block secrets would be readable through the API; "
             "set PREFECT_SERVER_API_AUTH_STRING or bind to 127.0.0.1"
         )
-    return asyncio.run(serve(home, args.host, args.port, args.db))
+    stop = threading.Event()
+    outcome: list[int] = []
+
+    def run() -> None:
+        outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop)))
+
+    worker = threading.Thread(target=run, name="dicom-dispatch-service")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)
+    return outcome[0] if outcome else 1
 
 
 if __name__ == "__main__":

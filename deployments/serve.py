@@ -14,7 +14,7 @@ import contextlib
 import ipaddress
 import logging
 import os
-import signal
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +45,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-async def serve(home: Path, host: str, port: int, db: str) -> int:
+async def serve(home: Path, host: str, port: int, db: str, stop_flag: threading.Event) -> int:
     server: PrefectServer | None = None
     embedded_db = False
     if not os.environ.get("PREFECT_API_URL") and not _profile_api_url():
@@ -61,7 +61,7 @@ async def serve(home: Path, host: str, port: int, db: str) -> int:
         write_service_record(home, server.api_url, server.ui_url)
         print(f"Prefect UI: {server.ui_url}", flush=True)
     try:
-        await _run_service()
+        await _run_service(stop_flag)
     finally:
         remove_service_record(home)
         if server is not None:
@@ -71,7 +71,7 @@ async def serve(home: Path, host: str, port: int, db: str) -> int:
     return 0
 
 
-async def _run_service() -> None:
+async def _run_service(stop_flag: threading.Event) -> None:
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
     from prefect.types.entrypoint import EntrypointType
@@ -92,10 +92,13 @@ async def _run_service() -> None:
     stop = asyncio.Event()
     dispatcher = Dispatcher(settings)
     runner_task = asyncio.create_task(runner.start())
-    await asyncio.sleep(0)  # let the runner install its handlers, then take SIGTERM/SIGINT back
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    async def watch_stop_flag() -> None:
+        while not stop_flag.is_set():
+            await asyncio.sleep(0.2)
+        stop.set()
+
+    watcher = asyncio.create_task(watch_stop_flag())
     LOGGER.info("dispatching from %s", settings.folders()[0])
     print(f"dispatching from {settings.folders()[0]}", flush=True)
 
@@ -117,6 +120,7 @@ async def _run_service() -> None:
     finally:
         stop.set()
         refresher.cancel()
+        watcher.cancel()
         runner.stop()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(runner_task, 30)

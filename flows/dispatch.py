@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -37,6 +38,8 @@ SENT_REPORT = "sent.txt"
 
 #: Local admission shared by every case this process dispatches (see tasks/admission.py).
 admission = LocalAdmission()
+#: Settings the in-process dispatcher already holds: its case runs need not reload them.
+_loop_settings: ContextVar[DispatcherSettings | None] = ContextVar("loop_settings", default=None)
 
 
 @dataclass
@@ -125,7 +128,7 @@ async def dispatch_case(case: str) -> dict[str, Any]:
         Where the case ended (``success``, ``error``, ``outgoing`` for a later retry) and the
         outcome per target.
     """
-    settings = await aload_settings()
+    settings = _loop_settings.get() or await aload_settings()
     case_dir = _resolve(case, settings)
     run_id = str(current_run.id) if current_run.id else None
     owner = cf.read_claim(case_dir)
@@ -281,11 +284,19 @@ async def _publish(outcome: CaseOutcome) -> None:
     await acreate_markdown_artifact(markdown=markdown, key=key, description="dispatch outcome")
 
 
-async def run_case(case_dir: Path, priority: str | None = None, task: Task | None = None) -> bool:
+async def run_case(
+    case_dir: Path,
+    priority: str | None = None,
+    task: Task | None = None,
+    settings: DispatcherSettings | None = None,
+) -> bool:
     """Dispatch one (already claimed) case as a top-level flow run in this process.
 
-    The tags are given at creation, so the run needs no extra API call to set them.
+    The tags are given at creation and the dispatcher's settings are handed over, so the run
+    makes no API calls for either.
     """
+    if settings is not None:
+        _loop_settings.set(settings)
     try:
         with tags(*case_tags(case_dir, task, priority)):
             result = await dispatch_case(str(case_dir))

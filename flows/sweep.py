@@ -126,7 +126,7 @@ class Dispatcher:
             return None
         if not cf.claim_case(cand.path):
             return None
-        job = asyncio.create_task(run_case(cand.path, cand.priority, cand.task))
+        job = asyncio.create_task(run_case(cand.path, cand.priority, cand.task, self.settings))
         self._in_flight.add(job)
         job.add_done_callback(self._in_flight.discard)
         return job

@@ -24,6 +24,10 @@ What it does, and why:
   concurrently (DCMTK storescp does not, unless started with ``--fork``). The processes come
   from a forkserver, which imports the caller's ``__main__`` once per worker: scripts need the
   usual ``if __name__ == "__main__":`` guard.
+* ``tls=TLSOptions(...)`` runs the same associations over TLS (DICOM+TLS targets): the peer's
+  certificate is verified against the CA file, our client certificate is presented, and a
+  failed handshake is reported with OpenSSL's reason (expired, unknown issuer, ...), never as a
+  refused connection.
 * A missing response (timeout, abort, or pynetdicom 3.0.4 losing it) is recorded as
   ``status=None`` -- never as sent -- the association is aborted and the remaining files go on a
   new association. ``store_files`` raises only when no association could be made at all.
@@ -35,6 +39,7 @@ import logging
 import multiprocessing
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -68,6 +73,7 @@ __all__ = [
     "EchoResult",
     "InstanceResult",
     "StoreResult",
+    "TLSOptions",
     "echo",
     "shutdown_workers",
     "status_category",
@@ -275,18 +281,108 @@ class EchoResult:
 
 
 @dataclass(frozen=True)
+class TLSOptions:
+    """TLS settings of a DICOM+TLS peer, as file paths (picklable for the worker processes).
+
+    ``ca_cert``: CA certificate(s) the peer's certificate must chain to (PEM; empty: the system
+    store). ``cert``/``key``: our client certificate and its unencrypted private key (PEM; empty:
+    none). ``check_hostname``: also require the certificate to name the host we connect to
+    (DCMTK, and so mercure, does not check it).
+    """
+
+    ca_cert: str = ""
+    cert: str = ""
+    key: str = ""
+    check_hostname: bool = False
+
+    def context(self) -> _TLSContext:
+        """A client context; ``PermanentTargetError`` when a file is missing or unusable."""
+        context = _TLSContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = self.check_hostname
+        context.verify_mode = ssl.CERT_REQUIRED
+        step = "ca_cert"
+        try:
+            if self.ca_cert:
+                context.load_verify_locations(cafile=self.ca_cert)
+            else:
+                context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            if self.cert or self.key:
+                step = "tls_cert/tls_key"
+                context.load_cert_chain(self.cert, self.key or None, password=_no_password)
+        except (OSError, ValueError) as exc:
+            files = self.ca_cert if step == "ca_cert" else f"{self.cert} / {self.key}"
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise PermanentTargetError(f"TLS {step} {files}: {_first_line(reason)}") from None
+        return context
+
+
+def _no_password() -> str:
+    raise ValueError("the private key is encrypted (only unencrypted keys are supported)")
+
+
+def _first_line(text: object) -> str:
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else type(text).__name__
+
+
+class _RecordingSSLSocket(ssl.SSLSocket):
+    """Keeps the handshake error: pynetdicom logs it and reports only "not connected"."""
+
+    def connect(self, addr: Any) -> None:
+        try:
+            super().connect(addr)
+        except OSError as exc:
+            context = self.context
+            if isinstance(context, _TLSContext):
+                context.connect_error = exc
+            raise
+
+
+class _TLSContext(ssl.SSLContext):
+    sslsocket_class = _RecordingSSLSocket
+    connect_error: OSError | None = None
+
+
+def _tls_failure(error: OSError | None, target: _Target) -> TargetError | None:
+    """The TargetError for a failed TLS handshake, or None when it was no TLS problem."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        why = error.verify_message or _first_line(error)
+        if "expired" in why or "not yet valid" in why:
+            hint = "the peer's certificate must be renewed"
+        elif "hostname" in why.lower():
+            hint = "the certificate does not name this host: see tls_check_hostname"
+        else:
+            hint = "is it signed by a CA in ca_cert?"
+        return PermanentTargetError(
+            f"TLS handshake with {target.describe()} failed: server certificate not accepted: "
+            f"{why} ({hint})"
+        )
+    if isinstance(error, ssl.SSLEOFError | ConnectionResetError):
+        return TransientTargetError(
+            f"TLS handshake with {target.describe()} failed: the peer closed the connection "
+            "(not a TLS port, or our client certificate was refused?)"
+        )
+    if isinstance(error, ssl.SSLError):
+        why = error.reason or _first_line(error)
+        return PermanentTargetError(f"TLS handshake with {target.describe()} failed: {why}")
+    return None
+
+
+@dataclass(frozen=True)
 class _Target:
     host: str
     port: int
     called_aet: str
     calling_aet: str
+    tls: TLSOptions | None = None
 
     @property
     def peer(self) -> str:
         return f"{self.host}:{self.port}"
 
     def describe(self) -> str:
-        return f"{self.peer} ({self.calling_aet} -> {self.called_aet})"
+        over = " over TLS" if self.tls is not None else ""
+        return f"{self.peer}{over} ({self.calling_aet} -> {self.called_aet})"
 
 
 @dataclass(frozen=True)
@@ -434,6 +530,7 @@ def _associate(
     def on_open(event: evt.Event) -> None:
         connected.set()
 
+    tls = target.tls.context() if target.tls is not None else None
     started = time.monotonic()
     try:
         assoc = ae.associate(
@@ -443,9 +540,14 @@ def _associate(
             ae_title=target.called_aet,
             max_pdu=options.max_pdu,
             evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay), (evt.EVT_CONN_OPEN, on_open)],
+            tls_args=(tls, target.host) if tls is not None else None,
         )
     except OSError as exc:  # name resolution and the like
         raise TransientTargetError(f"cannot reach {target.describe()}: {exc}") from exc
+    if tls is not None and not connected.is_set():
+        failure = _tls_failure(tls.connect_error, target)
+        if failure is not None:
+            raise failure
     if assoc.is_established:
         return assoc
     answer = getattr(assoc.acceptor, "primitive", None) or _unread_rejection(assoc)
@@ -466,6 +568,8 @@ def _associate(
         why = f"no answer to the association request within {options.acse_timeout:g} s"
     else:
         why = "association aborted during negotiation"
+        if target.tls is not None:
+            why += " (did the peer refuse our client certificate? check tls_cert/tls_key)"
     raise TransientTargetError(f"cannot associate with {target.describe()}: {why}")
 
 
@@ -681,6 +785,7 @@ def store_files(
     associations: int = 1,
     only_failed_of: StoreResult | None = None,
     warnings_ok: bool = True,
+    tls: TLSOptions | None = None,
 ) -> StoreResult:
     """C-STORE ``files`` to ``called_aet`` at ``host:port``; statuses are returned, not raised.
 
@@ -688,13 +793,14 @@ def store_files(
     in its own process, and merges the results (association numbers are renumbered 1..n over
     all). ``only_failed_of`` re-sends only the files that an earlier result did not record as
     stored (``warnings_ok`` decides whether a warning counted as stored); the returned result
-    then covers just those files. Raises ``TransientTargetError`` (connection refused, timeout,
-    abort, transient rejection) or ``PermanentTargetError`` (permanent A-ASSOCIATE-RJ) only when
-    no association at all could be made.
+    then covers just those files. ``tls`` sends over TLS (see :class:`TLSOptions`). Raises
+    ``TransientTargetError`` (connection refused, timeout, abort, transient rejection) or
+    ``PermanentTargetError`` (permanent A-ASSOCIATE-RJ, failed TLS handshake, unusable TLS
+    files) only when no association at all could be made.
     """
     begin = time.monotonic()
     started = datetime.now().astimezone()
-    target = _Target(host, int(port), called_aet, calling_aet)
+    target = _Target(host, int(port), called_aet, calling_aet, tls)
     options = _Options(
         float(connect_timeout),
         float(acse_timeout),
@@ -771,10 +877,20 @@ def tcp_reachable(host: str, port: int, timeout: float = 5) -> bool:
 
 
 def echo(
-    host: str, port: int, called_aet: str, calling_aet: str, *, timeout: float = 5
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str,
+    *,
+    timeout: float = 5,
+    tls: TLSOptions | None = None,
 ) -> EchoResult:
-    """C-ECHO the peer (mercure's connection test); never raises for network problems."""
-    target = _Target(host, int(port), called_aet, calling_aet)
+    """C-ECHO the peer (mercure's connection test); never raises for network problems.
+
+    ``tls`` echoes over TLS; an unusable TLS file or a failed handshake is a failed echo whose
+    ``detail`` says why.
+    """
+    target = _Target(host, int(port), called_aet, calling_aet, tls)
     options = _Options(timeout, timeout, timeout, timeout, 0)
     ae = _make_ae(target, options)
     try:

@@ -1,24 +1,33 @@
-"""mercure's DICOM target (C-STORE), sent with pynetdicom instead of a ``dcmsend`` subprocess.
+"""mercure's DICOM target (C-STORE), sent with pynetdicom, or with DCMTK ``dcmsend`` on request.
 
-One association per (case, target) — or ``max_associations`` in parallel processes — with
-presentation contexts taken from the files' headers and the files sent without decoding pixel
-data. Every instance's DIMSE status is kept; the case counts as sent only when every instance was
-accepted (warnings count as accepted unless ``warning_counts_as_sent`` is off). A dcmsend-format
-report is written so tooling that parses mercure's ``sent.txt`` keeps working.
+Default backend (``pynetdicom``): one association per (case, target) — or ``max_associations``
+in parallel processes — with presentation contexts taken from the files' headers and the files
+sent without decoding pixel data. Every instance's DIMSE status is kept; the case counts as sent
+only when every instance was accepted (warnings count as accepted unless
+``warning_counts_as_sent`` is off). A dcmsend-format report is written so tooling that parses
+mercure's ``sent.txt`` keeps working.
+
+``backend="dcmsend"`` runs DCMTK's ``dcmsend`` as mercure does (``blocks._dcmsend``): one
+association, dcmsend's own report, the same success rule and the same error kinds.
+
+``DicomTLSTarget`` is mercure's DICOM+TLS target: the same sender over TLS, with the peer's
+certificate verified against ``ca_cert``. Unlike mercure's ``storescu +tls`` call it is
+recursive, writes the report and checks every instance's status, as the DICOM target does.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from blocks import _dimse
+from blocks import _dcmsend, _dimse, _dimse_qr
 from blocks.base import DispatchTarget, SendContext, SendResult, dicom_files
 from blocks.errors import PermanentTargetError, TransientTargetError
 from tasks.dcmsend_report import write_report
 
-__all__ = ["DicomTarget"]
+__all__ = ["DicomTLSTarget", "DicomTarget"]
 
 DEFAULT_PORT = 104
 DEFAULT_CALLING_AET = "DCMSEND"  # what dcmsend calls itself when mercure passes no -aet
@@ -74,6 +83,26 @@ class DicomTarget(DispatchTarget):
     move_destination_aet: str = Field(
         default="", description="AE title C-MOVE sends to (our Storage SCP)."
     )
+    move_destination_port: int = Field(
+        default=11113,
+        ge=1,
+        le=65535,
+        description="Port our Storage SCP listens on during a C-MOVE (the node must know it).",
+    )
+    move_listen_address: str = Field(
+        default="", description="Address our C-MOVE Storage SCP binds to (empty: all)."
+    )
+    retrieve_backend: Literal["pynetdicom", "dcmtk"] = Field(
+        default="pynetdicom",
+        description="How studies are retrieved: pynetdicom in-process, or DCMTK getscu/movescu.",
+    )
+    backend: Literal["pynetdicom", "dcmsend"] = Field(
+        default="pynetdicom",
+        description=(
+            "How cases are sent: pynetdicom in-process, or DCMTK dcmsend as mercure does "
+            "(needs DCMTK installed; one association, max_associations does not apply)."
+        ),
+    )
 
     @field_validator("port", mode="before")
     @classmethod
@@ -110,6 +139,8 @@ class DicomTarget(DispatchTarget):
         if not files:
             raise PermanentTargetError(f"target {self.target_name}: the case has no *.dcm files")
         host, port, called, calling = self.peer(context)
+        if self.backend == "dcmsend":
+            return self._send_with_dcmsend(context, files, host, port, called, calling)
         result = _dimse.store_files(
             files,
             host,
@@ -121,6 +152,7 @@ class DicomTarget(DispatchTarget):
             dimse_timeout=self.dimse_timeout,
             network_timeout=self.network_timeout,
             associations=self.max_associations,
+            tls=self.tls_options(),
         )
         if context.report_path is not None:
             write_report(context.report_path, result)
@@ -144,15 +176,146 @@ class DicomTarget(DispatchTarget):
             extra={"associations": result.associations},
         )
 
+    def _send_with_dcmsend(
+        self,
+        context: SendContext,
+        files: list[Path],
+        host: str,
+        port: int,
+        called: str,
+        calling: str,
+    ) -> SendResult:
+        outcome = _dcmsend.send_case(
+            context.case_dir,
+            host,
+            port,
+            called,
+            calling,
+            report_path=context.report_path,
+            connect_timeout=self.connect_timeout,
+            acse_timeout=self.acse_timeout,
+            dimse_timeout=self.dimse_timeout,
+            files=files,
+            warnings_ok=self.warning_counts_as_sent,
+            label=f"target {self.target_name} ({host}:{port} {calling}->{called})",
+        )
+        return SendResult(
+            files=outcome.instances,
+            bytes=outcome.dataset_bytes,
+            detail=f"{outcome.instances} instances to {host}:{port} ({calling}->{called}), dcmsend",
+            extra={"associations": outcome.associations, "backend": "dcmsend"},
+        )
+
     @staticmethod
     def connection_ok(result: dict[str, Any]) -> bool:
-        return bool(result.get("loopback_mode")) or bool(result.get("c-echo"))
+        usable = bool(result.get("loopback_mode")) or bool(result.get("c-echo"))
+        return usable and result.get("dcmsend", True) is not False
 
     def test_connection(self) -> dict[str, Any]:
-        """mercure's keys: ``ping`` (here: TCP connect), ``c-echo``, ``loopback_mode``."""
+        """mercure's keys: ``ping`` (here: TCP connect), ``c-echo``, ``loopback_mode``.
+
+        With the dcmsend backend, also ``dcmsend``: whether DCMTK's dcmsend was found.
+        """
+        extra = (
+            {"dcmsend": _dcmsend.find_dcmsend() is not None} if self.backend == "dcmsend" else {}
+        )
+        if self.ip == "sender":
+            return {"ping": False, "c-echo": False, "loopback_mode": True, **extra}
+        host, port, called, calling = self.peer()
+        reachable = _dimse.tcp_reachable(host, port, timeout=min(self.connect_timeout, 5))
+        echo = reachable and _dimse.echo(
+            host, port, called, calling, timeout=5, tls=self.tls_options()
+        )
+        return {"ping": reachable, "c-echo": bool(echo), "loopback_mode": False, **extra}
+
+    def find(
+        self,
+        accession: str,
+        filters: dict[str, Any] | None = None,
+        level: Literal["study", "series"] = "series",
+    ) -> list[dict[str, Any]]:
+        """C-FIND (study root) by accession number; rows keyed by DICOM keywords.
+
+        ``filters``: keyword → value or list of values. Needs ``direction`` pull or both.
+        """
+        return _dimse_qr.find_on_target(self, accession, filters, level)
+
+    def retrieve(
+        self,
+        accession: str,
+        filters: dict[str, Any] | None,
+        destination: Path,
+        progress: _dimse_qr.Progress | None = None,
+    ) -> _dimse_qr.RetrieveResult:
+        """C-GET or C-MOVE (``retrieve_method``) what ``find`` finds into ``destination``."""
+        return _dimse_qr.retrieve_from_target(self, accession, filters, destination, progress)
+
+    def tls_options(self) -> _dimse.TLSOptions | None:
+        """TLS settings of the associations (none for plain DICOM)."""
+        return None
+
+
+class DicomTLSTarget(DicomTarget):
+    """A DICOM node that receives cases by C-STORE over TLS (mercure's DICOM+TLS target).
+
+    The peer's certificate must chain to ``ca_cert``; our client certificate
+    (``tls_cert``/``tls_key``, as DCMTK's ``storescu +tls`` takes them) is presented to the peer.
+    Field names are mercure's, so a mercure.json target imports one to one.
+
+    Example:
+        ```python
+        from blocks.dicom import DicomTLSTarget
+
+        DicomTLSTarget.load("pacs-tls").test_connection()
+        ```
+    """
+
+    _block_type_name = "DICOM TLS Target"
+    _block_type_slug = "dicom-tls-target"
+    _description = "A DICOM node that receives cases by C-STORE over TLS (mercure's DICOM+TLS)."
+    target_type: ClassVar[str] = "dicomtls"
+
+    tls_key: str = Field(
+        default="", description="Private key file (PEM, unencrypted) of our client certificate."
+    )
+    tls_cert: str = Field(default="", description="Our client certificate file (PEM).")
+    ca_cert: str = Field(
+        default="",
+        description="CA certificate file (PEM) the peer's certificate must chain to "
+        "(empty: the system's CA store).",
+    )
+    tls_check_hostname: bool = Field(
+        default=False,
+        description="Also require the peer's certificate to name the host in ip (DCMTK, and so "
+        "mercure, does not check it).",
+    )
+
+    def tls_options(self) -> _dimse.TLSOptions:
+        return _dimse.TLSOptions(
+            ca_cert=self.ca_cert,
+            cert=self.tls_cert,
+            key=self.tls_key,
+            check_hostname=self.tls_check_hostname,
+        )
+
+    def send(self, context: SendContext) -> SendResult:
+        if self.backend != "pynetdicom":
+            raise PermanentTargetError(
+                f"target {self.target_name}: DICOM+TLS is sent with the pynetdicom backend only "
+                "(dcmsend has no TLS)"
+            )
+        return super().send(context)
+
+    def test_connection(self) -> dict[str, Any]:
+        """mercure's keys ``ping`` (here: TCP connect) and ``c-echo`` (over TLS), and ``err``.
+
+        ``err`` says why the C-ECHO failed (certificate not accepted, refused, ...), or is empty.
+        """
         if self.ip == "sender":
             return {"ping": False, "c-echo": False, "loopback_mode": True}
         host, port, called, calling = self.peer()
         reachable = _dimse.tcp_reachable(host, port, timeout=min(self.connect_timeout, 5))
-        echo = reachable and _dimse.echo(host, port, called, calling, timeout=5)
-        return {"ping": reachable, "c-echo": bool(echo), "loopback_mode": False}
+        if not reachable:
+            return {"ping": False, "c-echo": False, "err": f"{host}:{port} is not reachable"}
+        echo = _dimse.echo(host, port, called, calling, timeout=5, tls=self.tls_options())
+        return {"ping": True, "c-echo": echo.ok, "err": "" if echo.ok else echo.detail}

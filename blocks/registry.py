@@ -14,13 +14,19 @@ from typing import Any
 
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.objects import BlockDocument
+from prefect.exceptions import ObjectNotFound
 
 from blocks.base import DispatchTarget, target_slug
-from blocks.dicom import DicomTarget
+from blocks.dicom import DicomTarget, DicomTLSTarget
+from blocks.dicomweb import DicomWebTarget
 from blocks.dummy import DummyTarget
 from blocks.errors import ConfigError
 from blocks.folder import FolderTarget
+from blocks.rsync import RsyncTarget
+from blocks.s3 import S3Target
 from blocks.settings import DEFAULT_SETTINGS_NAME, DispatcherSettings
+from blocks.sftp import SftpTarget
+from blocks.xnat import XnatTarget
 
 __all__ = [
     "ALL_BLOCK_TYPES",
@@ -30,13 +36,20 @@ __all__ = [
     "aload_target",
     "alist_targets",
     "aregister_block_types",
+    "aremove_other_types",
     "forget_cached_targets",
 ]
 
 #: Every target block class (one per mercure target type).
 TARGET_CLASSES: tuple[type[DispatchTarget], ...] = (
     DicomTarget,
+    DicomTLSTarget,
+    DicomWebTarget,
     FolderTarget,
+    SftpTarget,
+    RsyncTarget,
+    S3Target,
+    XnatTarget,
     DummyTarget,
 )
 #: mercure ``target_type`` → block class.
@@ -45,7 +58,7 @@ _BY_SLUG: dict[str, type[DispatchTarget]] = {
     cls.get_block_type_slug(): cls for cls in TARGET_TYPES.values()
 }
 #: mercure target types this version cannot send to yet (reported, never a crash).
-NOT_YET_SUPPORTED = {"dicomtls", "dicomweb", "rsync", "sftp", "s3", "xnat"}
+NOT_YET_SUPPORTED: set[str] = set()
 ALL_BLOCK_TYPES: tuple[type[Any], ...] = (*TARGET_TYPES.values(), DispatcherSettings)
 
 CACHE_SECONDS = 2.0
@@ -91,6 +104,26 @@ async def aload_target(name: str, client: PrefectClient | None = None) -> Dispat
         raise ConfigError(f"Settings for target {name} incorrect: no such target")
     _cache[name] = (time.monotonic(), targets[0])
     return targets[0]
+
+
+async def aremove_other_types(
+    slug: str, keep: type[DispatchTarget], client: PrefectClient | None = None
+) -> None:
+    """Delete documents named ``slug`` of every target type but ``keep``.
+
+    Target names are unique across types: when a target changes type, the old document must
+    go, or a lookup could find either.
+    """
+    async with _client(client) as c:
+        for cls in TARGET_CLASSES:
+            if cls is keep:
+                continue
+            try:
+                doc = await c.read_block_document_by_name(slug, cls.get_block_type_slug())
+            except ObjectNotFound:
+                continue
+            await c.delete_block_document(doc.id)
+    forget_cached_targets()
 
 
 def doc_name(block: DispatchTarget) -> str:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from blocks.base import target_slug
 from blocks.errors import ConfigError
-from blocks.registry import NOT_YET_SUPPORTED, TARGET_TYPES, aload_settings
+from blocks.registry import NOT_YET_SUPPORTED, TARGET_TYPES, aload_settings, aremove_other_types
 from blocks.settings import DEFAULT_SETTINGS_NAME
 
 __all__ = ["ImportReport", "import_mercure_config", "infer_target_type"]
@@ -118,6 +118,7 @@ async def import_mercure_config(path: Path) -> ImportReport:
                 f"invalid field {'.'.join(map(str, first['loc']))}: {first['msg']}"
             )
             continue
+        await aremove_other_types(target_slug(name), cls)
         await block.save(target_slug(name), overwrite=True)
         report.imported[name] = cls.target_type
 

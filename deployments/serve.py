@@ -121,7 +121,7 @@ async def _run_service(stop_flag: threading.Event) -> None:
         stop.set()
         refresher.cancel()
         watcher.cancel()
-        runner.stop()
+        await runner.astop()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(runner_task, 30)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -27,19 +26,15 @@ from blocks.errors import CaseError, ConfigError, DispatchError
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
 from tasks import casefolder as cf
-from tasks.admission import LocalAdmission
+from tasks.admission import shared_admission
+from tasks.loopcontext import loop_settings, set_loop_settings
 from tasks.send import send_tags, send_to_target
 from tasks.taskjson import Task, TaskFileError, read_task, read_task_raw, target_names
 
-__all__ = ["CaseOutcome", "admission", "case_run_name", "case_tags", "dispatch_case"]
+__all__ = ["CaseOutcome", "case_run_name", "case_tags", "dispatch_case"]
 
 LOGGER = logging.getLogger(__name__)
 SENT_REPORT = "sent.txt"
-
-#: Local admission shared by every case this process dispatches (see tasks/admission.py).
-admission = LocalAdmission()
-#: Settings the in-process dispatcher already holds: its case runs need not reload them.
-_loop_settings: ContextVar[DispatcherSettings | None] = ContextVar("loop_settings", default=None)
 
 
 @dataclass
@@ -128,7 +123,7 @@ async def dispatch_case(case: str) -> dict[str, Any]:
         Where the case ended (``success``, ``error``, ``outgoing`` for a later retry) and the
         outcome per target.
     """
-    settings = _loop_settings.get() or await aload_settings()
+    settings: DispatcherSettings = loop_settings() or await aload_settings()
     case_dir = _resolve(case, settings)
     run_id = str(current_run.id) if current_run.id else None
     owner = cf.read_claim(case_dir)
@@ -225,11 +220,11 @@ async def _dispatch_claimed(case_dir: Path, settings: DispatcherSettings) -> Cas
 
 
 def _configure_admission(settings: DispatcherSettings, blocks: dict[str, DispatchTarget]) -> None:
-    admission.set_limit("dicom-dispatch", settings.num_proc)
+    shared_admission().set_limit("dicom-dispatch", settings.num_proc)
     for kind, limit in settings.type_limits.items():
-        admission.set_limit(f"target-type:{kind}", limit)
+        shared_admission().set_limit(f"target-type:{kind}", limit)
     for name, block in blocks.items():
-        admission.set_limit(f"target:{name}", block.max_concurrent_sends)
+        shared_admission().set_limit(f"target:{name}", block.max_concurrent_sends)
 
 
 async def _send_one(
@@ -247,7 +242,7 @@ async def _send_one(
         retries=len(retry_delays),
         retry_delay_seconds=list(retry_delays) or 0,
     )
-    async with admission.admit(run_tags):
+    async with shared_admission().admit(run_tags):
         state: State[dict[str, Any]] = await cast(
             Awaitable[State[dict[str, Any]]], task(str(case_dir), name, report, return_state=True)
         )
@@ -255,7 +250,11 @@ async def _send_one(
         result: dict[str, Any] = await state.aresult()
         cf.set_target_status(case_dir, name, "complete")
         return {"state": "complete", "message": "", **result}
-    error = state.data if isinstance(state.data, BaseException) else None
+    try:
+        outcome = await state.aresult(raise_on_failure=False)
+    except Exception as exc:  # the result itself could not be read
+        outcome = exc
+    error = outcome if isinstance(outcome, BaseException) else None
     message = _one_line(error if error is not None else state.message or "send failed")
     cf.set_target_status(case_dir, name, "error", message)
     return {"state": "error", "message": message}
@@ -296,7 +295,7 @@ async def run_case(
     makes no API calls for either.
     """
     if settings is not None:
-        _loop_settings.set(settings)
+        set_loop_settings(settings)
     try:
         with tags(*case_tags(case_dir, task, priority)):
             result = await dispatch_case(str(case_dir))

@@ -49,15 +49,13 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterTags,
 )
-from prefect.client.schemas.objects import FlowRun, State, StateType
+from prefect.client.schemas.objects import Artifact, FlowRun, State, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import arun_deployment
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, Pause
 from prefect.runtime import flow_run as current_run
 from prefect.states import AwaitingRetry, Paused, Scheduled
 
@@ -84,6 +82,7 @@ __all__ = [
     "BatchStatus",
     "accession_folder_name",
     "batch_status",
+    "latest_artifact",
     "next_offpeak_start",
     "parse_accessions",
     "pause_batch",
@@ -344,7 +343,7 @@ async def retrieve(
     filters: dict[str, Any] | None = None,
     destination: str = OUTGOING,
     targets: list[str] | None = None,
-) -> dict[str, Any] | State[Any]:
+) -> dict[str, Any]:
     """Fetch what ``query`` finds for one accession number into a folder or the outgoing queue.
 
     Args:
@@ -365,9 +364,18 @@ async def retrieve(
     batch = _batch_of_current_run()
     if batch and OFFPEAK_TAG in (current_run.tags or []):
         later = next_offpeak_start(settings.offpeak_start, settings.offpeak_end, _now())
-        if later is not None:
+        if later is not None and current_run.id is not None:
+            # Started outside the window (resumed from the UI, or the window closed while it
+            # waited): back to Scheduled at the next window start, and this process ends. A
+            # flow cannot return a non-final state, so the state is set here and the engine
+            # told (Pause) to end the process without proposing a state of its own.
             logger.info("off-peak batch outside the window: rescheduled to %s", later)
-            return Scheduled(scheduled_time=later, message="waiting for the off-peak window")
+            async with get_client() as client:
+                state: State[Any] = Scheduled(
+                    scheduled_time=later, message="waiting for the off-peak window"
+                )
+                await _set_state(client, UUID(str(current_run.id)), state)
+            raise Pause("rescheduled into the off-peak window", state=state)
     accession = check_accession(accession)
     wanted = normalize_filters(filters)
     job_id = batch or _run_id()
@@ -377,15 +385,33 @@ async def retrieve(
         outcome = await _retrieve_to_outgoing(settings, target, accession, wanted, targets)
     else:
         folder = Path(destination).expanduser()
-        outcome = await _retrieve_to_folder(folder, job_id, target, accession, wanted)
+        outcome = await _retrieve_to_folder(settings, folder, job_id, target, accession, wanted)
     outcome.update({"target": target, "accession": accession, "job_id": job_id})
     if batch:
         await _after_child(batch, destination)
     return outcome
 
 
+async def _fetch(
+    settings: DispatcherSettings,
+    target: str,
+    accession: str,
+    filters: dict[str, list[str]],
+    folder: Path,
+) -> dict[str, Any]:
+    """The retrieve task, with the quick retries of ``DispatcherSettings`` (transient only)."""
+    delays = list(settings.quick_retry_delays)
+    fetch = retrieve_accession.with_options(retries=len(delays), retry_delay_seconds=delays or 0)
+    return await fetch(target, accession, filters, str(folder))
+
+
 async def _retrieve_to_folder(
-    base: Path, job_id: str, target: str, accession: str, filters: dict[str, list[str]]
+    settings: DispatcherSettings,
+    base: Path,
+    job_id: str,
+    target: str,
+    accession: str,
+    filters: dict[str, list[str]],
 ) -> dict[str, Any]:
     job_dir = base / job_id
     final = job_dir / accession_folder_name(accession)
@@ -395,7 +421,7 @@ async def _retrieve_to_folder(
     shutil.rmtree(staging, ignore_errors=True)
     job_dir.mkdir(parents=True, exist_ok=True)
     try:
-        result = await retrieve_accession(target, accession, filters, str(staging))
+        result = await _fetch(settings, target, accession, filters, staging)
         _fsync_folder(staging)
         os.replace(staging, final)
     except BaseException:
@@ -424,7 +450,7 @@ async def _retrieve_to_outgoing(
     case_dir.mkdir()
     (case_dir / cf.LOCK).touch()  # mercure's "being written": the dispatcher keeps away
     try:
-        result = await retrieve_accession(target, accession, filters, str(case_dir))
+        result = await _fetch(settings, target, accession, filters, case_dir)
         write_task(case_dir, _case_task(case_id, case_dir, accession, source, names))
         _fsync_folder(case_dir)
     except BaseException:
@@ -773,11 +799,8 @@ def _overall(runs: Sequence[FlowRun], total: int) -> str:
 
 
 async def _publish_progress(client: PrefectClient, status: BatchStatus) -> None:
-    key = _artifact_key("batch", status.batch_id)
-    artifacts = await client.read_artifacts(
-        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=1
-    )
-    if not artifacts:
+    artifact = await latest_artifact(client, _artifact_key("batch", status.batch_id))
+    if artifact is None:
         return
     done = status.completed
     failed = sum(n for s, n in status.counts.items() if s in ("Failed", "Crashed", "Cancelled"))
@@ -789,8 +812,19 @@ async def _publish_progress(client: PrefectClient, status: BatchStatus) -> None:
     percent = 100.0 * done / status.total if status.total else 100.0
     with contextlib.suppress(Exception):
         await aupdate_progress_artifact(
-            artifacts[0].id, percent, description=f"{text} ({status.state})", client=client
+            artifact.id, percent, description=f"{text} ({status.state})", client=client
         )
+
+
+async def latest_artifact(client: PrefectClient, key: str) -> Artifact | None:
+    """The newest artifact with ``key``, or ``None``."""
+    # PrefectClient.read_artifacts sends null for the filters it is not given, which the 3.8
+    # server refuses (422): the request is written out here.
+    body = {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}
+    response = await client._client.post("/artifacts/filter", json=body)
+    response.raise_for_status()
+    found = response.json()
+    return Artifact.model_validate(found[0]) if found else None
 
 
 async def _after_child(batch_id: str, destination: str) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 
-__all__ = ["LocalAdmission"]
+__all__ = ["LocalAdmission", "shared_admission"]
 
 
 class LocalAdmission:
@@ -46,3 +46,15 @@ class LocalAdmission:
                 if sem is not None:
                     await stack.enter_async_context(sem)
             yield
+
+
+_shared = LocalAdmission()
+
+
+def shared_admission() -> LocalAdmission:
+    """The admission shared by every case this process dispatches.
+
+    Reached through a function (not a module global of the flow's module) because Prefect
+    pickles a served flow's function by value, globals included.
+    """
+    return _shared

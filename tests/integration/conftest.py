@@ -36,9 +36,10 @@ class DispatchEnv:
 
     def save_target(self, block: Any, name: str) -> None:
         from blocks.base import target_slug
-        from blocks.registry import forget_cached_targets
+        from blocks.registry import aremove_other_types, forget_cached_targets
 
         block.target_name = name
+        asyncio.run(aremove_other_types(target_slug(name), type(block)))
         block.save(target_slug(name), overwrite=True)
         forget_cached_targets()
 

@@ -85,8 +85,8 @@ def test_import_config_from_mercure_json(env: DispatchEnv, tmp_path: Path) -> No
         "PACS_Main": "dicom",
         "research_share": "folder",
         "null_target": "dummy",
+        "remote_sftp": "sftp",
     }
-    assert "sftp" in report["skipped"]["remote_sftp"]
     assert report["settings"]["retry_max"] == 4
     assert report["settings"]["offpeak_start"] == "21:00"
     assert report["settings"]["rule_priorities"] == {"stroke": "urgent", "nightly": "offpeak"}

@@ -69,6 +69,9 @@ class StoreSCP:
     ``nodelay`` sets ``TCP_NODELAY=1`` for the peer (DCMTK reads it from the environment).
     ``fork=True`` serves associations in parallel (``--fork``); by default storescp handles one
     association at a time, so parallel senders queue up behind each other.
+    ``tls=(key, cert, ca)`` accepts only TLS associations (``+tls key cert +cf ca``): our
+    certificate and unencrypted key, and the CA that clients' certificates must chain to
+    (storescp requires a client certificate by default).
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class StoreSCP:
         accept_only: Sequence[str] | None = None,
         nodelay: bool = True,
         fork: bool = False,
+        tls: tuple[Path, Path, Path] | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         self.folder = folder
@@ -89,6 +93,7 @@ class StoreSCP:
         self._accept_only = list(accept_only) if accept_only is not None else None
         self._nodelay = nodelay
         self._fork = fork
+        self._tls = tls
         self._extra = list(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log = folder.parent / f"{folder.name}.storescp.log"
@@ -109,6 +114,9 @@ class StoreSCP:
             ]
             cfg.write_text(_PROFILE_TEMPLATE.format(contexts="\n".join(lines)))
             args += ["-xf", str(cfg), "Default"]
+        if self._tls is not None:
+            key, cert, ca = self._tls
+            args += ["+tls", str(key), str(cert), "+cf", str(ca)]
         args += self._extra
         env = dict(os.environ)
         if self._nodelay:
@@ -119,7 +127,11 @@ class StoreSCP:
             self.port = free_port()
             log = self._log.open("ab")
             self._proc = subprocess.Popen(
-                [*args, str(self.port)], env=env, stdout=log, stderr=subprocess.STDOUT
+                [*args, str(self.port)],
+                env=env,
+                stdin=subprocess.DEVNULL,  # never wait for a key password prompt
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
             log.close()
             time.sleep(0.05)

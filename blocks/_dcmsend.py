@@ -1,0 +1,337 @@
+"""The DCMTK ``dcmsend`` backend of a DICOM target: mercure's own way of sending a case.
+
+A ``DicomTarget`` with ``backend="dcmsend"`` runs DCMTK's ``dcmsend`` once per (case, target)
+with mercure's arguments, in mercure's order::
+
+    dcmsend <ip> <port> +r +sd <case folder> -aet <calling> -aec <called> -nuc +sp *.dcm
+            -to <connect timeout> +crf <report> -ta <ACSE timeout> -td <DIMSE timeout>
+
+and decides as mercure does: the report must exist and parse (``tasks.dcmsend_report``) and
+every SOP instance must have status SUCCESS (or WARNING, when warnings count as sent). What
+mercure only logs is translated into the error tree instead: dcmsend's exit code and its last
+fatal message become a one-line :class:`TransientTargetError` or :class:`PermanentTargetError`.
+
+* The binary is DCMTK's by absolute path: pynetdicom installs look-alike scripts into a
+  virtualenv's ``bin/`` that would shadow it on ``PATH``.
+* ``TCP_NODELAY=1`` is set in dcmsend's environment (DCMTK leaves Nagle on otherwise, which
+  costs ≈ 40 ms per C-STORE against a peer that delays its ACKs).
+* dcmsend writes its report only when the transfer ran; it is written to a temporary name in the
+  report's folder and renamed into place, so a reader never sees half a report.
+* dcmsend enforces the connect, ACSE and DIMSE timeouts itself; the process as a whole gets a
+  generous limit on top (bytes at a slow rate plus the timeouts) and is killed after it.
+
+Prefect-free, like ``blocks._dimse``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
+from tasks.dcmsend_report import parse_report
+
+__all__ = [
+    "DCMSEND_ERROR_CODES",
+    "DcmsendResult",
+    "ReportDetails",
+    "dcmsend_command",
+    "find_dcmsend",
+    "parse_report_details",
+    "send_case",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+#: dcmsend's exit codes as mercure names them (``DCMSEND_ERROR_CODES``).
+DCMSEND_ERROR_CODES: dict[int, str] = {
+    1: "EXITCODE_COMMANDLINE_SYNTAX_ERROR",
+    21: "EXITCODE_NO_INPUT_FILES",
+    22: "EXITCODE_INVALID_INPUT_FILE",
+    23: "EXITCODE_NO_VALID_INPUT_FILES",
+    43: "EXITCODE_CANNOT_WRITE_REPORT_FILE",
+    60: "EXITCODE_CANNOT_INITIALIZE_NETWORK",
+    61: "EXITCODE_CANNOT_NEGOTIATE_ASSOCIATION",
+    62: "EXITCODE_CANNOT_SEND_REQUEST",
+    65: "EXITCODE_CANNOT_ADD_PRESENTATION_CONTEXT",
+}
+#: The input is wrong: the same folder fails the same way next time.
+_BAD_INPUT = {1, 21, 22, 23, 65}
+#: The slowest transfer rate (bytes/s) the process-level time limit allows for.
+SLOWEST_RATE = 100_000
+_NO_CONTEXT = "<no acceptable presentation context>"
+
+
+def find_dcmsend() -> str | None:
+    """DCMTK's ``dcmsend``: ``/usr/bin/dcmsend``, else on ``PATH`` outside this virtualenv."""
+    candidate = Path("/usr/bin/dcmsend")
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    venv_bin = Path(sys.prefix) / "bin"
+    path = os.pathsep.join(
+        p
+        for p in os.environ.get("PATH", "").split(os.pathsep)
+        if p and Path(p).resolve() != venv_bin.resolve()
+    )
+    found = shutil.which("dcmsend", path=path)
+    return found if found and Path(found).parent.resolve() != venv_bin.resolve() else None
+
+
+def _whole_seconds(value: float) -> str:
+    """dcmsend takes integer seconds; never 0 (that would mean something else)."""
+    return str(max(1, math.ceil(value)))
+
+
+def dcmsend_command(
+    binary: str,
+    case_dir: Path,
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str,
+    report: Path,
+    *,
+    connect_timeout: float,
+    acse_timeout: float,
+    dimse_timeout: float,
+) -> list[str]:
+    """mercure's dcmsend command line, plus DCMTK's ACSE and DIMSE timeouts."""
+    command = [binary, host, str(port), "+r", "+sd", str(case_dir)]
+    if calling_aet:
+        command += ["-aet", calling_aet]
+    if called_aet:
+        command += ["-aec", called_aet]
+    command += ["-nuc", "+sp", "*.dcm", "-to", _whole_seconds(connect_timeout)]
+    command += ["+crf", str(report)]
+    command += ["-ta", _whole_seconds(acse_timeout), "-td", _whole_seconds(dimse_timeout)]
+    return command
+
+
+@dataclass
+class ReportDetails:
+    """What mercure's parser ignores but a decision needs: warnings and per-instance statuses."""
+
+    associations: int = 0
+    warnings: int = 0
+    dataset_bytes: int = 0
+    #: (file name, DIMSE status text) per instance, in the report's order.
+    statuses: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parse_report_details(text: str) -> ReportDetails:
+    """Warning count, association count, dataset sizes and statuses of a dcmsend report."""
+    out = ReportDetails()
+    filename = ""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        value = value.strip()
+        if line.startswith("Filename      :"):
+            filename = value
+        elif line.startswith("Dataset Size  :"):
+            number = value.split()[0] if value else ""
+            out.dataset_bytes += int(number) if number.isdigit() else 0
+        elif line.startswith("DIMSE Status  :"):
+            out.statuses.append((filename, value))
+            filename = ""
+        elif line.startswith("  * with status WARNING"):
+            out.warnings = int(value)
+        elif line.startswith("Number of associations"):
+            out.associations = int(value)
+    return out
+
+
+def _status_code(text: str) -> int | None:
+    """``0xa700`` of ``0xa700 (Refused: OutOfResources)``; None for ``<not sent>`` and the like."""
+    word = text.split(" ", 1)[0]
+    try:
+        return int(word, 16) if word.lower().startswith("0x") else None
+    except ValueError:
+        return None
+
+
+def _instance_ok(text: str, warnings_ok: bool) -> bool:
+    code = _status_code(text)
+    if code is None:
+        return False
+    if code == 0x0000:
+        return True
+    warning = code & 0xF000 == 0xB000 or code in (0x0001, 0x0107, 0x0116)
+    return warnings_ok and warning
+
+
+def _failure_is_transient(text: str) -> bool:
+    """Out of resources (0xA7xx) or no response: worth a quick retry. Anything else is not."""
+    if text == _NO_CONTEXT:
+        return False
+    code = _status_code(text)
+    return code is None or code & 0xFF00 == 0xA700
+
+
+def _last_message(stderr: str) -> str:
+    """dcmsend's last fatal line (``F: ...``), else its last error (``E: ...``), one line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for prefix in ("F: ", "E: "):
+        picked = [line[len(prefix) :] for line in lines if line.startswith(prefix)]
+        if picked:
+            return " ".join(picked[-1].split())[:300]
+    return " ".join(lines[-1].split())[:300] if lines else "no message"
+
+
+def _exit_error(code: int, stderr: str, label: str) -> TargetError:
+    """The error for a non-zero exit (mercure §5.3 codes)."""
+    name = DCMSEND_ERROR_CODES.get(code, "unknown exit code")
+    message = f"{label}: dcmsend failed ({name}, exit {code}): {_last_message(stderr)}"
+    lowered = stderr.lower()
+    if code in _BAD_INPUT or code == 43:
+        return PermanentTargetError(message)
+    if code == 61 and "rejected" in lowered:
+        return PermanentTargetError(message)
+    if code == 62 and "presentation context" in lowered:
+        return PermanentTargetError(message)
+    return TransientTargetError(message)
+
+
+@dataclass(frozen=True)
+class DcmsendResult:
+    """A transfer dcmsend reported as complete."""
+
+    instances: int
+    successful: int
+    warnings: int
+    associations: int
+    dataset_bytes: int
+    report: str
+    elapsed: float
+
+
+def _temporary_report(report_path: Path | None) -> Path:
+    """A fresh name dcmsend can create (beside the final report, so the rename is atomic)."""
+    folder = report_path.parent if report_path is not None else None
+    prefix = f".{report_path.name}." if report_path is not None else "dcmsend-report."
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    os.close(fd)
+    os.unlink(name)  # dcmsend creates it with its usual permissions
+    return Path(name)
+
+
+def send_case(
+    case_dir: Path,
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str,
+    *,
+    report_path: Path | None,
+    connect_timeout: float,
+    acse_timeout: float,
+    dimse_timeout: float,
+    files: Sequence[Path] = (),
+    warnings_ok: bool = True,
+    label: str = "",
+    binary: str | None = None,
+) -> DcmsendResult:
+    """Send every ``*.dcm`` under ``case_dir`` with dcmsend; raise a TargetError unless all arrived.
+
+    ``report_path`` receives dcmsend's report (replacing an earlier one) whenever dcmsend wrote
+    one; with ``None`` the report goes to a temporary file that is removed afterwards. ``files``
+    (the case's ``*.dcm`` files, if the caller has them) only size the process time limit.
+    """
+    label = label or f"{host}:{port} ({calling_aet} -> {called_aet})"
+    binary = binary or find_dcmsend()
+    if binary is None:
+        raise PermanentTargetError(
+            f"{label}: DCMTK dcmsend not found (install DCMTK, e.g. the Debian package 'dcmtk')"
+        )
+    temporary = _temporary_report(report_path)
+    command = dcmsend_command(
+        binary,
+        case_dir,
+        host,
+        port,
+        called_aet,
+        calling_aet,
+        temporary,
+        connect_timeout=connect_timeout,
+        acse_timeout=acse_timeout,
+        dimse_timeout=dimse_timeout,
+    )
+    size = 0
+    for path in files:
+        try:
+            size += path.stat().st_size
+        except OSError:
+            pass
+    limit = connect_timeout + 2 * acse_timeout + 2 * dimse_timeout + size / SLOWEST_RATE
+    env = dict(os.environ, TCP_NODELAY="1")
+    started = time.monotonic()
+    try:
+        try:
+            proc = subprocess.run(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=limit,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise TransientTargetError(
+                f"{label}: dcmsend did not finish within {limit:.0f} s and was stopped"
+            ) from exc
+        except OSError as exc:
+            raise PermanentTargetError(f"{label}: cannot run {binary}: {exc}") from exc
+        elapsed = time.monotonic() - started
+        if proc.returncode != 0:
+            LOGGER.warning("Failed command: %s (exit %d)", command, proc.returncode)
+            raise _exit_error(proc.returncode, proc.stderr, label)
+        try:
+            text = temporary.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise TransientTargetError(
+                f"{label}: dcmsend exited 0 but wrote no report ({exc.strerror})"
+            ) from exc
+        if report_path is not None:
+            os.replace(temporary, report_path)
+        return _judge(text, warnings_ok, label, elapsed)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _judge(text: str, warnings_ok: bool, label: str, elapsed: float) -> DcmsendResult:
+    """mercure's success rule on the report, with warnings counted when ``warnings_ok``."""
+    try:
+        summary = parse_report(text)["summary"]
+    except ValueError as exc:
+        raise TransientTargetError(f"{label}: dcmsend's report cannot be parsed: {exc}") from exc
+    details = parse_report_details(text)
+    total = int(summary.get("sop_instances", 0))
+    successful = int(summary.get("successful", 0))
+    accepted = successful + (details.warnings if warnings_ok else 0)
+    if total == 0 or accepted != total:
+        failed = [(n, s) for n, s in details.statuses if not _instance_ok(s, warnings_ok)]
+        first = f" (first failure: {Path(failed[0][0]).name}: {failed[0][1]})" if failed else ""
+        message = f"{label}: only {accepted} out of {total} instances were sent successfully{first}"
+        transient = bool(failed) and all(_failure_is_transient(s) for _, s in failed)
+        raise (TransientTargetError if transient else PermanentTargetError)(message)
+    return DcmsendResult(
+        instances=total,
+        successful=successful,
+        warnings=details.warnings,
+        associations=details.associations,
+        dataset_bytes=details.dataset_bytes,
+        report=text,
+        elapsed=elapsed,
+    )

@@ -1,0 +1,206 @@
+"""A stand-in XNAT on 127.0.0.1 that implements exactly the endpoints pyxnat and mercure use.
+
+No XNAT server can run here (it needs Tomcat, PostgreSQL and a large web application), so this
+small HTTP server answers the calls an XNAT target makes, checking HTTP basic auth on each:
+
+* ``GET /data/auth``: the connection test (200 with valid credentials, else 401);
+* ``GET /data/JSESSION``: the session pyxnat opens on ``disconnect()`` (a session id, and the
+  ``JSESSIONID`` cookie);
+* ``DELETE /data/JSESSION``: the session closed by ``disconnect()``;
+* ``POST /data/services/import``: the Image Session Import service; the body (a zip) is written to
+  a file and, with the query parameters, the content type and the user, kept in ``uploads``.
+
+Everything else is 404. ``import_status`` makes the import answer with another status (e.g.
+500) to simulate a failing XNAT. ``requests`` lists ``(method, path)`` of every request.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import parse_qsl, urlsplit
+
+__all__ = ["XnatFake", "XnatUpload"]
+
+_CHUNK = 1024 * 1024
+
+
+@dataclass
+class XnatUpload:
+    """One ``POST /data/services/import`` as received."""
+
+    params: dict[str, str]
+    content_type: str
+    user: str
+    zip_path: Path
+
+    def members(self) -> dict[str, bytes]:
+        """Name -> content of every file in the uploaded zip."""
+        with zipfile.ZipFile(self.zip_path) as archive:
+            return {name: archive.read(name) for name in archive.namelist()}
+
+
+@dataclass
+class XnatFake:
+    """The fake XNAT, started and always stopped by ``with``; ``url`` is its base URL."""
+
+    folder: Path
+    user: str = "xnat-user"
+    password: str = "xnat-password"
+    import_status: int = 200
+    uploads: list[XnatUpload] = field(default_factory=list)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    port: int = 0
+    _received: int = 0
+    _server: ThreadingHTTPServer | None = None
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> XnatFake:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fake = self
+
+        class Handler(_Handler):
+            owner = fake
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="xnat-fake", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def authorized(self, header: str | None) -> str | None:
+        """The user name if ``header`` is valid basic auth for this fake, else None."""
+        if not header or not header.startswith("Basic "):
+            return None
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except ValueError:
+            return None
+        ok = secrets.compare_digest(user, self.user) and secrets.compare_digest(
+            password, self.password
+        )
+        return user if ok else None
+
+    def record(self, method: str, path: str) -> None:
+        with self._lock:
+            self.requests.append((method, path))
+
+    def store(self, upload: XnatUpload) -> None:
+        with self._lock:
+            self.uploads.append(upload)
+
+    def next_zip(self) -> Path:
+        with self._lock:
+            self._received += 1
+            return self.folder / f"upload-{self._received}.zip"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: XnatFake
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    def _reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _drain(self) -> None:
+        remaining = int(self.headers.get("Content-Length") or 0)
+        while remaining > 0:
+            chunk = self.rfile.read(min(_CHUNK, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+
+    def _begin(self) -> tuple[str, dict[str, str], str | None]:
+        parts = urlsplit(self.path)
+        self.owner.record(self.command, parts.path)
+        user = self.owner.authorized(self.headers.get("Authorization"))
+        return parts.path.rstrip("/"), dict(parse_qsl(parts.query)), user
+
+    def _unauthorized(self) -> None:
+        self._drain()
+        body = b"<html><body><h1>401 Unauthorized</h1>Login failed</body></html>"
+        self._reply(401, body, {"WWW-Authenticate": 'Basic realm="XNAT"'})
+
+    def do_GET(self) -> None:
+        path, _params, user = self._begin()
+        if path not in ("/data/auth", "/data/JSESSION"):
+            self._reply(404, b"not found")
+        elif user is None:
+            self._unauthorized()
+        elif path == "/data/auth":
+            self._reply(200, b"")
+        else:
+            session = secrets.token_hex(16).upper()
+            self._reply(200, session.encode(), {"Set-Cookie": f"JSESSIONID={session}; Path=/"})
+
+    def do_DELETE(self) -> None:
+        path, _params, user = self._begin()
+        self._drain()
+        if path != "/data/JSESSION":
+            self._reply(404, b"not found")
+        elif user is None:
+            self._unauthorized()
+        else:
+            self._reply(200, b"")
+
+    def do_POST(self) -> None:
+        path, params, user = self._begin()
+        if path != "/data/services/import":
+            self._drain()
+            self._reply(404, b"not found")
+            return
+        if user is None:
+            self._unauthorized()
+            return
+        target = self.owner.next_zip()
+        remaining = int(self.headers.get("Content-Length") or 0)
+        with target.open("wb") as out:
+            while remaining > 0:
+                chunk = self.rfile.read(min(_CHUNK, remaining))
+                if not chunk:
+                    break
+                out.write(chunk)
+                remaining -= len(chunk)
+        if self.owner.import_status != 200:
+            self._reply(self.owner.import_status, b"The import failed: simulated error")
+            return
+        self.owner.store(XnatUpload(params, self.headers.get("Content-Type", ""), user, target))
+        label = params.get("EXPT_LABEL", "session")
+        project = params.get("PROJECT_ID", "project")
+        self._reply(200, f"/data/archive/projects/{project}/experiments/{label}\r\n".encode())

@@ -158,7 +158,7 @@ class DicomTarget(DispatchTarget):
             write_report(context.report_path, result)
         failed = result.failed(self.warning_counts_as_sent)
         if failed:
-            lost = sum(1 for r in failed if r.status is None)
+            lost = sum(1 for r in failed if r.status is None and not r.no_context)
             sample = failed[0]
             why = sample.error or _dimse.status_text(sample.status)
             message = (

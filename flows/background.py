@@ -24,6 +24,7 @@ event loop of the caller's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import importlib
 import json
@@ -47,7 +48,7 @@ from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterDeploymentId,
-    FlowRunFilterStartTime,
+    FlowRunFilterEndTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
@@ -274,7 +275,7 @@ def _record(run: FlowRun, info: str | None = None) -> BackgroundTask:
         error=error,
         complete=bool(state and state.is_final()),
         completed_successfully=state_type == StateType.COMPLETED,
-        started_at=run.start_time,
+        started_at=run.start_time if run.run_count else None,  # Prefect also stamps removals
         created_at=run.created,
         ended_at=run.end_time,
         proc_id=run.infrastructure_pid,
@@ -328,6 +329,11 @@ def ensure_deployment(client: SyncPrefectClient, create: bool = True) -> UUID | 
         )
     _DEPLOYMENTS[key] = deployment_id
     return deployment_id
+
+
+def forget_deployment() -> None:
+    """Look the deployment up again next time (it was deleted)."""
+    _DEPLOYMENTS.clear()
 
 
 def ensure_counters(client: SyncPrefectClient, task_types: Sequence[str] = ()) -> None:
@@ -502,25 +508,46 @@ def run_in_background_with_limits(
     num_proc, limits = _check_limits(num_proc, num_of_task_type)
     plain_args, plain_kwargs = _json_checked(args, kwargs)
     with _client() as client:
-        deployment_id = ensure_deployment(client)
-        assert deployment_id is not None
-        run = client.create_flow_run_from_deployment(
-            deployment_id,
-            parameters={
-                "func": ref,
-                "args": plain_args,
-                "kwargs": plain_kwargs,
-                "task_type": task_type,
-                "num_proc": num_proc,
-                "num_of_task_type": limits,
-                "priority": priority,
-            },
-            state=Scheduled(name=AWAITING_SLOT),
-            name=f"{task_type} {ref}",
-            tags=[JOB_TAG, f"{TYPE_TAG_PREFIX}{task_type}"],
-        )
+        try:
+            run = _create_run(
+                client, ref, task_type, num_proc, limits, priority, plain_args, plain_kwargs
+            )
+        except ObjectNotFound:  # the deployment was deleted since we looked it up
+            _DEPLOYMENTS.pop(str(client.api_url), None)
+            run = _create_run(
+                client, ref, task_type, num_proc, limits, priority, plain_args, plain_kwargs
+            )
     LOGGER.info("queued background job %s (%s %s)", run.id, task_type, ref)
     return _record(run)
+
+
+def _create_run(
+    client: SyncPrefectClient,
+    ref: str,
+    task_type: str,
+    num_proc: int,
+    limits: dict[str, int],
+    priority: int,
+    args: list[Any],
+    kwargs: dict[str, Any],
+) -> FlowRun:
+    deployment_id = ensure_deployment(client)
+    assert deployment_id is not None
+    return client.create_flow_run_from_deployment(
+        deployment_id,
+        parameters={
+            "func": ref,
+            "args": args,
+            "kwargs": kwargs,
+            "task_type": task_type,
+            "num_proc": num_proc,
+            "num_of_task_type": limits,
+            "priority": priority,
+        },
+        state=Scheduled(name=AWAITING_SLOT),
+        name=f"{task_type} {ref}",
+        tags=[JOB_TAG, f"{TYPE_TAG_PREFIX}{task_type}"],
+    )
 
 
 def run_in_background(func: Any, task_type: str, *args: Any, **kwargs: Any) -> BackgroundTask:
@@ -643,7 +670,7 @@ def list_tasks(task_type: str | None = None, recent_hours: float = 6.0) -> JobLi
                         ]
                     )
                 ),
-                start_time=FlowRunFilterStartTime(after_=since),
+                end_time=FlowRunFilterEndTime(after_=since),
             ),
         )
         if task_type is not None:
@@ -877,16 +904,37 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _leave_fork_server() -> None:
+    """Close the fork server's "alive" pipe that a forked child inherits: the fork server exits
+    when the executor dies only once no process holds it (and then its jobs die with it)."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(fd, int):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
+
+
 def run_job_process(flow_run_id: str) -> None:
     """The body of a job's process (forked by the executor): run the flow run to its end."""
     os.setsid()  # its own process group: terminating the job stops its children too
+    _leave_fork_server()
     _die_with_parent()
     os.environ["PREFECT__FLOW_RUN_ID"] = flow_run_id
     from prefect.engine import handle_engine_signals
+    from prefect.events.worker import EventsWorker
     from prefect.flow_engine import load_flow_run, run_flow
+    from prefect.logging.handlers import APILogWorker
 
     run = load_flow_run(UUID(flow_run_id))
-    with handle_engine_signals(run.id):
-        outcome = run_flow(background_job, flow_run=run, return_type="state")
-        if asyncio.iscoroutine(outcome):
-            asyncio.run(outcome)
+    try:
+        with handle_engine_signals(run.id):
+            outcome = run_flow(background_job, flow_run=run, return_type="state")
+            if asyncio.iscoroutine(outcome):
+                asyncio.run(outcome)
+    finally:
+        # A forked process ends with os._exit (no atexit hooks): ship the run's logs now.
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)

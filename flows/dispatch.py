@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, tags
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
+from prefect.context import TagsContext
 from prefect.runtime import flow_run as current_run
 
 from blocks.base import DispatchTarget
@@ -242,10 +243,15 @@ async def _send_one(
         retries=len(retry_delays),
         retry_delay_seconds=list(retry_delays) or 0,
     )
+    # The send task takes only the send tags: with the case's flow-run tags too (case:<id>…),
+    # every case would have its own tag set, and Prefect keeps a slot-acquisition service
+    # (a thread, a loop, a client) alive per tag set: a leak of ≈ 2 MB and a thread per case.
     async with shared_admission().admit(run_tags):
-        state: State[dict[str, Any]] = await cast(
-            Awaitable[State[dict[str, Any]]], task(str(case_dir), name, report, return_state=True)
-        )
+        with TagsContext(current_tags=set()):
+            state: State[dict[str, Any]] = await cast(
+                Awaitable[State[dict[str, Any]]],
+                task(str(case_dir), name, report, return_state=True),
+            )
     if state.is_completed():
         result: dict[str, Any] = await state.aresult()
         cf.set_target_status(case_dir, name, "complete")

@@ -104,7 +104,8 @@ PROGRESS_INTERVAL = 0.5
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 #: Called with (received, expected) as objects arrive in this process (the CLI's progress bar).
 PROGRESS_LISTENERS: list[Callable[[int, int | None], None]] = []
-_WAITING = (StateType.SCHEDULED, StateType.PENDING)
+#: Runs that have not been picked up yet (a Pending run is already starting: it may finish).
+_WAITING = (StateType.SCHEDULED,)
 _AGAIN = (StateType.FAILED, StateType.CRASHED, StateType.CANCELLED)
 
 
@@ -382,7 +383,7 @@ async def retrieve(
     if destination != OUTGOING and not Path(destination).expanduser().is_absolute():
         raise ConfigError(f"destination must be an absolute folder or {OUTGOING!r}")
     if destination == OUTGOING:
-        outcome = await _retrieve_to_outgoing(settings, target, accession, wanted, targets)
+        outcome = await _retrieve_to_outgoing(settings, target, accession, wanted, targets, job_id)
     else:
         folder = Path(destination).expanduser()
         outcome = await _retrieve_to_folder(settings, folder, job_id, target, accession, wanted)
@@ -438,15 +439,22 @@ async def _retrieve_to_outgoing(
     accession: str,
     filters: dict[str, list[str]],
     targets: Sequence[str] | None,
+    job_id: str,
 ) -> dict[str, Any]:
     names = _check_case_targets(targets)
     for name in names:
         await aload_target(name)  # ConfigError now, not a case in error/ later
     source = await _load_source(target)
-    outgoing = settings.folders()[0]
+    outgoing, success, error = settings.folders()
     outgoing.mkdir(parents=True, exist_ok=True)
-    case_id = str(uuid.uuid4())
+    # The same job and accession always make the same case: a rerun after the case was
+    # queued (a crash before the run could report) finds it instead of queueing it twice.
+    case_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"dicom-dispatch:{job_id}:{accession}"))
     case_dir = outgoing / case_id
+    for done in (case_dir, success / case_id, error / case_id):
+        if done.is_dir() and not (done / cf.LOCK).exists():
+            return {"destination": str(done), "case_id": case_id, "already_there": True}
+    shutil.rmtree(case_dir, ignore_errors=True)  # what a crashed attempt left under .lock
     case_dir.mkdir()
     (case_dir / cf.LOCK).touch()  # mercure's "being written": the dispatcher keeps away
     try:
@@ -599,12 +607,14 @@ async def retrieve_batch(
     if destination == OUTGOING:
         for name in _check_case_targets(targets):
             await aload_target(name)
+    elif not Path(destination).expanduser().is_absolute():
+        raise ConfigError(f"destination must be an absolute folder or {OUTGOING!r}")
     studies = await check_accessions(target, numbers, wanted)
     when = _now()
     if offpeak:
         when = next_offpeak_start(settings.offpeak_start, settings.offpeak_end, when) or when
     if destination != OUTGOING:
-        (Path(destination) / batch_id).mkdir(parents=True, exist_ok=True)
+        (Path(destination).expanduser() / batch_id).mkdir(parents=True, exist_ok=True)
     progress = await acreate_progress_artifact(
         0.0,
         key=_artifact_key("batch", batch_id),
@@ -835,7 +845,7 @@ async def _after_child(batch_id: str, destination: str) -> None:
             parent = await _read_batch(client, batch_id)
             status = await batch_status(batch_id, client=client)
             if destination != OUTGOING:
-                job_dir = Path(destination) / batch_id
+                job_dir = Path(destination).expanduser() / batch_id
                 expected = parse_accessions(parent.parameters.get("accessions") or [])
                 here = {p.name for p in job_dir.iterdir() if p.is_dir()}
                 if all(accession_folder_name(a) in here for a in expected):

@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
+from prefect.context import AsyncClientContext, SyncClientContext
 
 from blocks.registry import aload_settings
 from blocks.settings import DispatcherSettings
@@ -133,6 +134,10 @@ class Dispatcher:
 
     async def one_pass(self) -> PassResult:
         """Dispatch every case ready now (HALT checked before each), wait for all of them."""
+        async with AsyncClientContext.get_or_create():
+            return await self._one_pass()
+
+    async def _one_pass(self) -> PassResult:
         scan, ordered = await self.ready_cases()
         result = PassResult(halted=scan.halted)
         result.waiting_for_retry = len(scan.not_due)
@@ -158,7 +163,16 @@ class Dispatcher:
         return result
 
     async def run_forever(self, stop: asyncio.Event) -> None:
-        """The service loop: sleep first (as mercure), then start what fits in free capacity."""
+        """The service loop: sleep first (as mercure), then start what fits in free capacity.
+
+        One API client for the loop's lifetime, inherited by every case run it starts: without
+        it each top-level run builds new clients (TLS bundle, connection) — ≈ 100 ms CPU a case.
+        """
+        with SyncClientContext.get_or_create():
+            async with AsyncClientContext.get_or_create():
+                await self._run_forever(stop)
+
+    async def _run_forever(self, stop: asyncio.Event) -> None:
         self.ensure_folders()
         interval = self.settings.dispatcher_scan_interval
         while not stop.is_set():

@@ -171,6 +171,7 @@ def scan_outgoing(
         entries = list(os.scandir(outgoing))
     except FileNotFoundError:
         return scan
+    seen: set[Path] = set()
     for entry in entries:
         if not entry.is_dir(follow_symlinks=False):
             continue
@@ -182,10 +183,12 @@ def scan_outgoing(
             scan.busy.append(path)
             continue
         try:
-            _, task = read_task(path)
+            task = _read_task_cached(path, seen)
             if task.dispatch is None:
                 raise TaskFileError("task.json has an empty dispatch section: nothing to send")
         except TaskFileError as exc:
+            if not path.is_dir():
+                continue  # moved away (sent, or taken by another dispatcher) since the listing
             reason = str(exc)
             if now - _last_change(path) >= invalid_grace:
                 scan.expired_invalid.append((path, reason))
@@ -195,7 +198,30 @@ def scan_outgoing(
         cand = Candidate(path, task, case_priority(task, rule_priorities), _mtime(path))
         due_at = task.dispatch.next_retry_at or 0
         (scan.ready if now >= due_at else scan.not_due).append(cand)
+    for gone in _parsed.keys() - seen:
+        del _parsed[gone]
     return scan
+
+
+#: Parsed task.json per case folder, valid while the file's (mtime, size) is unchanged: a
+#: backlog of hundreds of cases is scanned every second, and validation dominates the scan.
+_parsed: dict[Path, tuple[tuple[int, int], Task]] = {}
+
+
+def _read_task_cached(path: Path, seen: set[Path]) -> Task:
+    try:
+        st = (path / TASKFILE).stat()
+    except FileNotFoundError:
+        raise TaskFileError(f"{TASKFILE} is missing") from None
+    key = (st.st_mtime_ns, st.st_size)
+    hit = _parsed.get(path)
+    if hit is not None and hit[0] == key:
+        seen.add(path)
+        return hit[1]
+    _, task = read_task(path)
+    _parsed[path] = (key, task)
+    seen.add(path)
+    return task
 
 
 def _mtime(path: Path) -> float:

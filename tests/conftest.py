@@ -16,6 +16,7 @@ os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect-home"))
 os.environ["DICOM_DISPATCH_HOME"] = str(_SESSION_DIR / "data")
 os.environ.update(
     {
+        "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "AWS_EC2_METADATA_DISABLED": "true",

@@ -154,13 +154,17 @@ def _rows(items: Iterable[dict[str, Any]], keys: list[str]) -> list[dict[str, An
 
 
 def _find(
-    target: DicomWebTarget, accession: str, filters: Filters, level: Level
+    target: DicomWebTarget,
+    accession: str,
+    filters: Filters,
+    level: Level,
+    shared: httpx.Client | None = None,
 ) -> list[dict[str, Any]]:
     study_filters, series_filters = split_filters(filters)
     study_keys = list(dict.fromkeys([*STUDY_KEYS, *study_filters]))
     series_keys = list(dict.fromkeys([*SERIES_KEYS, *series_filters]))
     qido = _Qido(target)
-    client = None if target.is_file_url else target.get_client()
+    client = shared if shared is not None or target.is_file_url else target.get_client()
     try:
         params = [
             ("AccessionNumber", accession),
@@ -190,7 +194,7 @@ def _find(
             rows.extend({**study, **s} for s in series if s["SeriesInstanceUID"])
         return rows
     finally:
-        if client is not None:
+        if client is not None and client is not shared:
             client.close()
 
 
@@ -303,7 +307,24 @@ def retrieve_from_target(
     check_pull(target)
     accession = check_accession(accession)
     wanted = normalize_filters(filters)
-    rows = _find(target, accession, wanted, "series")
+    client = None if target.is_file_url else target.get_client()
+    try:
+        return _retrieve(target, client, accession, wanted, destination, progress, begin)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _retrieve(
+    target: DicomWebTarget,
+    client: httpx.Client | None,
+    accession: str,
+    wanted: Filters,
+    destination: Path,
+    progress: Progress | None,
+    begin: float,
+) -> RetrieveResult:
+    rows = _find(target, accession, wanted, "series", client)
     if not rows:
         raise not_found(accession, wanted)
     items = plan_retrieve(rows, wanted)
@@ -315,16 +336,14 @@ def retrieve_from_target(
     if progress is not None:
         progress(0, expected)
     base = target.service_url("wado")
-    if target.is_file_url:
-        for item in items:
+    for item in items:
+        if client is None:
             _wado_files(target, item, receiver)
-    else:
-        with target.get_client() as client:
-            for item in items:
-                url = f"{base}/studies/{item.study_uid}"
-                if item.series_uid:
-                    url += f"/series/{item.series_uid}"
-                _wado(target, client, url, receiver)
+            continue
+        url = f"{base}/studies/{item.study_uid}"
+        if item.series_uid:
+            url += f"/series/{item.series_uid}"
+        _wado(target, client, url, receiver)
     result = RetrieveResult(
         folder=destination,
         method="WADO-RS",

@@ -37,7 +37,7 @@ _RESOURCE_FAILURES = range(0xA700, 0xA800)
 
 
 class DicomTarget(DispatchTarget):
-    """A DICOM node that receives cases by C-STORE (and, later, answers queries).
+    """A DICOM node that receives cases by C-STORE and answers C-FIND / C-GET / C-MOVE.
 
     Field names are mercure's, so a mercure.json target imports one to one.
 

@@ -77,6 +77,7 @@ async def _run_service(stop_flag: threading.Event) -> None:
     from prefect.types.entrypoint import EntrypointType
 
     from blocks.registry import aload_settings, aregister_block_types
+    from deployments.query_service import add_query_deployments
     from flows.dispatch import dispatch_case
     from flows.sweep import Dispatcher, sweep_outgoing
 
@@ -88,6 +89,7 @@ async def _run_service(stop_flag: threading.Event) -> None:
     runner = Runner(name="dicom-dispatch", pause_on_shutdown=False)
     for flow_obj, name in ((dispatch_case, "dispatch-case"), (sweep_outgoing, "sweep-outgoing")):
         await runner.aadd_flow(flow_obj, name=name, entrypoint_type=EntrypointType.MODULE_PATH)
+    await add_query_deployments(runner)
 
     stop = asyncio.Event()
     dispatcher = Dispatcher(settings)

@@ -439,7 +439,7 @@ def test_orthanc_stopped_mid_batch_then_retried(
     assert (tmp_path / batch_id / ".complete").exists()
 
 
-def _next_minute(min_lead: float = 15.0) -> dt.datetime:
+def _next_minute(min_lead: float = 25.0) -> dt.datetime:
     now = dt.datetime.now()
     start = now.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
     if (start - now).total_seconds() < min_lead:
@@ -451,6 +451,7 @@ def test_offpeak_batch_paused_resumed_and_started_by_the_scheduler(
     env: DispatchEnv, peer: Peer, runner: Path, tmp_path: Path
 ) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
 
     window = _next_minute()
     env.save_settings(
@@ -458,7 +459,21 @@ def test_offpeak_batch_paused_resumed_and_started_by_the_scheduler(
         offpeak_end=(window + dt.timedelta(hours=1)).strftime("%H:%M"),
     )
     env.save_target(peer.dicom_target(), SOURCE)
-    batch_id = run_batch(env, ["QR-B", "QR-C"], tmp_path, offpeak=True)
+    # The batch itself as a run of the retrieve-batch deployment, as the UI or the API start it.
+    parent = run_deployment(
+        "retrieve_batch/retrieve-batch",
+        parameters={
+            "target": SOURCE,
+            "accessions": ["QR-B", "QR-C"],
+            "destination": str(tmp_path),
+            "offpeak": True,
+        },
+        timeout=60,
+        poll_interval=0.5,
+    )
+    assert parent.state is not None
+    assert parent.state.is_completed(), parent.state
+    batch_id = str(parent.id)
     status = batch(batch_id)
     assert status.state == "Scheduled"
     starts = {dt.datetime.fromisoformat(c["scheduled"]) for c in status.children}
@@ -497,6 +512,14 @@ def test_offpeak_batch_paused_resumed_and_started_by_the_scheduler(
 
     for accession in ("QR-B", "QR-C"):  # retrieved in the window (folder written then)
         assert (tmp_path / batch_id / accession).stat().st_mtime >= window.timestamp()
+
+
+def test_query_retrieve_cores_do_not_import_prefect() -> None:
+    code = (
+        "import sys, blocks._dimse_qr, blocks._dicomweb_qr; "
+        "sys.exit(1 if 'prefect' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
 def test_offpeak_window_arithmetic() -> None:

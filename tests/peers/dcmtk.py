@@ -20,7 +20,7 @@ from types import TracebackType
 
 import pytest
 
-from tests.peers.net import free_port, wait_for_port
+from tests.peers.net import free_port, stop_process, wait_for_port
 
 __all__ = ["StoreSCP", "dcmtk_binary", "free_port", "wait_for_port"]
 
@@ -147,9 +147,7 @@ class StoreSCP:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
+        stop_process(self._proc, grace=0)
 
     def log(self) -> str:
         """What storescp printed so far (for assertion messages)."""

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-__all__ = ["free_port", "wait_for_port"]
+__all__ = ["free_port", "stop_process", "wait_for_port"]
 
 
 def free_port() -> int:
@@ -32,3 +32,15 @@ def wait_for_port(
         except OSError:
             time.sleep(0.02)
     pytest.fail(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, *, grace: float = 10.0) -> None:
+    """Stop a peer: SIGTERM, then SIGKILL after ``grace`` seconds (no-op if it already ended)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)

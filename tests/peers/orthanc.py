@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.peers.net import free_port
+from tests.peers.net import free_port, stop_process
 
 __all__ = ["Orthanc", "StowRecorder", "orthanc_binary", "orthanc_dicomweb_plugin"]
 
@@ -167,13 +167,7 @@ class Orthanc:
         return False
 
     def _stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
+        stop_process(self._proc)
 
     def __exit__(
         self,

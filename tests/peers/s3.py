@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.peers.net import free_port, wait_for_port
+from tests.peers.net import free_port, stop_process, wait_for_port
 
 __all__ = ["MotoS3"]
 
@@ -84,9 +84,7 @@ class MotoS3:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
+        stop_process(self._proc, grace=0)
 
     def _post(self, path: str, body: bytes) -> dict[str, Any]:
         request = urllib.request.Request(

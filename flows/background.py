@@ -376,7 +376,7 @@ def _admission_lock(client: SyncPrefectClient, timeout: float = 30.0) -> Iterato
                 raise BackgroundJobError(
                     f"the admission lock stayed taken for {timeout:.0f} s"
                 ) from None
-            time.sleep(0.05)
+            time.sleep(0.1)
             continue
         body = response.json()
         lease_id = UUID(body["lease_id"])

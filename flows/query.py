@@ -72,7 +72,7 @@ from blocks.errors import ConfigError, DispatchError, TransientTargetError
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
 from tasks import casefolder as cf
-from tasks.taskjson import now_str, parse_task, write_task
+from tasks.taskjson import new_task, parse_task, write_task
 
 __all__ = [
     "BATCH_TAG",
@@ -488,38 +488,20 @@ def _case_task(
         return str(ds.get(keyword, "") or "") if ds is not None else ""
 
     host = str(getattr(source, "ip", "") or getattr(source, "url", "") or "")
-    raw: dict[str, Any] = {
-        "info": {
-            "action": "route",
-            "uid": tag("StudyInstanceUID"),
-            "uid_type": "study",
-            "triggered_rules": {},
-            "applied_rule": "",
-            "patient_name": tag("PatientName"),
-            "mrn": tag("PatientID"),
-            "acc": accession,
-            "sender_address": host or "MISSING",
-            "mercure_version": "dicom-dispatch",
-            "mercure_appliance": "dicom-dispatch",
-            "mercure_server": os.uname().nodename,
-            "device_serial_number": None,
-            "fail_stage": None,
-            "sender_aet": str(getattr(source, "aet_target", "") or "MISSING"),
-            "receiver_aet": str(getattr(source, "aet_source", "") or "MISSING"),
-            "retrieved_from": source.target_name,
-        },
-        "id": case_id,
-        "dispatch": {
-            "target_name": targets,
-            "status": {t: {"state": "waiting", "time": now_str()} for t in targets},
-            "retries": None,
-            "next_retry_at": None,
-            "series_uid": None,
-        },
-        "process": {},
-        "study": {},
-        "nomad_info": None,
-    }
+    raw = new_task(
+        case_id,
+        targets,
+        uid=tag("StudyInstanceUID"),
+        uid_type="study",
+        patient_name=tag("PatientName"),
+        mrn=tag("PatientID"),
+        acc=accession,
+        sender_address=host or "MISSING",
+        mercure_server=os.uname().nodename,
+        sender_aet=str(getattr(source, "aet_target", "") or "MISSING"),
+        receiver_aet=str(getattr(source, "aet_source", "") or "MISSING"),
+        retrieved_from=source.target_name,
+    )
     parse_task(raw)  # our own output must pass the dispatcher's validation
     return raw
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ __all__ = [
     "TaskDispatchStatus",
     "TaskFileError",
     "TaskInfo",
+    "new_task",
     "now_str",
     "parse_task",
     "read_task",
@@ -112,6 +114,48 @@ def target_names(task: Task) -> list[str]:
 def now_str(now: float | None = None) -> str:
     """mercure's timestamp format for status entries: local time, seconds."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+
+
+def new_task(case_id: str, targets: list[str] | str, **info: Any) -> dict[str, Any]:
+    """A new task.json dict with every field mercure's router writes; ``info`` overrides.
+
+    Used for the cases we create ourselves (retrieve into outgoing), so they are shaped exactly
+    like the router's and pass the same validation.
+    """
+    names = [targets] if isinstance(targets, str) else list(targets)
+    stamp = now_str()
+    return {
+        "info": {
+            "action": "route",
+            "uid": "",
+            "uid_type": "series",
+            "triggered_rules": {},
+            "applied_rule": "",
+            "patient_name": None,
+            "mrn": "MISSING",
+            "acc": "",
+            "sender_address": "MISSING",
+            "mercure_version": "dicom-dispatch",
+            "mercure_appliance": "dicom-dispatch",
+            "mercure_server": socket.gethostname(),
+            "device_serial_number": None,
+            "fail_stage": None,
+            "sender_aet": "MISSING",
+            "receiver_aet": "MISSING",
+            **info,
+        },
+        "id": case_id,
+        "dispatch": {
+            "target_name": targets,
+            "status": {t: {"state": "waiting", "time": stamp} for t in names},
+            "retries": None,
+            "next_retry_at": None,
+            "series_uid": None,
+        },
+        "process": {},
+        "study": {},
+        "nomad_info": None,
+    }
 
 
 def read_task_raw(case_dir: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tasks.taskjson import new_task
 from tests.dicomfiles import make_ct_series
 
 __all__ = ["make_case", "task_json"]
@@ -25,38 +26,25 @@ def task_json(
     receiver_aet: str = "RECEIVER",
 ) -> dict[str, Any]:
     """A task.json as mercure's router writes it (reference §2.7)."""
-    names = [targets] if isinstance(targets, str) else targets
-    return {
-        "info": {
-            "action": "route",
-            "uid": "1.2.826.0.1.3680043.8.498.1",
-            "uid_type": "series",
-            "triggered_rules": triggered_rules if triggered_rules is not None else {"rule": True},
-            "applied_rule": applied_rule,
-            "patient_name": "TEST^PATIENT",
-            "mrn": mrn,
-            "acc": acc,
-            "sender_address": sender_address,
-            "mercure_version": "0.4.1",
-            "mercure_appliance": "master",
-            "mercure_server": "mercure-01",
-            "device_serial_number": None,
-            "fail_stage": None,
-            "sender_aet": sender_aet,
-            "receiver_aet": receiver_aet,
-        },
-        "id": case_id,
-        "dispatch": {
-            "target_name": targets,
-            "status": {t: {"state": "waiting", "time": "2026-01-01 10:00:00"} for t in names},
-            "retries": None,
-            "next_retry_at": None,
-            "series_uid": None,
-        },
-        "process": {},
-        "study": {},
-        "nomad_info": None,
-    }
+    task = new_task(
+        case_id,
+        targets,
+        uid="1.2.826.0.1.3680043.8.498.1",
+        triggered_rules=triggered_rules if triggered_rules is not None else {"rule": True},
+        applied_rule=applied_rule,
+        patient_name="TEST^PATIENT",
+        mrn=mrn,
+        acc=acc,
+        sender_address=sender_address,
+        mercure_version="0.4.1",
+        mercure_appliance="master",
+        mercure_server="mercure-01",
+        sender_aet=sender_aet,
+        receiver_aet=receiver_aet,
+    )
+    for status in task["dispatch"]["status"].values():
+        status["time"] = "2026-01-01 10:00:00"
+    return task
 
 
 def make_case(

@@ -50,13 +50,15 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, FlowRun, StateType
 from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
 from prefect.states import Cancelled, Crashed, Pending
 
 from flows.background import (
     ACTIVE_STATES,
     ADMISSION_LOCK,
     COUNTER_CAPACITY,
+    DEPLOYMENT_NAME,
+    FLOW_NAME,
     FORCEFULLY_ABORTED,
     LIMIT_PREFIX,
     MIN_LEASE_SECONDS,
@@ -64,6 +66,7 @@ from flows.background import (
     JobLimits,
     ensure_counters,
     ensure_deployment,
+    forget_deployment,
     queue_filter,
     queue_order,
     run_job_process,
@@ -81,6 +84,21 @@ STALE_AFTER_SECONDS = 15.0
 #: A run admitted (Pending) whose process never got started.
 PENDING_TIMEOUT_SECONDS = 120.0
 _PAGE = 200
+#: Imported once by the fork server, so a job's process does not import them (names that do
+#: not exist in another Prefect version are skipped by the fork server).
+JOB_PRELOAD = [
+    "flows.background",
+    "prefect.engine",
+    "prefect.flow_engine",
+    "prefect.events.worker",
+    "prefect.logging.handlers",
+    "prefect._internal.observers",
+    "anyio._backends._asyncio",
+    "anyio.streams.memory",
+    "anyio.streams.stapled",
+    "anyio.streams.tls",
+    "encodings.idna",
+]
 
 
 def _env_float(name: str, default: float) -> float:
@@ -124,7 +142,7 @@ def _process_context() -> BaseContext:
     """A fork server with ``flows.background`` (so Prefect) imported, where available."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["flows.background"])
+        ctx.set_forkserver_preload(JOB_PRELOAD)
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -145,6 +163,8 @@ class BackgroundExecutor:
         self._wake = asyncio.Event()
         self._deployment_id: UUID | None = None
         self._client: PrefectClient | None = None
+        self._queue_left = False  # the last look at the queue left jobs waiting
+        self._last_watch = 0.0
 
     @property
     def running(self) -> int:
@@ -152,10 +172,13 @@ class BackgroundExecutor:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _prepare(self) -> None:
+    def _prepare_api(self) -> None:
         with get_client(sync_client=True) as client:
             self._deployment_id = ensure_deployment(client)
             ensure_counters(client)
+
+    def _prepare(self) -> None:
+        self._prepare_api()
         self._ctx = _process_context()
         if self._ctx.get_start_method() == "forkserver":
             from multiprocessing import forkserver
@@ -164,7 +187,15 @@ class BackgroundExecutor:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then stop this executor's jobs (they end Crashed)."""
-        await asyncio.to_thread(self._prepare)
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self._prepare)
+                break
+            except Exception as exc:  # noqa: BLE001 - the API may not be up yet
+                LOGGER.warning("background executor: cannot prepare yet: %s", exc)
+                await self._sleep(stop, 5.0)
+        if stop.is_set():
+            return
         LOGGER.info(
             "background executor on %s: poll %.2f s, lease %.0f s, at most %d processes",
             HOSTNAME,
@@ -182,7 +213,10 @@ class BackgroundExecutor:
                     self._wake.clear()
                     try:
                         await self._reap()
-                        if self._jobs:
+                        if self._jobs and (
+                            time.monotonic() - self._last_watch >= self.settings.poll_seconds
+                        ):
+                            self._last_watch = time.monotonic()
                             await self._watch_cancellations()
                         if time.monotonic() >= next_renew:
                             await self._renew()
@@ -239,8 +273,7 @@ class BackgroundExecutor:
                 lease_duration=MIN_LEASE_SECONDS,
             )
         except PrefectHTTPStatusError as exc:
-            if exc.response.status_code == 423:  # another executor is admitting right now
-                self._wake.set()
+            if exc.response.status_code == 423:  # another executor is admitting: next round
                 yield False
                 return
             raise
@@ -325,8 +358,8 @@ class BackgroundExecutor:
         if len(self._jobs) >= self.settings.max_processes or self._deployment_id is None:
             return
         flt = queue_filter(self._deployment_id)
-        if not await self.client.count_flow_runs(flow_run_filter=flt):
-            return
+        if not self._queue_left and not await self.client.count_flow_runs(flow_run_filter=flt):
+            return  # a cheap look first: the lock and a full read only when jobs wait
         admitted: list[_Job] = []
         async with self._admission_lock() as held:
             if not held:
@@ -338,6 +371,7 @@ class BackgroundExecutor:
                 if r.next_scheduled_start_time is None
                 or r.next_scheduled_start_time.timestamp() <= now
             ]
+            self._queue_left = bool(queue)
             if not queue:
                 return
             counts = await self._counters()
@@ -350,6 +384,8 @@ class BackgroundExecutor:
             for run in queue:
                 if len(self._jobs) >= self.settings.max_processes:
                     break
+                if run.id in self._jobs:  # retried while its last process is still exiting
+                    continue
                 limits = JobLimits.of(run)
                 if not limits.admissible(total, per_type):
                     continue
@@ -362,6 +398,7 @@ class BackgroundExecutor:
                     continue
                 total += 1
                 per_type[limits.task_type] = per_type.get(limits.task_type, 0) + 1
+                self._queue_left = len(admitted) + 1 < len(queue)
                 LOGGER.debug("job %s admitted", run.id)
                 job = _Job(run.id, limits.task_type, lease_id)
                 self._jobs[run.id] = job
@@ -414,7 +451,9 @@ class BackgroundExecutor:
                 job.process.close()
 
     async def _finish(self, job: _Job, code: int) -> None:
-        """The job's process is gone: make its run final, then free its slots."""
+        """The job's process is gone: free its slots, then make its run final (so a run that
+        this executor ends Cancelled or Crashed has its slots free when it shows that)."""
+        await self._release(job.lease_id)
         run = await self.client.read_flow_run(job.run_id)
         state = run.state
         cancelling = state is not None and state.is_cancelling()
@@ -425,14 +464,14 @@ class BackgroundExecutor:
                 await self.client.set_flow_run_state(
                     job.run_id, Cancelled(message=message), force=True
                 )
-        elif state is None or not state.is_final():
+        elif state is not None and state.type in (StateType.PENDING, StateType.RUNNING):
+            # (Scheduled means someone queued it again meanwhile, e.g. "Retry" in the UI.)
             message = (
                 EXECUTOR_STOPPED
                 if job.kill_reason == "stop"
                 else f"the job's process exited with code {code} without ending its run"
             )
             await self.client.set_flow_run_state(job.run_id, Crashed(message=message), force=True)
-        await self._release(job.lease_id)
         LOGGER.info("job %s ended (process exit code %s)", job.run_id, code)
 
     def _kill(self, job: _Job, reason: str, message: str) -> None:
@@ -480,8 +519,19 @@ class BackgroundExecutor:
                 LOGGER.warning("lease of job %s was lost; taking its slots again", job.run_id)
                 job.lease_id = await self._take_slots(job.run_id, job.task_type)
 
+    async def _refresh_deployment(self) -> None:
+        """Follow the deployment if it was deleted and created again."""
+        try:
+            deployment = await self.client.read_deployment_by_name(f"{FLOW_NAME}/{DEPLOYMENT_NAME}")
+        except ObjectNotFound:
+            forget_deployment()
+            await asyncio.to_thread(self._prepare_api)
+            return
+        self._deployment_id = deployment.id
+
     async def _reconcile(self) -> None:
         """Mark runs Crashed whose process on this host is gone (left by a dead executor)."""
+        await self._refresh_deployment()
         if self._deployment_id is None:
             return
         runs = await self._read_runs(

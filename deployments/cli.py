@@ -245,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("unhalt", help="remove outgoing/HALT")
     p.set_defaults(handler=cmd_unhalt)
 
+    from deployments.jobs_cli import add_jobs_parser
     from deployments.query_cli import add_query_parsers
 
     add_query_parsers(sub)
+    add_jobs_parser(sub)
 
     p = sub.add_parser("serve", help="run the service (Prefect server + UI, dispatcher loop)")
     p.add_argument("--host", default="127.0.0.1")

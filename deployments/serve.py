@@ -77,6 +77,7 @@ async def _run_service(stop_flag: threading.Event) -> None:
     from prefect.types.entrypoint import EntrypointType
 
     from blocks.registry import aload_settings, aregister_block_types
+    from deployments.background_service import run_background_executor
     from deployments.query_service import add_query_deployments
     from flows.dispatch import dispatch_case
     from flows.sweep import Dispatcher, sweep_outgoing
@@ -94,6 +95,9 @@ async def _run_service(stop_flag: threading.Event) -> None:
     stop = asyncio.Event()
     dispatcher = Dispatcher(settings)
     runner_task = asyncio.create_task(runner.start())
+    # Background jobs have their own executor (limits checked on the server before a job
+    # starts); they must not be added to the Runner, which would start them unchecked.
+    jobs_task = asyncio.create_task(run_background_executor(stop))
 
     async def watch_stop_flag() -> None:
         while not stop_flag.is_set():
@@ -123,6 +127,8 @@ async def _run_service(stop_flag: threading.Event) -> None:
         stop.set()
         refresher.cancel()
         watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(jobs_task, 30)
         await runner.astop()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(runner_task, 30)

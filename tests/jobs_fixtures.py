@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prefect import flow
+
 from flows.background import (
     get_current_task,
     get_or_generate_task_uuid,
@@ -81,3 +83,9 @@ def exit_with(code: int) -> None:
 def quick() -> None:
     """A 10 ms job (benchmark)."""
     time.sleep(0.01)
+
+
+@flow(name="bench_runner_job")
+async def runner_job(out: str, name: str, seconds: float) -> None:
+    """The same job as a plain flow, for the benchmark's Runner + deployment-limit baseline."""
+    timed(out, name, "runner", seconds)

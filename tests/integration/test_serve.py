@@ -65,6 +65,12 @@ def test_serve_dispatches_and_serves_deployments(env: DispatchEnv, tmp_path: Pat
         assert run.state is not None
         assert run.state.is_completed(), run.state
         assert (env.success / second.name).is_dir()
+
+        # serve also executes background jobs (OpenREM's API) started by any Python program.
+        from flows.background import run_in_background, wait_task
+
+        job = run_in_background("tests.jobs_fixtures:quick", "serve-check")
+        assert wait_task(job, timeout=120).completed_successfully
     finally:
         stop(proc, log)
 

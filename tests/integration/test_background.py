@@ -186,19 +186,24 @@ def test_two_executors_share_the_limits(
     base = tmp_path_factory.mktemp("second-executor")
     second = Executor(os.environ["PREFECT_API_URL"], base / "home", base / "executor.log")
     try:
-        d, e = f"D-{kinds()}", f"E-{kinds()}"
-        jobs = [
-            run_in_background_with_limits(
-                jobs_fixtures.timed, t, 3, {d: 2}, str(out), f"{t}{i}", t, 0.4
-            )
-            for i in range(8)
-            for t in (d, e)
-        ]
-        for job in jobs:
-            assert wait_task(job, timeout=120).completed_successfully
-        spans = [read(out, f"{t}{i}") for i in range(8) for t in (d, e)]
-        assert max_overlap([(j["start"], j["end"]) for j in spans]) <= 3
-        assert max_overlap([(j["start"], j["end"]) for j in spans if j["type"] == d]) <= 2
+        # Which executor wins each admission is timing; repeat the burst (limits checked every
+        # time) until both have run jobs, so the cross-process case is really exercised.
+        for _ in range(4):
+            d, e = f"D-{kinds()}", f"E-{kinds()}"
+            jobs = [
+                run_in_background_with_limits(
+                    jobs_fixtures.timed, t, 3, {d: 2}, str(out), f"{t}{i}", t, 0.4
+                )
+                for i in range(8)
+                for t in (d, e)
+            ]
+            for job in jobs:
+                assert wait_task(job, timeout=120).completed_successfully
+            spans = [read(out, f"{t}{i}") for i in range(8) for t in (d, e)]
+            assert max_overlap([(j["start"], j["end"]) for j in spans]) <= 3
+            assert max_overlap([(j["start"], j["end"]) for j in spans if j["type"] == d]) <= 2
+            if "admitted" in second.text():
+                break
         assert "admitted" in second.text(), "the second executor should have run jobs too"
     finally:
         second.stop()

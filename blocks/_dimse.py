@@ -515,6 +515,22 @@ def _unread_rejection(assoc: Any) -> Any:
     return None
 
 
+def association_answer(assoc: Any, peer: str) -> Any:
+    """The peer's A-ASSOCIATE answer (None if there was none); a rejection is raised.
+
+    The rejection is read even when pynetdicom reported an abort because the peer closed the
+    connection right after rejecting. Rejected "transient" (e.g. too many associations) is a
+    TransientTargetError, "permanent" a PermanentTargetError.
+    """
+    answer = getattr(assoc.acceptor, "primitive", None) or _unread_rejection(assoc)
+    result = getattr(answer, "result", None)
+    if answer is not None and result in (0x01, 0x02):
+        reason = f"{answer.result_str}, source: {answer.source_str}, reason: {answer.reason_str}"
+        error_type = TransientTargetError if result == 0x02 else PermanentTargetError
+        raise error_type(f"association rejected by {peer}: {reason}")
+    return answer
+
+
 def _associate(
     ae: AE, target: _Target, options: _Options, contexts: list[PresentationContext]
 ) -> Any:
@@ -550,13 +566,10 @@ def _associate(
             raise failure
     if assoc.is_established:
         return assoc
-    answer = getattr(assoc.acceptor, "primitive", None) or _unread_rejection(assoc)
-    result = getattr(answer, "result", None)
-    if answer is not None and result in (0x01, 0x02):
-        reason = f"{answer.result_str}, source: {answer.source_str}, reason: {answer.reason_str}"
-        error_type = TransientTargetError if result == 0x02 else PermanentTargetError
-        raise error_type(f"association rejected by {target.describe()}: {reason}")
-    if result == 0x00:  # A-ASSOCIATE-AC without any accepted presentation context
+    answer = association_answer(assoc, target.describe())
+    if (
+        getattr(answer, "result", None) == 0x00
+    ):  # A-ASSOCIATE-AC without any accepted presentation context
         return assoc
     elapsed = time.monotonic() - started
     if not connected.is_set():

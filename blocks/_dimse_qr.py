@@ -80,7 +80,7 @@ from pynetdicom.status import code_to_category
 from pynetdicom.transport import ThreadedAssociationServer
 
 from blocks import _dimse  # noqa: F401 - applies the pynetdicom reactor fix and identifier privacy
-from blocks._dimse import _set_nodelay, _unread_rejection
+from blocks._dimse import _set_nodelay, association_answer
 from blocks.errors import (
     ConfigError,
     DispatchError,
@@ -444,13 +444,8 @@ def _open(
         raise TransientTargetError(f"cannot reach {peer.describe()}: {exc}") from exc
     if assoc.is_established:
         return assoc
-    answer = getattr(assoc.acceptor, "primitive", None) or _unread_rejection(assoc)
-    result = getattr(answer, "result", None)
-    if answer is not None and result in (0x01, 0x02):
-        reason = f"{answer.result_str}, source: {answer.source_str}, reason: {answer.reason_str}"
-        kind = TransientTargetError if result == 0x02 else PermanentTargetError
-        raise kind(f"association rejected by {peer.describe()}: {reason}")
-    if result == 0x00:
+    answer = association_answer(assoc, peer.describe())
+    if getattr(answer, "result", None) == 0x00:
         raise PermanentTargetError(
             f"{peer.describe()} accepted none of the proposed presentation contexts "
             f"({UID(str(contexts[0].abstract_syntax)).name})"

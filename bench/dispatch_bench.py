@@ -645,7 +645,7 @@ class _ScanRaceCounter(logging.Filter):
 
 def dcmsend_loop(binary: str, cases: list[Path], port: int) -> float:
     """mercure's model: one dcmsend per case, one after the other, report parsed after each."""
-    from tasks.dcmsend_report import parse_report
+    from blocks._dcmsend_report import parse_report
 
     started = time.perf_counter()
     for case in cases:

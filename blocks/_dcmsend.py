@@ -6,7 +6,7 @@ with mercure's arguments, in mercure's order::
     dcmsend <ip> <port> +r +sd <case folder> -aet <calling> -aec <called> -nuc +sp *.dcm
             -to <connect timeout> +crf <report> -ta <ACSE timeout> -td <DIMSE timeout>
 
-and decides as mercure does: the report must exist and parse (``tasks.dcmsend_report``) and
+and decides as mercure does: the report must exist and parse (``blocks._dcmsend_report``) and
 every SOP instance must have status SUCCESS (or WARNING, when warnings count as sent). What
 mercure only logs is translated into the error tree instead: dcmsend's exit code and its last
 fatal message become a one-line :class:`TransientTargetError` or :class:`PermanentTargetError`.
@@ -37,8 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blocks._dcmsend_report import parse_report
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
-from tasks.dcmsend_report import parse_report
 
 __all__ = [
     "DCMSEND_ERROR_CODES",

@@ -64,7 +64,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import code_to_category
 
-from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
+from blocks.errors import PermanentTargetError, TargetError, TransientTargetError, first_line
 
 __all__ = [
     "MAX_CONTEXTS",
@@ -312,17 +312,12 @@ class TLSOptions:
         except (OSError, ValueError) as exc:
             files = self.ca_cert if step == "ca_cert" else f"{self.cert} / {self.key}"
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise PermanentTargetError(f"TLS {step} {files}: {_first_line(reason)}") from None
+            raise PermanentTargetError(f"TLS {step} {files}: {first_line(reason)}") from None
         return context
 
 
 def _no_password() -> str:
     raise ValueError("the private key is encrypted (only unencrypted keys are supported)")
-
-
-def _first_line(text: object) -> str:
-    lines = str(text).strip().splitlines()
-    return lines[0] if lines else type(text).__name__
 
 
 class _RecordingSSLSocket(ssl.SSLSocket):
@@ -346,7 +341,7 @@ class _TLSContext(ssl.SSLContext):
 def _tls_failure(error: OSError | None, target: _Target) -> TargetError | None:
     """The TargetError for a failed TLS handshake, or None when it was no TLS problem."""
     if isinstance(error, ssl.SSLCertVerificationError):
-        why = error.verify_message or _first_line(error)
+        why = error.verify_message or first_line(error)
         if "expired" in why or "not yet valid" in why:
             hint = "the peer's certificate must be renewed"
         elif "hostname" in why.lower():
@@ -363,7 +358,7 @@ def _tls_failure(error: OSError | None, target: _Target) -> TargetError | None:
             "(not a TLS port, or our client certificate was refused?)"
         )
     if isinstance(error, ssl.SSLError):
-        why = error.reason or _first_line(error)
+        why = error.reason or first_line(error)
         return PermanentTargetError(f"TLS handshake with {target.describe()} failed: {why}")
     return None
 

@@ -82,11 +82,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 from blocks import _dimse  # noqa: F401 - applies the pynetdicom reactor fix and identifier privacy
 from blocks._dimse import _set_nodelay, association_answer
 from blocks.errors import (
+    AccessionNotFound,
     ConfigError,
-    DispatchError,
     PermanentTargetError,
+    QueryError,
     TargetError,
     TransientTargetError,
+    first_line,
 )
 
 if TYPE_CHECKING:
@@ -238,14 +240,6 @@ _MOVE_DESTINATION_UNKNOWN = 0xA801
 MOVE_DRAIN_SECONDS = 10.0
 #: Seconds a retrieve waits for the C-MOVE port while another retrieve holds it.
 MOVE_PORT_WAIT_SECONDS = 600.0
-
-
-class QueryError(DispatchError, ValueError):
-    """The request itself is wrong: unknown filter keyword, wildcard in an accession number."""
-
-
-class AccessionNotFound(PermanentTargetError):
-    """The peer has no series for the accession number (and filters)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -710,7 +704,7 @@ class Receiver:
             size = path.stat().st_size
         except Exception as exc:  # anything unparsable: this object's outcome
             path.unlink(missing_ok=True)
-            return self._reject(f"{sop_uid or '?'}: not valid DICOM ({_first_line(exc)})")
+            return self._reject(f"{sop_uid or '?'}: not valid DICOM ({first_line(exc)})")
         reason = ""
         if sop_uid is not None and found != sop_uid:
             reason = f"{sop_uid}: the data set holds SOP Instance UID {found}"
@@ -754,7 +748,7 @@ class Receiver:
             meta = encode_file_meta(event.file_meta)
             stream = request.DataSet.getbuffer()
         except Exception as exc:
-            self._reject(f"undecodable C-STORE request ({_first_line(exc)})")
+            self._reject(f"undecodable C-STORE request ({first_line(exc)})")
             return _STORE_CANNOT_UNDERSTAND
         try:
             ok, reason = self.accept([_PREAMBLE, meta, stream], sop_uid)
@@ -763,11 +757,6 @@ class Receiver:
         if ok:
             return 0x0000
         return _STORE_OUT_OF_RESOURCES if "cannot write" in reason else _STORE_CANNOT_UNDERSTAND
-
-
-def _first_line(error: object) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,14 +12,24 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from prefect.blocks.core import Block
 from pydantic import Field
 
 from tasks.taskjson import Task
 
-__all__ = ["DispatchTarget", "SendContext", "SendResult", "target_slug"]
+if TYPE_CHECKING:
+    from blocks.qr import Progress, RetrieveResult
+
+__all__ = [
+    "CaseOrigin",
+    "DispatchTarget",
+    "QueryTarget",
+    "SendContext",
+    "SendResult",
+    "target_slug",
+]
 
 _SLUG_JUNK = re.compile(r"[^a-z0-9]+")
 
@@ -104,6 +114,42 @@ class DispatchTarget(Block, ABC):
     def writes_dcmsend_report(self) -> bool:
         """DICOM-type targets write a dcmsend-format ``sent.txt``."""
         return False
+
+
+@dataclass(frozen=True)
+class CaseOrigin:
+    """Where a retrieved study came from, as mercure's router records a sender in task.json."""
+
+    address: str
+    sender_aet: str
+    receiver_aet: str
+
+
+class QueryTarget(DispatchTarget):
+    """A target that can also be queried and retrieved from (DICOM and DICOMweb nodes)."""
+
+    @abstractmethod
+    def find(
+        self,
+        accession: str,
+        filters: dict[str, Any] | None = None,
+        level: Literal["study", "series"] = "series",
+    ) -> list[dict[str, Any]]:
+        """Series (or studies) of ``accession`` matching ``filters``, keyed by DICOM keywords."""
+
+    @abstractmethod
+    def retrieve(
+        self,
+        accession: str,
+        filters: dict[str, Any] | None,
+        destination: Path,
+        progress: Progress | None = None,
+    ) -> RetrieveResult:
+        """Fetch what :meth:`find` finds into ``destination`` as ``<SOPInstanceUID>.dcm``."""
+
+    @abstractmethod
+    def case_origin(self) -> CaseOrigin:
+        """The sender a case retrieved from this node records (``task.json`` ``info``)."""
 
 
 def dicom_files(case_dir: Path) -> list[Path]:

@@ -23,9 +23,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from blocks import _dcmsend, _dimse, _dimse_qr
-from blocks.base import DispatchTarget, SendContext, SendResult, dicom_files
+from blocks._dcmsend_report import write_report
+from blocks.base import CaseOrigin, QueryTarget, SendContext, SendResult, dicom_files
 from blocks.errors import PermanentTargetError, TransientTargetError
-from tasks.dcmsend_report import write_report
 
 __all__ = ["DicomTLSTarget", "DicomTarget"]
 
@@ -36,7 +36,7 @@ DEFAULT_CALLED_AET = "ANY-SCP"
 _RESOURCE_FAILURES = range(0xA700, 0xA800)
 
 
-class DicomTarget(DispatchTarget):
+class DicomTarget(QueryTarget):
     """A DICOM node that receives cases by C-STORE and answers C-FIND / C-GET / C-MOVE.
 
     Field names are mercure's, so a mercure.json target imports one to one.
@@ -249,6 +249,13 @@ class DicomTarget(DispatchTarget):
     ) -> _dimse_qr.RetrieveResult:
         """C-GET or C-MOVE (``retrieve_method``) what ``find`` finds into ``destination``."""
         return _dimse_qr.retrieve_from_target(self, accession, filters, destination, progress)
+
+    def case_origin(self) -> CaseOrigin:
+        return CaseOrigin(
+            address=self.ip or "MISSING",
+            sender_aet=self.aet_target or "MISSING",
+            receiver_aet=self.aet_source or "MISSING",
+        )
 
     def tls_options(self) -> _dimse.TLSOptions | None:
         """TLS settings of the associations (none for plain DICOM)."""

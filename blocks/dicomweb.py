@@ -31,8 +31,8 @@ import httpx
 from pydantic import Field, SecretStr, field_validator
 
 from blocks import _stow
-from blocks.base import DispatchTarget, SendContext, SendResult, dicom_files
-from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
+from blocks.base import CaseOrigin, QueryTarget, SendContext, SendResult, dicom_files
+from blocks.errors import PermanentTargetError, TargetError, TransientTargetError, one_line
 
 if TYPE_CHECKING:
     from dicomweb_client import DICOMfileClient
@@ -63,7 +63,7 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-class DicomWebTarget(DispatchTarget):
+class DicomWebTarget(QueryTarget):
     """A DICOMweb server that receives cases by STOW-RS (and, later, answers QIDO-RS/WADO-RS).
 
     Field names are mercure's, so a mercure.json target imports one to one. Authentication is
@@ -218,7 +218,7 @@ class DicomWebTarget(DispatchTarget):
             raise PermanentTargetError(f"{where}: invalid URL: {exc}") from None
         except httpx.TransportError as exc:
             kind = "connection failed" if isinstance(exc, httpx.ConnectError) else "network error"
-            raise TransientTargetError(f"{where}: {action}: {kind}: {_short(exc)}") from None
+            raise TransientTargetError(f"{where}: {action}: {kind}: {one_line(exc, 200)}") from None
         except _stow.CaseFileError as exc:
             raise PermanentTargetError(f"{where}: {exc}") from None
         except OSError as exc:
@@ -228,7 +228,7 @@ class DicomWebTarget(DispatchTarget):
             ) from None
         except Exception as exc:  # dicomweb-client and pydicom raise plain exceptions
             raise PermanentTargetError(
-                f"{where}: {action}: {type(exc).__name__}: {_short(exc)}"
+                f"{where}: {action}: {type(exc).__name__}: {one_line(exc, 200)}"
             ) from None
 
     # -- send ---------------------------------------------------------------------------------
@@ -369,6 +369,11 @@ class DicomWebTarget(DispatchTarget):
 
         return _dicomweb_qr.retrieve_from_target(self, accession, filters, destination, progress)
 
+    def case_origin(self) -> CaseOrigin:
+        return CaseOrigin(
+            address=self.url or "MISSING", sender_aet="MISSING", receiver_aet="MISSING"
+        )
+
     # -- test ---------------------------------------------------------------------------------
 
     @staticmethod
@@ -427,11 +432,6 @@ class DicomWebTarget(DispatchTarget):
         return result
 
 
-def _short(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text[:200]
-
-
 def _status_error(where: str, action: str, response: httpx.Response) -> TargetError:
     """The ``TargetError`` for an HTTP error status: 4xx permanent, 5xx (and 408, 429) transient."""
     status = response.status_code
@@ -448,7 +448,7 @@ def _status_error(where: str, action: str, response: httpx.Response) -> TargetEr
     detail = ""
     try:
         if response.headers.get("Content-Type", "").startswith(("text/", "application/json")):
-            detail = ": " + _short(Exception(response.text))
+            detail = ": " + one_line(response.text, 200)
     except httpx.ResponseNotRead:
         detail = ""
     if status == 413:

@@ -10,22 +10,41 @@ library internals::
     │   │                           no response (empty DIMSE status), 5xx
     │   └── PermanentTargetError    retrying the same thing will fail again: rejected association,
     │                               authentication, DIMSE failure status, unwritable folder
+    │       └── AccessionNotFound   the node has no series for the accession (and filters)
     ├── CaseError                   the case folder itself is unusable (invalid task.json, ...)
-    └── ConfigError                 settings are wrong or missing (unknown target, bad block)
+    ├── ConfigError                 settings are wrong or missing (unknown target, bad block)
+    ├── QueryError                  a query/retrieve request is malformed (also a ValueError)
+    └── BackgroundJobError          a background-job request could not be carried out
+        ├── JobRefusedError         refused before queuing: function, arguments, type, limits
+        ├── JobNotFoundError        no job has this id (also a LookupError)
+        └── JobNotQueuedError       the job already started or ended: it cannot be unqueued
 
-Messages name the target and the peer, never a secret.
+Messages name the target and the peer, never a secret. :func:`one_line` and :func:`first_line`
+are how every module shortens a foreign error for a status line, a log or an artifact.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AccessionNotFound",
+    "BackgroundJobError",
     "CaseError",
     "ConfigError",
     "DispatchError",
+    "JobNotFoundError",
+    "JobNotQueuedError",
+    "JobRefusedError",
     "PermanentTargetError",
+    "QueryError",
     "TargetError",
     "TransientTargetError",
+    "describe_error",
+    "first_line",
+    "one_line",
 ]
+
+#: Longest one-line reason kept for a task.json status, a log line or an artifact.
+ONE_LINE_LIMIT = 500
 
 
 class DispatchError(Exception):
@@ -54,3 +73,53 @@ class CaseError(DispatchError):
 
 class ConfigError(DispatchError):
     """The configuration is wrong: unknown target, invalid block, conflicting names."""
+
+
+class AccessionNotFound(PermanentTargetError):
+    """The peer has no series for the accession number (and filters)."""
+
+
+class QueryError(DispatchError, ValueError):
+    """The request itself is wrong: unknown filter keyword, wildcard in an accession number."""
+
+
+class BackgroundJobError(DispatchError):
+    """A background-job request could not be carried out."""
+
+
+class JobRefusedError(BackgroundJobError, ValueError):
+    """The job was refused before anything was queued (function, arguments, type or limits)."""
+
+
+class JobNotFoundError(BackgroundJobError, LookupError):
+    """No background job has this id."""
+
+
+class JobNotQueuedError(BackgroundJobError):
+    """The job is no longer queued (it started or ended), so it cannot be removed from the queue."""
+
+
+def one_line(value: object, limit: int = ONE_LINE_LIMIT, empty: str | None = None) -> str:
+    """``value`` as text with every run of white space folded to one space, at most ``limit``.
+
+    Peers answer with multi-line HTML, tracebacks and XML; a status line must stay one line.
+    An empty text becomes ``empty`` (default: the value's type name).
+    """
+    return " ".join(str(value).split())[:limit] or (empty or type(value).__name__)
+
+
+def first_line(value: object) -> str:
+    """The first non-empty line of ``value`` (an exception's headline), or its type's name."""
+    lines = [line for line in str(value).strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(value).__name__
+
+
+def describe_error(error: object, limit: int = ONE_LINE_LIMIT) -> str:
+    """One line for an error: our own errors speak for themselves, others get their type name.
+
+    ``TransientTargetError("cannot reach ...")`` reads well as is; a bare ``KeyError('x')``
+    needs its type to mean anything.
+    """
+    if isinstance(error, DispatchError | str):
+        return one_line(error, limit)
+    return one_line(f"{type(error).__name__}: {error}", limit)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, SecretStr
 
 from blocks.base import DispatchTarget, SendContext, SendResult, dicom_files
-from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
+from blocks.errors import PermanentTargetError, TargetError, TransientTargetError, one_line
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -218,7 +218,7 @@ class S3Target(DispatchTarget):
                 result["Credentials accepted"] = code not in _BAD_CREDENTIALS
                 result["err"] = f"{code}: {message}" if code else ""
         except Exception as exc:
-            result["err"] = _one_line(exc)
+            result["err"] = one_line(exc, 300)
         return result
 
     def _probe_listing(self, client: BaseClient) -> tuple[str, str]:
@@ -230,7 +230,7 @@ class S3Target(DispatchTarget):
         except ClientError as exc:
             return _error_code(exc), _error_message(exc)
         except BotoCoreError as exc:
-            return type(exc).__name__, _one_line(exc)
+            return type(exc).__name__, one_line(exc, 300)
         return "", ""
 
     @contextmanager
@@ -285,7 +285,7 @@ class S3Target(DispatchTarget):
                 f"{where}: cannot connect to the endpoint ({type(exc).__name__})"
             ) from None
         except BotoCoreError as exc:
-            raise TransientTargetError(f"{where}: {action} failed: {_one_line(exc)}") from None
+            raise TransientTargetError(f"{where}: {action} failed: {one_line(exc, 300)}") from None
         except OSError as exc:
             raise PermanentTargetError(
                 f"{where}: cannot read {getattr(exc, 'filename', '') or 'a file'}: "
@@ -298,8 +298,4 @@ def _error_code(exc: Any) -> str:
 
 
 def _error_message(exc: Any) -> str:
-    return _one_line(exc.response.get("Error", {}).get("Message", "") or exc)
-
-
-def _one_line(value: object) -> str:
-    return " ".join(str(value).split())[:300] or type(value).__name__
+    return one_line(exc.response.get("Error", {}).get("Message", "") or exc, 300)

@@ -13,7 +13,7 @@ from typing import Literal
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from tasks.datadir import data_dir
+from blocks.host import DEPRECATED_OVERRIDES, data_dir, deprecated_override
 
 __all__ = ["DEFAULT_SETTINGS_NAME", "DispatcherSettings", "data_dir"]
 
@@ -73,6 +73,39 @@ class DispatcherSettings(Block):
         ge=0,
         description="An invalid case folder unchanged this long is moved to error/ with a reason.",
     )
+
+    retrieve_limit: int = Field(
+        default=2,
+        ge=0,
+        description="At most this many retrievals at once across all hosts (0: no limit).",
+    )
+    jobs_poll_seconds: float = Field(
+        default=0.5,
+        ge=0.05,
+        description="Seconds between the background executor's looks at waiting jobs.",
+    )
+    jobs_lease_seconds: float = Field(
+        default=60,
+        ge=60,
+        description="Lease of a running job's slots; a dead host's slots come back after it.",
+    )
+    jobs_max_processes: int = Field(
+        default=16, ge=1, description="At most this many job processes per executor (host)."
+    )
+
+    def with_overrides(self) -> DispatcherSettings:
+        """A copy with the deprecated environment overrides applied (see ``blocks.host``).
+
+        Only the services that use these values call it, and never before saving: an
+        override must not be written back into the block.
+        """
+        update: dict[str, float] = {}
+        for field in DEPRECATED_OVERRIDES:
+            current = getattr(self, field)
+            value = deprecated_override(field, current)
+            if value != current:
+                update[field] = int(value) if isinstance(current, int) else value
+        return self.model_copy(update=update) if update else self
 
     def folders(self) -> tuple[Path, Path, Path]:
         """(outgoing, success, error), defaults under the data directory."""

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr
 
 from blocks.base import DispatchTarget, SendContext, SendResult, dicom_files
-from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
+from blocks.errors import PermanentTargetError, TargetError, TransientTargetError, one_line
 
 if TYPE_CHECKING:
     from requests import PreparedRequest, Response
@@ -189,7 +189,8 @@ class XnatTarget(DispatchTarget):
             why = f"cannot reach {self.base_url()}/data/auth ({type(exc).__name__})"
             return {"ping": ping, "loggedin": False, "err": why}
         ok = response.status_code == 200
-        err = "" if ok else f"HTTP {response.status_code}: {_one_line(response.text)}"
+        detail = one_line(response.text, 200, "no details")
+        err = "" if ok else f"HTTP {response.status_code}: {detail}"
         return {"ping": ping, "loggedin": ok, "err": err}
 
     @contextmanager
@@ -239,7 +240,7 @@ def _write_zip(archive: Path, files: list[Path]) -> None:
 
 def _status_error(where: str, response: Any) -> TargetError:
     status = int(response.status_code)
-    text = _one_line(response.text)
+    text = one_line(response.text, 200, "no details")
     if status in (401, 403):
         return PermanentTargetError(
             f"{where}: XNAT refused the credentials (HTTP {status}): check user and password"
@@ -250,10 +251,6 @@ def _status_error(where: str, response: Any) -> TargetError:
         )
     kind = TransientTargetError if status >= 500 or status in (408, 429) else PermanentTargetError
     return kind(f"{where}: the import failed (HTTP {status}): {text}")
-
-
-def _one_line(value: object) -> str:
-    return " ".join(str(value).split())[:200] or "no details"
 
 
 def _timeout_adapter(timeout: tuple[float, float]) -> Any:

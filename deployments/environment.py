@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-from tasks.datadir import data_dir
+from blocks.host import data_dir
 
 __all__ = [
     "QUIET_ENV",

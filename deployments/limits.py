@@ -12,7 +12,7 @@ from prefect.exceptions import ObjectNotFound
 
 from blocks.registry import TARGET_TYPES
 from blocks.settings import DispatcherSettings
-from tasks.send import send_tags
+from tasks.send import TOTAL_TAG, target_tag, type_tag
 
 __all__ = ["apply_limits", "wanted_limits"]
 
@@ -21,11 +21,11 @@ def wanted_limits(
     settings: DispatcherSettings, target_limits: dict[str, int | None]
 ) -> dict[str, int]:
     """Every tag we manage and its limit (0 = none)."""
-    wanted = {"dicom-dispatch": settings.num_proc}
+    wanted = {TOTAL_TAG: settings.num_proc}
     for kind in TARGET_TYPES:
-        wanted[f"target-type:{kind}"] = settings.type_limits.get(kind, 0)
+        wanted[type_tag(kind)] = settings.type_limits.get(kind, 0)
     for name, limit in target_limits.items():
-        wanted[send_tags(name, "")[2]] = limit or 0
+        wanted[target_tag(name)] = limit or 0
     return wanted
 
 

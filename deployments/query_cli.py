@@ -70,7 +70,7 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 
 def filter_arg(text: str) -> tuple[str, str]:
     """``KEY=VALUE`` with a DICOM keyword (checked here, so a typo is a usage error)."""
-    from blocks._dimse_qr import QueryError, normalize_filters
+    from blocks.qr import QueryError, normalize_filters
 
     key, sep, value = text.partition("=")
     if not sep or not key.strip() or not value.strip():

@@ -57,7 +57,12 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Cancelling, Failed, Scheduled
 
-from blocks.errors import DispatchError
+from blocks.errors import (
+    BackgroundJobError,
+    JobNotFoundError,
+    JobNotQueuedError,
+    JobRefusedError,
+)
 
 __all__ = [
     "ACTIVE_STATES",
@@ -122,22 +127,6 @@ def type_counter(task_type: str) -> str:
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class BackgroundJobError(DispatchError):
-    """A background-job request could not be carried out."""
-
-
-class JobRefusedError(BackgroundJobError, ValueError):
-    """The job was refused before anything was queued (function, arguments, type or limits)."""
-
-
-class JobNotFoundError(BackgroundJobError, LookupError):
-    """No background job has this id."""
-
-
-class JobNotQueuedError(BackgroundJobError):
-    """The job is no longer queued (it started or ended), so it cannot be removed from the queue."""
 
 
 # --------------------------------------------------------------------------- records

@@ -23,12 +23,12 @@ from prefect.context import TagsContext
 from prefect.runtime import flow_run as current_run
 
 from blocks.base import DispatchTarget
-from blocks.errors import CaseError, ConfigError, DispatchError
+from blocks.errors import CaseError, ConfigError, describe_error
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
+from flows._loop_context import loop_settings, set_loop_settings
 from tasks import casefolder as cf
 from tasks.admission import shared_admission
-from tasks.loopcontext import loop_settings, set_loop_settings
 from tasks.send import send_tags, send_to_target
 from tasks.taskjson import Task, TaskFileError, read_task, read_task_raw, target_names
 
@@ -261,14 +261,9 @@ async def _send_one(
     except Exception as exc:  # the result itself could not be read
         outcome = exc
     error = outcome if isinstance(outcome, BaseException) else None
-    message = _one_line(error if error is not None else state.message or "send failed")
+    message = describe_error(error if error is not None else state.message or "send failed")
     cf.set_target_status(case_dir, name, "error", message)
     return {"state": "error", "message": message}
-
-
-def _one_line(error: object) -> str:
-    text = str(error) if isinstance(error, DispatchError) else f"{type(error).__name__}: {error}"
-    return " ".join(text.split())[:500]
 
 
 async def _publish(outcome: CaseOutcome) -> None:

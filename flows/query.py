@@ -59,16 +59,17 @@ from prefect.exceptions import ObjectNotFound, Pause
 from prefect.runtime import flow_run as current_run
 from prefect.states import AwaitingRetry, Paused, Scheduled
 
-from blocks._dimse_qr import (
+from blocks.base import QueryTarget
+from blocks.errors import ConfigError, TransientTargetError, describe_error
+from blocks.qr import (
     AccessionNotFound,
+    Level,
     QueryError,
     RetrieveResult,
     check_accession,
     normalize_filters,
     not_found,
 )
-from blocks.base import DispatchTarget
-from blocks.errors import ConfigError, DispatchError, TransientTargetError
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
 from tasks import casefolder as cf
@@ -157,16 +158,9 @@ def _artifact_key(prefix: str, text: str) -> str:
     return f"{prefix}-{slug}"[:100].rstrip("-")
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error) if isinstance(error, DispatchError) else f"{type(error).__name__}: {error}"
-    return " ".join(text.split())[:500]
-
-
-async def _load_source(name: str) -> DispatchTarget:
+async def _load_source(name: str) -> QueryTarget:
     target = await aload_target(name)
-    if not callable(getattr(target, "find", None)) or not callable(
-        getattr(target, "retrieve", None)
-    ):
+    if not isinstance(target, QueryTarget):
         raise ConfigError(f"target {name} ({target.target_type}) cannot be queried")
     return target
 
@@ -216,10 +210,8 @@ async def query(
     if level not in ("study", "series"):
         raise QueryError(f"level must be 'study' or 'series', not {level!r}")
     block = await _load_source(target)
-    find = block.find  # type: ignore[attr-defined]
-    rows = cast(
-        list[dict[str, Any]], await anyio.to_thread.run_sync(find, accession, wanted, level)
-    )
+    chosen: Level = "study" if level == "study" else "series"
+    rows = await anyio.to_thread.run_sync(block.find, accession, dict(wanted), chosen)
     logger.info("%d %s row(s) for accession %s on %s", len(rows), level, accession, target)
     description = f"{level} rows for accession {accession} on {target}"
     if rows:
@@ -304,7 +296,7 @@ async def retrieve_accession(
         0.0, description=f"retrieving accession {accession} from {target}"
     )
     follower = asyncio.create_task(_follow(progress, artifact))
-    fetch = block.retrieve  # type: ignore[attr-defined]
+    fetch = block.retrieve
     try:
         result = cast(
             RetrieveResult,
@@ -476,7 +468,7 @@ def _check_case_targets(targets: Sequence[str] | str | None) -> list[str]:
 
 
 def _case_task(
-    case_id: str, case_dir: Path, accession: str, source: DispatchTarget, targets: list[str]
+    case_id: str, case_dir: Path, accession: str, source: QueryTarget, targets: list[str]
 ) -> dict[str, Any]:
     """A task.json as mercure's router writes it for a study case (reference §2.7)."""
     from pydicom import dcmread
@@ -487,7 +479,7 @@ def _case_task(
     def tag(keyword: str) -> str:
         return str(ds.get(keyword, "") or "") if ds is not None else ""
 
-    host = str(getattr(source, "ip", "") or getattr(source, "url", "") or "")
+    origin = source.case_origin()
     raw = new_task(
         case_id,
         targets,
@@ -496,10 +488,10 @@ def _case_task(
         patient_name=tag("PatientName"),
         mrn=tag("PatientID"),
         acc=accession,
-        sender_address=host or "MISSING",
+        sender_address=origin.address,
         mercure_server=os.uname().nodename,
-        sender_aet=str(getattr(source, "aet_target", "") or "MISSING"),
-        receiver_aet=str(getattr(source, "aet_source", "") or "MISSING"),
+        sender_aet=origin.sender_aet,
+        receiver_aet=origin.receiver_aet,
         retrieved_from=source.target_name,
     )
     parse_task(raw)  # our own output must pass the dispatcher's validation
@@ -540,7 +532,7 @@ async def check_accessions(
 ) -> dict[str, int]:
     """Fail fast, naming every accession number the node has nothing for (with the filters)."""
     block = await _load_source(target)
-    find = block.find  # type: ignore[attr-defined]
+    find = block.find
     missing: list[str] = []
     studies: dict[str, int] = {}
     for accession in accessions:
@@ -835,7 +827,7 @@ async def _after_child(batch_id: str, destination: str) -> None:
                     logger.info("batch %s is complete: %s", batch_id, job_dir / cf.COMPLETE)
             logger.info("batch %s: %s", batch_id, json.dumps(status.counts))
     except Exception as exc:  # bookkeeping must not fail a retrieval that succeeded
-        logger.warning("could not update batch %s: %s", batch_id, _one_line(exc))
+        logger.warning("could not update batch %s: %s", batch_id, describe_error(exc))
 
 
 async def _resume_time(parent: FlowRun) -> dt.datetime:

@@ -16,10 +16,10 @@ import pytest
 from pynetdicom.dsutils import split_dataset
 
 from blocks import _dcmsend
+from blocks._dcmsend_report import parse_report
 from blocks.base import SendContext, dicom_files
 from blocks.dicom import DicomTarget
 from blocks.errors import PermanentTargetError, TransientTargetError
-from tasks.dcmsend_report import parse_report
 from tasks.taskjson import read_task
 from tests.cases import make_case
 from tests.dicomfiles import pixel_digest

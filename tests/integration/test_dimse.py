@@ -23,9 +23,9 @@ from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.dsutils import split_dataset
 
 from blocks import _dimse
+from blocks._dcmsend_report import format_report, parse_report
 from blocks._dimse import StoreResult, echo, store_files
 from blocks.errors import PermanentTargetError, TransientTargetError
-from tasks.dcmsend_report import format_report, parse_report
 from tests.dicomfiles import make_ct_series, pixel_digest
 from tests.peers.dcmtk import StoreSCP, dcmtk_binary, free_port
 from tests.peers.pynetdicom_scp import DROP, parrot_scp

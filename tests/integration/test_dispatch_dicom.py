@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from blocks._dcmsend_report import parse_report
 from blocks.dicom import DicomTarget
 from blocks.folder import FolderTarget
-from tasks.dcmsend_report import parse_report
 from tests.cases import make_case
 from tests.dicomfiles import pixel_digest
 from tests.integration.conftest import DispatchEnv

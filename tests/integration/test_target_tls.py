@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from blocks._dcmsend_report import parse_report
 from blocks.dicom import DicomTLSTarget
-from tasks.dcmsend_report import parse_report
 from tests.cases import make_case
 from tests.dicomfiles import pixel_digest
 from tests.integration.conftest import DispatchEnv

@@ -16,14 +16,14 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 from blocks import _dimse
-from blocks._dimse import InstanceResult, StoreResult, status_category
-from tasks.dcmsend_report import (
+from blocks._dcmsend_report import (
     dcmtk_status_text,
     dcmtk_summary_bucket,
     format_report,
     parse_report,
     write_report,
 )
+from blocks._dimse import InstanceResult, StoreResult, status_category
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"

@@ -96,9 +96,9 @@ async def cmd_targets_test(args: argparse.Namespace, home: Path) -> int:
 
 
 async def cmd_dispatch(args: argparse.Namespace, home: Path) -> int:
-    from flows.dispatch import dispatch_case
+    from flows.dispatch import run_dispatch
 
-    result = await dispatch_case(args.case)
+    result = await run_dispatch(args.case)
     if args.json:
         _print_json(result)
     else:

@@ -23,6 +23,7 @@ import psutil
 from blocks.host import data_dir
 
 __all__ = [
+    "HEARTBEAT_SECONDS",
     "QUIET_ENV",
     "ensure_embedded_database",
     "prepare_environment",
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 SERVICE_FILE = "service.json"
+#: Every flow run sends a heartbeat this often (Prefect's minimum), so a run whose process died
+#: is marked Crashed by the automation in ``deployments/automations.py``.
+HEARTBEAT_SECONDS = 30
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 #: No traffic to outside hosts from Prefect or boto3 (this software runs inside hospitals).
 QUIET_ENV = {
@@ -51,6 +55,7 @@ def prepare_environment() -> Path:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASE_STORAGE)
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
     # The first ephemeral start on a fresh database runs every migration: give it time.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     return home

@@ -28,6 +28,8 @@ from deployments.environment import (
 from deployments.server import PrefectServer
 
 if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+
     from blocks.settings import DispatcherSettings
 
 __all__ = ["SETTINGS_REFRESH_SECONDS", "is_loopback", "serve"]
@@ -77,6 +79,7 @@ async def _run_service(stop_flag: threading.Event) -> None:
     from prefect.types.entrypoint import EntrypointType
 
     from blocks.registry import aload_settings, aregister_block_types
+    from deployments.automations import ensure_zombie_automation
     from deployments.background_service import run_background_executor
     from deployments.query_service import add_query_deployments
     from flows.dispatch import dispatch_case
@@ -84,11 +87,18 @@ async def _run_service(stop_flag: threading.Event) -> None:
 
     async with get_client() as client:
         await aregister_block_types(client)
+        await ensure_zombie_automation(client)
+        on_pool = await _deployments_on_work_pools(client)
     settings = await aload_settings()
     await _sync_limits(settings)
 
     runner = Runner(name="dicom-dispatch", pause_on_shutdown=False)
     for flow_obj, name in ((dispatch_case, "dispatch-case"), (sweep_outgoing, "sweep-outgoing")):
+        if f"{flow_obj.name}/{name}" in on_pool:
+            # prefect.yaml put it on a work pool: its workers run it (UI retries included);
+            # serving it here would take it off the pool.
+            LOGGER.info("%s/%s runs on a work pool; not served here", flow_obj.name, name)
+            continue
         await runner.aadd_flow(flow_obj, name=name, entrypoint_type=EntrypointType.MODULE_PATH)
     await add_query_deployments(runner)
 
@@ -132,6 +142,21 @@ async def _run_service(stop_flag: threading.Event) -> None:
         await runner.astop()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(runner_task, 30)
+
+
+async def _deployments_on_work_pools(client: PrefectClient) -> set[str]:
+    """``flow/deployment`` names of our deployments that a work pool runs."""
+    from prefect.exceptions import ObjectNotFound
+
+    found: set[str] = set()
+    for name in ("dispatch_case/dispatch-case", "sweep_outgoing/sweep-outgoing"):
+        try:
+            deployment = await client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            continue
+        if deployment.work_pool_name:
+            found.add(name)
+    return found
 
 
 async def _sync_limits(settings: DispatcherSettings) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from prefect import flow, get_run_logger, tags
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
-from prefect.context import TagsContext
+from prefect.context import FlowRunContext, TagsContext
+from prefect.flow_engine import run_flow_async
 from prefect.runtime import flow_run as current_run
 
 from blocks.base import DispatchTarget
@@ -27,12 +29,28 @@ from blocks.errors import CaseError, ConfigError, describe_error
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
 from flows._loop_context import loop_settings, set_loop_settings
+from flows.case_states import (
+    CaseDeployment,
+    already_sent,
+    moved_to_error,
+    outcome_of,
+    retry_pending,
+    skipped,
+)
 from tasks import casefolder as cf
 from tasks.admission import shared_admission
 from tasks.send import send_tags, send_to_target
 from tasks.taskjson import Task, TaskFileError, read_task, read_task_raw, target_names
 
-__all__ = ["CaseOutcome", "case_run_name", "case_tags", "dispatch_case"]
+__all__ = [
+    "CaseOutcome",
+    "case_run_name",
+    "case_tags",
+    "dispatch_case",
+    "locate_case",
+    "run_case",
+    "run_dispatch",
+]
 
 LOGGER = logging.getLogger(__name__)
 SENT_REPORT = "sent.txt"
@@ -52,18 +70,41 @@ class CaseOutcome:
     def succeeded(self) -> bool:
         return self.location == "success"
 
+    def as_result(self) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "location": self.location,
+            "path": self.path,
+            "reason": self.reason,
+            "targets": self.targets,
+        }
 
-def _resolve(case: str, settings: DispatcherSettings) -> Path:
-    """A case id or folder in outgoing/ (or error/, then restarted as mercure's UI does)."""
-    outgoing, _, error = settings.folders()
+
+def locate_case(case: str, settings: DispatcherSettings) -> tuple[str, Path]:
+    """Where ``case`` is now: ``("outgoing", folder)`` to dispatch, or ``("success", folder)``.
+
+    ``case`` is a case id or a folder inside outgoing/ or error/ (nothing else: a run parameter
+    must not be able to move an arbitrary folder). A case found in error/ is restarted as
+    mercure's UI does. A folder that has moved on since the run was created (a UI Retry of an
+    older attempt) is looked for by its name in outgoing/, error/ and success/.
+    """
+    outgoing, success, error = settings.folders()
+    roots = {"outgoing": outgoing, "error": error, "success": success}
     path = Path(case)
-    candidates = [path] if path.is_absolute() or path.exists() else [outgoing / case, error / case]
-    for cand in candidates:
-        if cand.is_dir():
-            if cand.resolve().parent == error.resolve():
-                return cf.restart_case(cand, outgoing)
-            return cand
-    raise CaseError(f"no case folder {case!r} in {outgoing} or {error}")
+    if path.is_absolute() or path.exists() or len(path.parts) > 1:
+        parent = path.resolve().parent
+        if parent not in {outgoing.resolve(), error.resolve(), success.resolve()}:
+            raise CaseError(f"{case!r} is not a case folder in {outgoing} or {error}")
+    name = path.name
+    if not name or name in (".", ".."):
+        raise CaseError(f"{case!r} is not a case id")
+    for kind, root in roots.items():
+        candidate = root / name
+        if candidate.is_dir() and not candidate.is_symlink():
+            if kind == "error":
+                return "outgoing", cf.restart_case(candidate, outgoing)
+            return kind, candidate
+    raise CaseError(f"no case folder {name!r} in {outgoing} or {error}")
 
 
 def case_tags(case_dir: Path, task: Task | None, priority: str | None = None) -> list[str]:
@@ -79,19 +120,32 @@ def case_tags(case_dir: Path, task: Task | None, priority: str | None = None) ->
     return out
 
 
+def run_name_for(case_dir: Path, task: Task | None = None) -> str:
+    """``<accession> <mrn> <case id>``, from the parsed task or the folder's task.json."""
+    acc: object
+    mrn: object
+    if task is not None:
+        acc, mrn = task.info.acc, task.info.mrn
+    else:
+        try:
+            raw = read_task_raw(case_dir) if case_dir.is_dir() else {}
+        except TaskFileError:
+            raw = {}
+        info = raw.get("info")
+        if not isinstance(info, dict):
+            info = {}
+        acc, mrn = info.get("acc"), info.get("mrn")
+    parts = [str(acc or ""), str(mrn or ""), case_dir.name]
+    return " ".join(p for p in parts if p) or "case"
+
+
 def case_run_name() -> str:
-    """``<accession> <mrn> <case id>`` read from the case's task.json when it can be."""
+    """The run name of a case run; a Retry of a case that moved on keeps the name it had."""
     case = str(current_run.parameters.get("case", ""))
     path = Path(case)
-    try:
-        raw = read_task_raw(path) if path.is_dir() else {}
-    except TaskFileError:
-        raw = {}
-    info = raw.get("info")
-    if not isinstance(info, dict):
-        info = {}
-    parts = [str(info.get("acc") or ""), str(info.get("mrn") or ""), path.name or case]
-    return " ".join(p for p in parts if p) or "case"
+    if not path.is_dir() and current_run.name:
+        return str(current_run.name)
+    return run_name_for(path) if case else "case"
 
 
 async def _add_run_tags(wanted: list[str]) -> None:
@@ -114,25 +168,39 @@ def _report_names(targets: list[str], blocks: dict[str, DispatchTarget]) -> dict
 
 
 @flow(name="dispatch_case", flow_run_name=case_run_name, persist_result=False, log_prints=False)
-async def dispatch_case(case: str) -> dict[str, Any]:
+async def dispatch_case(case: str) -> Any:
     """Send a case to every target its task.json names that is not complete yet.
 
+    The run's final state says where the case is (``flows/case_states.py``): Completed only
+    when it reached success/; Failed "RetryPending" when it waits for another attempt; Failed
+    when it went to error/; Cancelled "Skipped" when another process holds it.
+
     Args:
-        case: The case folder, or a case id in the outgoing (or error) folder.
+        case: A case id, or the case folder, in the outgoing (or error) folder.
 
     Returns:
-        Where the case ended (``success``, ``error``, ``outgoing`` for a later retry) and the
-        outcome per target.
+        Where the case ended (``success``, ``error``, ``outgoing`` for a later retry,
+        ``skipped``) and the outcome per target.
     """
     settings: DispatcherSettings = loop_settings() or await aload_settings()
-    case_dir = _resolve(case, settings)
+    where, case_dir = locate_case(case, settings)
+    if where == "success":
+        await _add_run_tags(case_tags(case_dir, None))  # findable by case id though not sent
+        done = CaseOutcome(case_dir.name, "success", str(case_dir), "already in success/")
+        get_run_logger().info("case %s is already in success/ (%s)", case_dir.name, case_dir)
+        return already_sent(str(case_dir), done.as_result())
     run_id = str(current_run.id) if current_run.id else None
     owner = cf.read_claim(case_dir)
     if owner is not None and owner.is_this_process():
         if run_id:
             cf.record_claim_run(case_dir, run_id)
     elif not cf.claim_case(case_dir, run_id):
-        raise CaseError(f"case {case_dir.name} is already being dispatched (.processing exists)")
+        holder = f"{owner.host}:{owner.pid}" if owner is not None else "another dispatcher"
+        reason = f"case {case_dir.name} is being dispatched by {holder} (.processing exists)"
+        await _add_run_tags(case_tags(case_dir, None))
+        return skipped(
+            reason, CaseOutcome(case_dir.name, "skipped", str(case_dir), reason).as_result()
+        )
     try:
         outcome = await _dispatch_claimed(case_dir, settings)
     except (asyncio.CancelledError, KeyboardInterrupt):
@@ -145,13 +213,12 @@ async def dispatch_case(case: str) -> dict[str, Any]:
             _fail_attempt(case_dir, settings, "the attempt ended unexpectedly")
         raise
     await _publish(outcome)
-    return {
-        "case_id": outcome.case_id,
-        "location": outcome.location,
-        "path": outcome.path,
-        "reason": outcome.reason,
-        "targets": outcome.targets,
-    }
+    result = outcome.as_result()
+    if outcome.location == "success":
+        return result
+    if outcome.location == "outgoing":
+        return retry_pending(outcome.reason, result)
+    return moved_to_error(outcome.reason, result)
 
 
 def _to_error(case_dir: Path, settings: DispatcherSettings, reason: str) -> CaseOutcome:
@@ -284,22 +351,51 @@ async def _publish(outcome: CaseOutcome) -> None:
     await acreate_markdown_artifact(markdown=markdown, key=key, description="dispatch outcome")
 
 
+#: The loop's copy: the run was named when it was created, so the engine need not rename it.
+_dispatch_created_run = dispatch_case.with_options(flow_run_name=None)
+
+
+async def run_dispatch(case: str) -> dict[str, Any]:
+    """``dispatch_case`` as a run in this process; its outcome whatever the final state."""
+    state = await dispatch_case(case, return_state=True)
+    return await outcome_of(state)
+
+
 async def run_case(
     case_dir: Path,
     priority: str | None = None,
     task: Task | None = None,
     settings: DispatcherSettings | None = None,
+    deployment: CaseDeployment | None = None,
 ) -> bool:
-    """Dispatch one (already claimed) case as a top-level flow run in this process.
+    """Dispatch one (already claimed) case as a flow run in this process; True if sent.
 
-    The tags are given at creation and the dispatcher's settings are handed over, so the run
-    makes no API calls for either.
+    With ``deployment`` (the service's loop) the run is created from the ``dispatch-case``
+    deployment, named and tagged in that one call, so the UI can Retry it. Inside a flow run
+    (the sweep) the case becomes a child run instead. The dispatcher's settings are handed
+    over, so the run loads none.
     """
     if settings is not None:
         set_loop_settings(settings)
+    run_tags = case_tags(case_dir, task, priority)
     try:
-        with tags(*case_tags(case_dir, task, priority)):
-            result = await dispatch_case(str(case_dir))
+        created = None
+        if deployment is not None and FlowRunContext.get() is None:
+            async with get_client() as client:
+                created = await deployment.create_run(
+                    client, time.monotonic(), str(case_dir), run_name_for(case_dir, task), run_tags
+                )
+        if created is not None:
+            state = await run_flow_async(
+                _dispatch_created_run,
+                flow_run=created,
+                parameters={"case": str(case_dir)},
+                return_type="state",
+            )
+        else:
+            with tags(*run_tags):
+                state = await dispatch_case(str(case_dir), return_state=True)
+        result = await outcome_of(cast(State[Any], state))
         return bool(result.get("location") == "success")
     except Exception:
         LOGGER.exception("case %s: the dispatch run failed", case_dir.name)

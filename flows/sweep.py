@@ -23,6 +23,7 @@ from prefect.context import AsyncClientContext, SyncClientContext
 
 from blocks.registry import aload_settings
 from blocks.settings import DispatcherSettings
+from flows.case_states import CaseDeployment, crash_run
 from flows.dispatch import run_case
 from tasks import casefolder as cf
 
@@ -57,6 +58,9 @@ class Dispatcher:
         self._reported_invalid: set[Path] = set()
         self._last_run_claim_check = 0.0
         self._in_flight: set[asyncio.Task[bool]] = set()
+        self._deployment = CaseDeployment()
+        #: Runs whose process died holding a claim, to be set Crashed (claim, run id).
+        self._orphaned_runs: list[tuple[str, str]] = []
 
     @property
     def capacity(self) -> int:
@@ -85,10 +89,31 @@ class Dispatcher:
             except OSError as exc:
                 LOGGER.error("case %s could not be moved to error/: %s", path.name, exc)
         for path in scan.claimed:
+            owner = cf.read_claim(path)
             if cf.claim_is_stale(path):
                 cf.release_claim(path)
                 LOGGER.warning("case %s: released the claim of a process that is gone", path.name)
+                if owner is not None and owner.flow_run_id:
+                    who = f"{owner.host}:{owner.pid}"
+                    self._orphaned_runs.append((path.name, owner.flow_run_id))
+                    LOGGER.info("case %s: run %s of %s ended", path.name, owner.flow_run_id, who)
         return scan
+
+    async def _crash_orphaned_runs(self) -> None:
+        """A run whose process died mid-case is Crashed, not Running forever (a ghost)."""
+        orphaned, self._orphaned_runs = self._orphaned_runs, []
+        if not orphaned:
+            return
+        async with get_client() as client:
+            for case_id, run_id in orphaned:
+                message = (
+                    f"the process dispatching case {case_id} is gone; its claim was released "
+                    "and the case is queued again"
+                )
+                try:
+                    await crash_run(client, run_id, message)
+                except Exception as exc:  # the API may be down: the claim is released anyway
+                    LOGGER.warning("could not set run %s Crashed: %s", run_id, exc)
 
     async def _release_claims_of_dead_runs(self, claimed: list[Path]) -> None:
         """Claims made on other hosts are judged by their flow run: a finished run owns nothing."""
@@ -116,6 +141,7 @@ class Dispatcher:
 
     async def ready_cases(self) -> tuple[cf.Scan, list[cf.Candidate]]:
         scan = await anyio.to_thread.run_sync(self._scan)
+        await self._crash_orphaned_runs()
         await self._release_claims_of_dead_runs(scan.claimed)
         now = dt.datetime.now().time()
         offpeak = cf.is_offpeak(self.settings.offpeak_start, self.settings.offpeak_end, now)
@@ -127,7 +153,9 @@ class Dispatcher:
             return None
         if not cf.claim_case(cand.path):
             return None
-        job = asyncio.create_task(run_case(cand.path, cand.priority, cand.task, self.settings))
+        job = asyncio.create_task(
+            run_case(cand.path, cand.priority, cand.task, self.settings, self._deployment)
+        )
         self._in_flight.add(job)
         job.add_done_callback(self._in_flight.discard)
         return job

@@ -47,9 +47,9 @@ class DispatchEnv:
         return dict(json.loads((case / "task.json").read_text()))
 
     def dispatch(self, case: Path | str) -> dict[str, Any]:
-        from flows.dispatch import dispatch_case
+        from flows.dispatch import run_dispatch
 
-        return dict(asyncio.run(dispatch_case(str(case))))
+        return dict(asyncio.run(run_dispatch(str(case))))
 
 
 @pytest.fixture

@@ -73,9 +73,11 @@ def test_failed_attempts_are_failed_runs_told_apart_by_name(
     runs = case_runs(case.name)
     assert len(runs) == 2
     retry, final = (r.state for r in runs)
-    assert retry is not None and final is not None
+    assert retry is not None
+    assert final is not None
     assert (retry.type, retry.name) == (StateType.FAILED, RETRY_PENDING)
-    assert "share" in (retry.message or "") and "\n" not in (retry.message or "")
+    assert "share" in (retry.message or "")
+    assert "\n" not in (retry.message or "")
     assert (final.type, final.name) == (StateType.FAILED, "Failed")
     assert (final.message or "").startswith("moved to error/: Max retries reached")
 
@@ -85,7 +87,8 @@ def test_success_is_completed_and_a_held_case_is_skipped(env: DispatchEnv, tmp_p
     held = make_case(env.outgoing, ["share"])
     (held / ".processing").touch()  # mercure's own dispatcher holds it (an empty marker)
     assert env.dispatch(held)["location"] == "skipped"
-    assert (held / ".processing").exists() and not list((tmp_path / "share").glob("*"))
+    assert (held / ".processing").exists()
+    assert not list((tmp_path / "share").glob("*"))
     (skip_run,) = case_runs(held.name)
     assert skip_run.state is not None
     assert (skip_run.state.type, skip_run.state.name) == (StateType.CANCELLED, SKIPPED)
@@ -93,7 +96,9 @@ def test_success_is_completed_and_a_held_case_is_skipped(env: DispatchEnv, tmp_p
     (held / ".processing").unlink()
     assert env.dispatch(held)["location"] == "success"
     done = case_runs(held.name)[-1].state
-    assert done is not None and done.type == StateType.COMPLETED and done.name == "Completed"
+    assert done is not None
+    assert done.type == StateType.COMPLETED
+    assert done.name == "Completed"
 
 
 def test_recovered_claim_sets_its_run_crashed(env: DispatchEnv, tmp_path: Path) -> None:
@@ -129,7 +134,8 @@ def test_recovered_claim_sets_its_run_crashed(env: DispatchEnv, tmp_path: Path) 
 
     assert (env.success / case.name).is_dir()
     state = one_run(ghost.id).state
-    assert state is not None and state.type == StateType.CRASHED
+    assert state is not None
+    assert state.type == StateType.CRASHED
     assert "gone" in (state.message or "")
 
 

@@ -36,9 +36,9 @@ from blocks.base import QueryTarget
 from blocks.errors import ConfigError
 from blocks.qr import AccessionNotFound, not_found
 from blocks.registry import aload_target
-from blocks.settings import DEFAULT_QUICK_RETRY_DELAYS, DispatcherSettings
+from blocks.settings import DispatcherSettings
 from tasks import casefolder as cf
-from tasks.retry import quick_retries, transient_only
+from tasks.retry import peer_task, quick_retries
 from tasks.taskjson import new_task, parse_task, write_task
 
 __all__ = [
@@ -155,15 +155,7 @@ async def _follow(progress: _Progress, artifact: UUID) -> None:
             await asyncio.wait_for(progress.done.wait(), PROGRESS_INTERVAL)
 
 
-@task(
-    name="retrieve_accession",
-    task_run_name="retrieve-{accession}",
-    retries=len(DEFAULT_QUICK_RETRY_DELAYS),
-    retry_delay_seconds=list(DEFAULT_QUICK_RETRY_DELAYS),
-    retry_condition_fn=transient_only,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@peer_task("retrieve_accession", task_run_name="retrieve-{accession}")
 async def retrieve_accession(
     target: str, accession: str, filters: dict[str, list[str]], folder: str
 ) -> dict[str, Any]:

@@ -3,47 +3,47 @@
 ``dicom-dispatch serve`` adds them to its runner with :func:`add_query_deployments`. The
 ``retrieve`` deployment carries the concurrency limit of retrievals (a deployment limit: runs
 beyond it wait as ``AwaitingConcurrencySlot`` *scheduled* runs, holding no process, on every
-host that serves it). The limit is ``DICOM_DISPATCH_RETRIEVE_LIMIT`` (default 2: PACS are
-shared, and C-MOVE retrievals on one host take turns on the Storage SCP port anyway); 0 means
-no limit. It can also be changed on the deployment in the UI until the next start.
+host that serves it). The limit is ``DispatcherSettings.retrieve_limit`` (default 2: PACS are
+shared, and C-MOVE retrievals on one host take turns on the Storage SCP port anyway; 0 means no
+limit), read when the deployments are served; the deprecated ``DICOM_DISPATCH_RETRIEVE_LIMIT``
+still overrides it, with a warning. It can also be changed on the deployment in the UI until
+the next start.
 
 ``python -m deployments.query_service`` serves only these three deployments, for a host that
-does query/retrieve without dispatching (and for the tests).
+does query/retrieve without dispatching (and for the tests); its ``--limit`` overrides the
+setting.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from prefect.runner import Runner
 
-__all__ = ["DEFAULT_RETRIEVE_LIMIT", "add_query_deployments", "retrieve_limit"]
-
-DEFAULT_RETRIEVE_LIMIT = 2
-LIMIT_ENV = "DICOM_DISPATCH_RETRIEVE_LIMIT"
+__all__ = ["add_query_deployments", "aretrieve_limit"]
 
 
-def retrieve_limit() -> int:
-    """Retrievals at once across all hosts (0: no limit)."""
-    value = os.environ.get(LIMIT_ENV, "").strip()
-    try:
-        return max(0, int(value)) if value else DEFAULT_RETRIEVE_LIMIT
-    except ValueError:
-        return DEFAULT_RETRIEVE_LIMIT
+async def aretrieve_limit() -> int:
+    """Retrievals at once across all hosts (0: no limit), from ``DispatcherSettings``."""
+    from blocks.registry import aload_settings
+
+    return (await aload_settings()).with_overrides().retrieve_limit
 
 
 async def add_query_deployments(runner: Runner, limit: int | None = None) -> None:
-    """Serve ``query``, ``retrieve`` (with the retrieval limit) and ``retrieve-batch``."""
+    """Serve ``query``, ``retrieve`` (with the retrieval limit) and ``retrieve-batch``.
+
+    ``limit`` (retrievals at once, 0: none) replaces ``DispatcherSettings.retrieve_limit``.
+    """
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.types.entrypoint import EntrypointType
 
     from flows.query import RETRIEVE_TAG, query, retrieve, retrieve_batch
 
-    wanted = retrieve_limit() if limit is None else limit
+    wanted = await aretrieve_limit() if limit is None else limit
     concurrency = (
         ConcurrencyLimitConfig(limit=wanted, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
         if wanted > 0

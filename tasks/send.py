@@ -12,15 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from prefect import Task, task
-from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import State, TaskRun
 from prefect.logging import get_run_logger
 
 from blocks.base import SendContext
-from blocks.errors import TransientTargetError
 from blocks.registry import aload_target
-from blocks.settings import DEFAULT_QUICK_RETRY_DELAYS
+from tasks.retry import peer_task
 from tasks.taskjson import read_task
 
 __all__ = ["TOTAL_TAG", "send_tags", "send_to_target", "target_tag", "type_tag"]
@@ -44,18 +40,7 @@ def send_tags(target_name: str, target_type: str) -> list[str]:
     return [TOTAL_TAG, type_tag(target_type), target_tag(target_name)]
 
 
-def _transient_only(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-    return isinstance(state.data, TransientTargetError)
-
-
-@task(
-    name="send_to_target",
-    retries=len(DEFAULT_QUICK_RETRY_DELAYS),
-    retry_delay_seconds=list(DEFAULT_QUICK_RETRY_DELAYS),
-    retry_condition_fn=_transient_only,
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@peer_task("send_to_target")
 async def send_to_target(
     case_dir: str, target_name: str, report_name: str | None
 ) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from flows.case_states import (
 )
 from tasks import casefolder as cf
 from tasks.admission import shared_admission
+from tasks.retry import quick_retries
 from tasks.send import send_tags, send_to_target
 from tasks.taskjson import Task, TaskFileError, read_task, read_task_raw, target_names
 
@@ -305,10 +306,7 @@ async def _send_one(
     """Run the send task for one target and record its outcome in task.json at once."""
     run_tags = send_tags(name, block.target_type)
     task = send_to_target.with_options(
-        tags=run_tags,
-        task_run_name=f"send-{name}",
-        retries=len(retry_delays),
-        retry_delay_seconds=list(retry_delays) or 0,
+        tags=run_tags, task_run_name=f"send-{name}", **quick_retries(retry_delays)
     )
     # The send task takes only the send tags: with the case's flow-run tags too (case:<id>…),
     # every case would have its own tag set, and Prefect keeps a slot-acquisition service

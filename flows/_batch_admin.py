@@ -24,7 +24,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.objects import Artifact, FlowRun, State, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
-from prefect.states import AwaitingRetry, Paused, Scheduled
+from prefect.states import AwaitingRetry, Completed, Failed, Paused, Scheduled
 
 from blocks.errors import ConfigError, describe_error
 from blocks.registry import aload_settings
@@ -194,13 +194,19 @@ async def latest_artifact(client: PrefectClient, key: str) -> Artifact | None:
     return Artifact.model_validate(found[0]) if found else None
 
 
-async def after_child(batch_id: str, destination: str) -> None:
-    """A child finished its work: update the batch's progress, and mark a whole folder job."""
+async def after_child(
+    batch_id: str, destination: str, child_id: str | None = None, failed: str | None = None
+) -> None:
+    """A child finished its work (``failed``: why it did not): update the batch's progress,
+    mark a whole folder job, and when it was the last one, give the batch run its final state.
+    """
     logger = get_run_logger()
     try:
         async with get_client() as client:
             parent = await _read_batch(client, batch_id)
             status = await batch_status(batch_id, client=client)
+            if child_id is not None:
+                await _settle_batch(client, parent, child_id, failed)
             if destination != OUTGOING:
                 job_dir = Path(destination).expanduser() / batch_id
                 here = {p.name for p in job_dir.iterdir() if p.is_dir()}
@@ -210,6 +216,56 @@ async def after_child(batch_id: str, destination: str) -> None:
             logger.info("batch %s: %s", batch_id, json.dumps(status.counts))
     except Exception as exc:  # bookkeeping must not fail a retrieval that succeeded
         logger.warning("could not update batch %s: %s", batch_id, describe_error(exc))
+
+
+def settled_state(
+    runs: Sequence[FlowRun], expected: int, child_id: str | None = None, failed: str | None = None
+) -> State[Any] | None:
+    """The state a batch run should show once none of its children is left to run, else None.
+
+    ``child_id`` is a child that is ending now (its own state is not final yet) and ``failed``
+    why it did not retrieve. ``Completed`` when every accession was retrieved, else ``Failed``
+    naming what was not: a failed batch looks failed in the UI, and a ``batch retry`` that
+    succeeds makes it Completed again.
+    """
+    others = [r for r in runs if str(r.id) != child_id]
+    if len(runs) < expected or any(r.state is None or not r.state.is_final() for r in others):
+        return None
+    bad = [
+        f"{r.parameters.get('accession', '')}: {r.state.name if r.state else 'unknown'}"
+        for r in others
+        if r.state is not None and not r.state.is_completed()
+    ]
+    if failed is not None:
+        here = next((r for r in runs if str(r.id) == child_id), None)
+        bad.append(f"{here.parameters.get('accession', '') if here else ''}: {failed}")
+    if bad:
+        message = f"{len(bad)} of {len(runs)} retrievals failed: " + "; ".join(bad)
+        return Failed(message=describe_error(message))
+    return Completed(message=f"all {len(runs)} accessions retrieved")
+
+
+async def _settle_batch(
+    client: PrefectClient, parent: FlowRun, child_id: str, failed: str | None
+) -> None:
+    """The last child to end gives the batch run its final state (see :func:`settled_state`).
+
+    While the batch run is still running it settles itself when it returns.
+    """
+    if parent.state is None or not parent.state.is_final():
+        return
+    runs = await _children(client, str(parent.id))
+    state = settled_state(runs, len(_expected(parent)), child_id, failed)
+    if state is None:
+        return
+    if parent.state.type == state.type and parent.state.message == state.message:
+        return
+    await client.set_flow_run_state(parent.id, state, force=True)
+
+
+async def children_of(client: PrefectClient, batch_id: str) -> list[FlowRun]:
+    """Every child run of a batch (read by its ``batch:<id>`` tag)."""
+    return await _children(client, batch_id)
 
 
 async def _resume_time(parent: FlowRun) -> dt.datetime:

@@ -33,11 +33,13 @@ from typing import Any
 import anyio
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run as current_run
 
-from blocks.errors import ConfigError
+from blocks.errors import ConfigError, describe_error
 from blocks.qr import Level, QueryError, check_accession, normalize_filters
 from blocks.registry import aload_settings
+from blocks.settings import DispatcherSettings
 from flows._batch import (
     BATCH_TAG,
     RETRIEVE_DEPLOYMENT,
@@ -52,10 +54,12 @@ from flows._batch_admin import (
     BatchStatus,
     after_child,
     batch_status,
+    children_of,
     latest_artifact,
     pause_batch,
     resume_batch,
     retry_batch,
+    settled_state,
 )
 from tasks.retrieve import (
     OUTGOING,
@@ -166,6 +170,26 @@ async def retrieve(
     settings = await aload_settings()
     await hold_for_offpeak(settings)
     batch = batch_of_current_run()
+    if batch is None:
+        return await _retrieve(settings, None, target, accession, filters, destination, targets)
+    try:
+        outcome = await _retrieve(settings, batch, target, accession, filters, destination, targets)
+    except Exception as exc:
+        await after_child(batch, destination, run_id(), describe_error(exc))
+        raise
+    await after_child(batch, destination, run_id())
+    return outcome
+
+
+async def _retrieve(
+    settings: DispatcherSettings,
+    batch: str | None,
+    target: str,
+    accession: str,
+    filters: dict[str, Any] | None,
+    destination: str,
+    targets: list[str] | None,
+) -> dict[str, Any]:
     accession = check_accession(accession)
     wanted = normalize_filters(filters)
     job_id = batch or run_id()
@@ -179,8 +203,6 @@ async def retrieve(
     else:
         raise ConfigError(f"destination must be an absolute folder or {OUTGOING!r}")
     outcome.update({"target": target, "accession": accession, "job_id": job_id})
-    if batch:
-        await after_child(batch, destination)
     return outcome
 
 
@@ -198,7 +220,7 @@ async def retrieve_batch(
     destination: str = OUTGOING,
     targets: list[str] | None = None,
     offpeak: bool = False,
-) -> dict[str, Any]:
+) -> Any:
     """Check a list of accession numbers, then start one ``retrieve`` deployment run for each.
 
     Args:
@@ -214,4 +236,10 @@ async def retrieve_batch(
     Returns:
         The batch id (this run's id), the child run per accession and when they are scheduled.
     """
-    return await start_batch(target, accessions, filters, destination, targets, offpeak)
+    result = await start_batch(target, accessions, filters, destination, targets, offpeak)
+    async with get_client() as client:  # children that ended already (a rerun, a fast Runner)
+        settled = settled_state(await children_of(client, result["batch_id"]), result["total"])
+    if settled is not None and settled.is_failed():
+        settled.data = result
+        return settled
+    return result

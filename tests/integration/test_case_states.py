@@ -216,3 +216,46 @@ def _retry_from_ui(run_id: Any) -> None:
             await client.set_flow_run_state(run_id, AwaitingRetry(), force=True)
 
     asyncio.run(retry())
+
+
+def test_a_killed_service_leaves_no_running_ghost(env: DispatchEnv, tmp_path: Path) -> None:
+    """SIGKILL mid-send, never restarted: the automation sets the run Crashed within its window.
+
+    The peer accepts the TCP connection and never answers, so the send is in flight when the
+    service dies; nothing on this host will ever report the run's end.
+    """
+    import socket
+    import threading
+
+    from blocks.dicom import DicomTarget
+    from deployments.automations import ZOMBIE_WINDOW_SECONDS
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
+    port = silent.getsockname()[1]
+    env.save_target(DicomTarget(ip="127.0.0.1", port=port, acse_timeout=600), "silent")
+
+    log = tmp_path / "serve.log"
+    proc_env = {**os.environ, "DICOM_DISPATCH_HOME": str(tmp_path / "home")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*CLI, "serve"], env=proc_env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        case = make_case(env.outgoing, ["silent"])
+        wait_for(lambda: bool(case_runs(case.name)), 90, "the case's run")
+        (run,) = case_runs(case.name)
+        wait_for(lambda: _state(run.id).type == StateType.RUNNING, 60, "the run to be running")
+        wait_for(lambda: bool(held), 30, "the send to connect")
+    finally:
+        proc.kill()
+        proc.wait(30)
+        silent.close()
+    wait_for(
+        lambda: _state(run.id).type == StateType.CRASHED,
+        ZOMBIE_WINDOW_SECONDS + 60,
+        "the zombie-run automation",
+    )
+    assert "heartbeat" in (_state(run.id).message or "")
+    assert (case / ".processing").exists(), "the claim stays until a dispatcher recovers it"

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 
@@ -181,6 +182,17 @@ def wait_batch(batch_id: str, state: str, timeout: float) -> Any:
     status = batch(batch_id)
     assert status.state == state, status.as_dict()
     return status
+
+
+def batch_run_state(batch_id: str) -> Any:
+    """The batch run's own state, as the UI's runs list shows it."""
+    from prefect.client.orchestration import get_client
+
+    async def read() -> Any:
+        async with get_client() as client:
+            return (await client.read_flow_run(UUID(batch_id))).state
+
+    return asyncio.run(read())
 
 
 def run_batch(env: DispatchEnv, accessions: list[str], dest: Path, **kw: Any) -> str:
@@ -408,12 +420,16 @@ def test_batch_of_three_with_one_failure_then_retry(
         job = tmp_path / batch_id
         assert {p.name for p in job.iterdir()} == {"QR-B", "QR-C"}
         assert not (job / ".complete").exists()
+        run_state = batch_run_state(batch_id)
+        assert run_state.is_failed(), run_state  # a failed batch looks failed in the UI
+        assert "QR-D" in (run_state.message or "")
     finally:
         put_back(peer.orthanc, blobs)
 
     assert cli("batch", "retry", batch_id) == 0
     wait_batch(batch_id, "Completed", 120)
     assert (job / ".complete").exists()
+    assert batch_run_state(batch_id).is_completed()
     for accession in ("QR-B", "QR-C", "QR-D"):
         assert digests(job / accession) == expected(peer.studies[accession])
     assert asyncio.run(retry_batch(batch_id)) == 0  # nothing left to retry

@@ -18,6 +18,9 @@ ending it, and releases the slots only when the process is gone. If the executor
 its jobs die with it (parent-death signal) and the server revokes their leases after
 ``jobs_lease_seconds`` (+ the repossessor's loop); the next executor on that host marks their
 runs Crashed.
+
+(Just over 400 lines: one class whose steps share the table of running jobs and the client; the
+server-side pieces are in ``queue``, the process in ``process``.)
 """
 
 from __future__ import annotations

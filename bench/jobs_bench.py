@@ -246,7 +246,7 @@ def run_all(args: argparse.Namespace, base: Path, out: Path, figures: dict[str, 
 
         from deployments.background_service import ExecutorSettings
 
-        settings = ExecutorSettings.from_env()
+        settings = asyncio.run(ExecutorSettings.aload())
         print(
             f"settings: prefect {prefect_version}, python {platform.python_version()}, "
             f"{os.cpu_count()} CPUs, executor poll {settings.poll_seconds} s, lease "

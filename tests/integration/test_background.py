@@ -271,10 +271,11 @@ def test_queue_positions_priority_cross_type_and_remove(executor: Executor, out:
 # --------------------------------------------------------------------------- terminate, kill
 
 
-def test_terminate_kills_the_process_and_frees_the_slot(executor: Executor, out: Path) -> None:
-    from flows.background import FORCEFULLY_ABORTED, run_in_background_with_limits, wait_task
+def victim_and_follower(out: Path, t: str) -> tuple[Any, Any, int]:
+    """A job of type ``t`` (limit 1) that runs until stopped, one queued behind it for its
+    slot, and the pid of the first once it started."""
+    from flows.background import run_in_background_with_limits
 
-    t = f"T-{kinds()}"
     victim = run_in_background_with_limits(
         f"{FIXTURES}:wait_for_file", t, 0, {t: 1}, str(out), "victim", str(out / "never")
     )
@@ -282,9 +283,14 @@ def test_terminate_kills_the_process_and_frees_the_slot(executor: Executor, out:
         f"{FIXTURES}:timed", t, 0, {t: 1}, str(out), "after", t, 0.1
     )
     wait_for(lambda: started(out, "victim"), 30, "the victim to start")
-    pid = read(out, "victim.start")["pid"]
+    return victim, after, int(read(out, "victim.start")["pid"])
 
-    from flows.background import terminate_background
+
+def test_terminate_kills_the_process_and_frees_the_slot(executor: Executor, out: Path) -> None:
+    from flows.background import FORCEFULLY_ABORTED, terminate_background, wait_task
+
+    t = f"T-{kinds()}"
+    victim, after, pid = victim_and_follower(out, t)
 
     t0 = time.monotonic()
     record = terminate_background(victim)
@@ -303,17 +309,11 @@ def test_terminate_kills_the_process_and_frees_the_slot(executor: Executor, out:
 def test_sigkilled_job_gives_its_slot_back(executor: Executor, out: Path) -> None:
     """SIGKILL of a job's process: the run ends Crashed and its slot is reused within seconds
     (well inside the lease time, which only matters if the executor dies too)."""
-    from flows.background import get_task, run_in_background_with_limits, wait_task
+    from flows.background import get_task, wait_task
 
     t = f"K-{kinds()}"
-    victim = run_in_background_with_limits(
-        f"{FIXTURES}:wait_for_file", t, 0, {t: 1}, str(out), "victim", str(out / "never")
-    )
-    after = run_in_background_with_limits(
-        f"{FIXTURES}:timed", t, 0, {t: 1}, str(out), "after", t, 0.1
-    )
-    wait_for(lambda: started(out, "victim"), 30, "the victim to start")
-    os.kill(read(out, "victim.start")["pid"], signal.SIGKILL)
+    victim, after, pid = victim_and_follower(out, t)
+    os.kill(pid, signal.SIGKILL)
     killed_at = time.time()
     assert wait_task(after, timeout=60).completed_successfully
     delay = read(out, "after")["start"] - killed_at

@@ -1,8 +1,9 @@
 """mercure's Folder target: copy the case into ``<folder>/<uuid4>/`` and mark it ``.complete``.
 
-Fixes over mercure (DESIGN 4.1): the claim marker and our temporary files are never copied; the
-copy is built in a hidden staging folder and renamed into place with ``.complete`` already inside,
-so a consumer never sees half a case and a failed or retried attempt leaves no partial duplicate.
+Fixes over mercure (architecture §4.1): the claim marker and our temporary files are never
+copied; the copy is built in a hidden staging folder and renamed into place with ``.complete``
+already inside, so a consumer never sees half a case and a failed or retried attempt leaves no
+partial duplicate.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ the site's completion script.
 
 Remote layout as mercure's: ``<folder>/<case folder name>/`` with the case's files, then
 ``ssh touch .../.complete``, then (``run_on_complete``) ``<folder>/mercure_complete.sh
-<folder>/<case> <target name>``. Fixes over mercure (DESIGN 4.1, 4.2):
+<folder>/<case> <target name>``. Fixes over mercure (architecture §4.1, §4.2):
 
 - the host key is checked against ``known_hosts_file`` (``StrictHostKeyChecking=yes``; mercure:
   ``accept-new``, which ``trust_on_first_use`` restores); port, key and known-hosts file are

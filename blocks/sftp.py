@@ -1,7 +1,7 @@
 """mercure's SFTP target, sent with paramiko, and the SSH settings it shares with rsync.
 
 Remote layout as mercure's: ``<folder>/<case folder name>/`` with every file of the case and an
-empty ``.complete`` written last. Fixes over mercure (DESIGN 4.1):
+empty ``.complete`` written last. Fixes over mercure (architecture §4.1):
 
 - the host key is checked against a known-hosts file (mercure: ``accept-new``); an unknown key is
   a clear error telling how to fix it, unless ``trust_on_first_use`` is set, which records it;
@@ -142,7 +142,7 @@ class SshTarget(DispatchTarget, ABC):
         return posixpath.join(self.folder, context.case_dir.name)
 
     def unknown_host_key_hint(self) -> str:
-        """How to fix an unknown host key (DESIGN 4.1: ``targets test`` says so)."""
+        """How to fix an unknown host key (architecture §4.1: ``targets test`` says so)."""
         return (
             f"check the server's key fingerprint, then add it with "
             f"'ssh-keyscan -p {self.port} {self.host} >> {self.known_hosts_path()}', "

@@ -1,4 +1,4 @@
-"""Where dicom-dispatch keeps its data, and which Prefect API a command talks to (DESIGN 4.6).
+"""Where dicom-dispatch keeps its data, and which Prefect API a command uses (architecture §4.6).
 
 Everything here runs *before* Prefect is imported: Prefect reads its settings from the
 environment once, so the data directory, ``PREFECT_HOME``, the database and the API URL must be

@@ -1,4 +1,4 @@
-"""The query/retrieve deployments: ``query``, ``retrieve`` and ``retrieve-batch`` (DESIGN 4.3).
+"""The query/retrieve deployments ``query``, ``retrieve``, ``retrieve-batch`` (architecture §4.3).
 
 ``dicom-dispatch serve`` adds them to its runner with :func:`add_query_deployments`. The
 ``retrieve`` deployment carries the concurrency limit of retrievals (a deployment limit: runs

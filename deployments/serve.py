@@ -1,4 +1,4 @@
-"""``dicom-dispatch serve``: the whole service in one command (DESIGN 4.6).
+"""``dicom-dispatch serve``: the whole service in one command (architecture §4.6).
 
 Without ``PREFECT_API_URL``: a local Prefect server with its UI (embedded PostgreSQL, filesystem
 lease storage) as a child process. Always: block types registered, tag limits set from the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from flows._batch import AGAIN, BATCH_TAG, next_offpeak_start, now, progress_key
 from tasks import casefolder as cf
 from tasks.retrieve import OUTGOING, accession_folder_name, parse_accessions
 
+LOGGER = logging.getLogger(__name__)
 #: Runs that have not been picked up yet (a Pending run is already starting: it may finish).
 _WAITING = (StateType.SCHEDULED,)
 _PAGE = 200
@@ -194,19 +196,13 @@ async def latest_artifact(client: PrefectClient, key: str) -> Artifact | None:
     return Artifact.model_validate(found[0]) if found else None
 
 
-async def after_child(
-    batch_id: str, destination: str, child_id: str | None = None, failed: str | None = None
-) -> None:
-    """A child finished its work (``failed``: why it did not): update the batch's progress,
-    mark a whole folder job, and when it was the last one, give the batch run its final state.
-    """
+async def after_child(batch_id: str, destination: str) -> None:
+    """A child finished its work: update the batch's progress, and mark a whole folder job."""
     logger = get_run_logger()
     try:
         async with get_client() as client:
             parent = await _read_batch(client, batch_id)
             status = await batch_status(batch_id, client=client)
-            if child_id is not None:
-                await _settle_batch(client, parent, child_id, failed)
             if destination != OUTGOING:
                 job_dir = Path(destination).expanduser() / batch_id
                 here = {p.name for p in job_dir.iterdir() if p.is_dir()}
@@ -218,49 +214,45 @@ async def after_child(
         logger.warning("could not update batch %s: %s", batch_id, describe_error(exc))
 
 
-def settled_state(
-    runs: Sequence[FlowRun], expected: int, child_id: str | None = None, failed: str | None = None
-) -> State[Any] | None:
+def settled_state(runs: Sequence[FlowRun], expected: int) -> State[Any] | None:
     """The state a batch run should show once none of its children is left to run, else None.
 
-    ``child_id`` is a child that is ending now (its own state is not final yet) and ``failed``
-    why it did not retrieve. ``Completed`` when every accession was retrieved, else ``Failed``
-    naming what was not: a failed batch looks failed in the UI, and a ``batch retry`` that
-    succeeds makes it Completed again.
+    ``Completed`` when every accession was retrieved, else ``Failed`` naming what was not: a
+    failed batch looks failed in the UI, and a ``batch retry`` that succeeds makes it Completed
+    again.
     """
-    others = [r for r in runs if str(r.id) != child_id]
-    if len(runs) < expected or any(r.state is None or not r.state.is_final() for r in others):
+    if len(runs) < expected or any(r.state is None or not r.state.is_final() for r in runs):
         return None
     bad = [
-        f"{r.parameters.get('accession', '')}: {r.state.name if r.state else 'unknown'}"
-        for r in others
+        f"{r.parameters.get('accession', '')}: {r.state.name}: {r.state.message or ''}".rstrip(": ")
+        for r in runs
         if r.state is not None and not r.state.is_completed()
     ]
-    if failed is not None:
-        here = next((r for r in runs if str(r.id) == child_id), None)
-        bad.append(f"{here.parameters.get('accession', '') if here else ''}: {failed}")
     if bad:
         message = f"{len(bad)} of {len(runs)} retrievals failed: " + "; ".join(bad)
         return Failed(message=describe_error(message))
     return Completed(message=f"all {len(runs)} accessions retrieved")
 
 
-async def _settle_batch(
-    client: PrefectClient, parent: FlowRun, child_id: str, failed: str | None
-) -> None:
-    """The last child to end gives the batch run its final state (see :func:`settled_state`).
+async def settle_batch(batch_id: str) -> None:
+    """Give a batch run the state its children add up to, once they all ended.
 
-    While the batch run is still running it settles itself when it returns.
+    Called when each child ends; while the batch run itself is still running it settles
+    itself when it returns. Never fails the child that calls it.
     """
-    if parent.state is None or not parent.state.is_final():
-        return
-    runs = await _children(client, str(parent.id))
-    state = settled_state(runs, len(_expected(parent)), child_id, failed)
-    if state is None:
-        return
-    if parent.state.type == state.type and parent.state.message == state.message:
-        return
-    await client.set_flow_run_state(parent.id, state, force=True)
+    try:
+        async with get_client() as client:
+            parent = await _read_batch(client, batch_id)
+            if parent.state is None or not parent.state.is_final():
+                return
+            state = settled_state(await _children(client, batch_id), len(_expected(parent)))
+            if state is None:
+                return
+            if parent.state.type == state.type and parent.state.message == state.message:
+                return
+            await client.set_flow_run_state(parent.id, state, force=True)
+    except Exception as exc:  # bookkeeping must not fail a retrieval
+        LOGGER.warning("could not settle batch %s: %s", batch_id, describe_error(exc))
 
 
 async def children_of(client: PrefectClient, batch_id: str) -> list[FlowRun]:

@@ -1,4 +1,4 @@
-"""Query and retrieve: ``query``, ``retrieve`` and ``retrieve_batch`` (DESIGN 4.3).
+"""Query and retrieve: ``query``, ``retrieve`` and ``retrieve_batch`` (architecture §4.3).
 
 * ``query``: the target block's ``find`` (C-FIND or QIDO-RS) by accession number and filters;
   the rows are returned and published as a table artifact.
@@ -34,12 +34,12 @@ import anyio
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.runtime import flow_run as current_run
 
-from blocks.errors import ConfigError, describe_error
+from blocks.errors import ConfigError
 from blocks.qr import Level, QueryError, check_accession, normalize_filters
 from blocks.registry import aload_settings
-from blocks.settings import DispatcherSettings
 from flows._batch import (
     BATCH_TAG,
     RETRIEVE_DEPLOYMENT,
@@ -59,6 +59,7 @@ from flows._batch_admin import (
     pause_batch,
     resume_batch,
     retry_batch,
+    settle_batch,
     settled_state,
 )
 from tasks.retrieve import (
@@ -144,7 +145,26 @@ def _retrieve_run_name() -> str:
     return f"{params.get('accession', '')} from {params.get('target', '')}".strip()
 
 
-@flow(name="retrieve", flow_run_name=_retrieve_run_name, persist_result=False)
+async def _settle_batch_of(flow: Any, flow_run: FlowRun, state: State[Any]) -> None:
+    """Hook on a retrieve's final state: the last child of a batch settles the batch run.
+
+    A hook runs after the run's own final state is recorded, so of two children ending at
+    the same moment at least one sees the other ended too.
+    """
+    batch = next((t[len(BATCH_TAG) :] for t in flow_run.tags if t.startswith(BATCH_TAG)), None)
+    if batch is not None:
+        await settle_batch(batch)
+
+
+@flow(
+    name="retrieve",
+    flow_run_name=_retrieve_run_name,
+    persist_result=False,
+    on_completion=[_settle_batch_of],
+    on_failure=[_settle_batch_of],
+    on_crashed=[_settle_batch_of],
+    on_cancellation=[_settle_batch_of],
+)
 async def retrieve(
     target: str,
     accession: str,
@@ -170,26 +190,6 @@ async def retrieve(
     settings = await aload_settings()
     await hold_for_offpeak(settings)
     batch = batch_of_current_run()
-    if batch is None:
-        return await _retrieve(settings, None, target, accession, filters, destination, targets)
-    try:
-        outcome = await _retrieve(settings, batch, target, accession, filters, destination, targets)
-    except Exception as exc:
-        await after_child(batch, destination, run_id(), describe_error(exc))
-        raise
-    await after_child(batch, destination, run_id())
-    return outcome
-
-
-async def _retrieve(
-    settings: DispatcherSettings,
-    batch: str | None,
-    target: str,
-    accession: str,
-    filters: dict[str, Any] | None,
-    destination: str,
-    targets: list[str] | None,
-) -> dict[str, Any]:
     accession = check_accession(accession)
     wanted = normalize_filters(filters)
     job_id = batch or run_id()
@@ -203,6 +203,8 @@ async def _retrieve(
     else:
         raise ConfigError(f"destination must be an absolute folder or {OUTGOING!r}")
     outcome.update({"target": target, "accession": accession, "job_id": job_id})
+    if batch:
+        await after_child(batch, destination)
     return outcome
 
 

@@ -2,8 +2,8 @@
 
 Prefect's tag limits are the authority across processes and hosts, but a refused slot (HTTP 423)
 costs a Retry-After back-off of about 0.3 s per hand-over. Admitting work locally first means the
-server's limit is seldom the one that says no (DESIGN 5). Waiters are served first come, first
-served, which Prefect's own back-off does not promise.
+server's limit is seldom the one that says no (architecture §5). Waiters are served first come,
+first served, which Prefect's own back-off does not promise.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every function here works on the file system only (no Prefect), so the protocol can be tested
 and reasoned about on its own. The behaviour is mercure's dispatcher (``status.py``,
-``dispatcher.py``, ``retry.py``, ``send.py``), with the quirks fixed as DESIGN 4.1 says:
+``dispatcher.py``, ``retry.py``, ``send.py``), with the quirks fixed as architecture §4.1 says:
 the 2:1 interleave falls back to the other list, priority is the highest triggered rule,
 invalid folders are moved to ``error/`` after a grace period with a reason, and a claim whose
 owner is provably gone is released.

@@ -52,7 +52,7 @@ class TaskFileError(CaseError):
 
 
 class _Model(BaseModel):
-    # Keys we don't know are accepted (DESIGN 4.1); they live on in the raw dict we rewrite.
+    # Keys we don't know are accepted (architecture §4.1); they live on in the raw dict we rewrite.
     model_config = ConfigDict(extra="allow")
 
 

@@ -1,0 +1,110 @@
+"""The rooms keep their shape: imports point down, private modules stay home, cores need no Prefect.
+
+architecture §2.3. Read from the source (no import of the checked modules), except the
+Prefect-free check, which imports the cores in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("blocks", "tasks", "flows", "deployments")
+#: The pure bottom: what every other room may use, and which uses nothing above it.
+BOTTOM = {"blocks.errors", "blocks.host", "tasks.taskjson", "tasks.casefolder"}
+#: Modules that must import without Prefect (unit-testable, usable from any script).
+PREFECT_FREE = sorted(
+    BOTTOM
+    | {
+        "blocks.qr",
+        "blocks._dimse",
+        "blocks._dimse_qr",
+        "blocks._dicomweb_qr",
+        "blocks._stow",
+        "blocks._dcmsend",
+        "blocks._dcmsend_report",
+    }
+)
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def rank(module: str) -> int:
+    """0 bottom, 1 blocks, 2 tasks, 3 flows, 4 deployments."""
+    if module in BOTTOM:
+        return 0
+    return {"blocks": 1, "tasks": 2, "flows": 3, "deployments": 4}[module.split(".")[0]]
+
+
+def our_imports(path: Path) -> set[str]:
+    """Every module of ours that ``path`` imports, anywhere in the file (TYPE_CHECKING too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name.split(".")[0] in PACKAGES and _is_module(name):
+                found.add(name)
+    return found
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+SOURCES = sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
+def test_imports_point_down(path: Path) -> None:
+    me = module_name(path)
+    upward = sorted(
+        other
+        for other in our_imports(path)
+        if other.split(".")[0] != me.split(".")[0] or me in BOTTOM
+        if rank(other) > rank(me)
+    )
+    assert not upward, f"{me} imports from a higher layer: {upward}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
+def test_private_modules_are_imported_only_at_home(path: Path) -> None:
+    me = module_name(path)
+    foreign = []
+    for other in our_imports(path):
+        parts = other.split(".")
+        for i, part in enumerate(parts):
+            if part.startswith("_") and not part.startswith("__"):
+                home = ".".join(parts[:i])
+                if not (me == home or me.startswith(home + ".")):
+                    foreign.append(other)
+                break
+    assert not foreign, f"{me} imports private modules of another package: {sorted(foreign)}"
+
+
+def test_cores_do_not_import_prefect() -> None:
+    code = (
+        "import sys, importlib\n"
+        f"for name in {PREFECT_FREE!r}:\n"
+        "    importlib.import_module(name)\n"
+        "bad = sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

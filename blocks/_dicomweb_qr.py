@@ -45,7 +45,6 @@ from blocks.qr import (
     RetrieveItem,
     RetrieveResult,
     check_query,
-    expected_total,
     find_rows,
     not_found,
     plan_retrieve,
@@ -303,11 +302,7 @@ def _retrieve(
     if not rows:
         raise not_found(accession, wanted)
     items = plan_retrieve(rows, wanted)
-    destination.mkdir(parents=True, exist_ok=True)
-    expected = expected_total([i.expected for i in items])
-    receiver = Receiver(destination, {i.study_uid for i in items}, expected, progress)
-    if progress is not None:
-        progress(0, expected)
+    receiver = Receiver.for_items(destination, items, progress)
     base = target.service_url("wado")
     for item in items:
         if client is None:
@@ -317,15 +312,10 @@ def _retrieve(
         if item.series_uid:
             url += f"/series/{item.series_uid}"
         _wado(target, client, url, receiver)
-    result = RetrieveResult(
-        folder=destination,
-        method="WADO-RS",
-        backend="httpx" if not target.is_file_url else "file",
-        instances=dict(receiver.instances),
-        bytes=receiver.bytes,
-        expected=expected,
+    result = receiver.result(
+        "WADO-RS",
+        "httpx" if not target.is_file_url else "file",
         completed=len(receiver.instances),
-        rejected=list(receiver.rejected),
         elapsed=time.monotonic() - begin,
     )
     return check_result(result, f"WADO-RS from {target._where(base)}")

@@ -26,6 +26,9 @@ What it does, and why:
 * A missing response (timeout, abort, or pynetdicom 3.0.4 losing it) is recorded as
   ``status=None`` -- never as sent -- the association is aborted and the remaining files go on a
   new association. ``store_files`` raises only when no association could be made at all.
+
+Over 400 lines because the C-STORE loop, the file inspection and context planning it runs on,
+and the entry points are one algorithm; the worker processes preload exactly this module.
 """
 
 from __future__ import annotations

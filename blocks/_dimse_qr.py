@@ -50,7 +50,6 @@ from blocks.qr import (
     RetrieveItem,
     RetrieveResult,
     check_query,
-    expected_total,
     find_rows,
     row_from_dataset,
 )
@@ -273,16 +272,12 @@ def retrieve(
     instances arrived as were expected. The files that did arrive stay in ``folder`` either way.
     """
     begin = time.monotonic()
-    folder.mkdir(parents=True, exist_ok=True)
-    expected = expected_total([i.expected for i in items])
-    receiver = Receiver(folder, {i.study_uid for i in items}, expected, progress)
     service = "C-GET" if method == "get" else "C-MOVE"
     if method == "move" and not move_aet:
         raise PermanentTargetError(
             f"{peer.describe()}: C-MOVE needs move_destination_aet (our Storage SCP's AE title)"
         )
-    if progress is not None:
-        progress(0, expected)
+    receiver = Receiver.for_items(folder, items, progress)
     if backend == "dcmtk":
         staging = folder.parent / f".{folder.name}.dcmtk-{os.getpid()}"
         failed = dcmtk_retrieve(peer, items, receiver, method, move_aet, listen, staging)
@@ -291,17 +286,12 @@ def retrieve(
         counters = _c_get(peer, items, receiver)
     else:
         counters = _c_move(peer, items, receiver, move_aet, listen)
-    result = RetrieveResult(
-        folder=folder,
-        method=service,
-        backend=backend,
-        instances=dict(receiver.instances),
-        bytes=receiver.bytes,
-        expected=expected,
+    result = receiver.result(
+        service,
+        backend,
         completed=counters.completed,
         failed=counters.failed,
         warning=counters.warning,
-        rejected=list(receiver.rejected),
         elapsed=time.monotonic() - begin,
     )
     return check_result(result, f"{service} from {peer.describe()}")

@@ -23,7 +23,7 @@ from pynetdicom import evt
 from pynetdicom.dsutils import encode_file_meta
 
 from blocks.errors import PermanentTargetError, TransientTargetError, first_line
-from blocks.qr import Progress, RetrieveResult
+from blocks.qr import Progress, RetrieveItem, RetrieveResult, expected_total
 
 __all__ = ["Receiver", "check_result"]
 
@@ -56,6 +56,43 @@ class Receiver:
         self.bytes = 0
         self.rejected: list[str] = []
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_items(
+        cls, folder: Path, items: Sequence[RetrieveItem], progress: Progress | None
+    ) -> Receiver:
+        """A receiver for ``items`` into ``folder`` (created); reports progress 0 of expected."""
+        folder.mkdir(parents=True, exist_ok=True)
+        expected = expected_total([i.expected for i in items])
+        receiver = cls(folder, {i.study_uid for i in items}, expected, progress)
+        if progress is not None:
+            progress(0, expected)
+        return receiver
+
+    def result(
+        self,
+        method: str,
+        backend: str,
+        *,
+        completed: int,
+        failed: int = 0,
+        warning: int = 0,
+        elapsed: float,
+    ) -> RetrieveResult:
+        """What was received, with the sub-operation counts the peer reported."""
+        return RetrieveResult(
+            folder=self.folder,
+            method=method,
+            backend=backend,
+            instances=dict(self.instances),
+            bytes=self.bytes,
+            expected=self.expected,
+            completed=completed,
+            failed=failed,
+            warning=warning,
+            rejected=list(self.rejected),
+            elapsed=elapsed,
+        )
 
     def accept(
         self, data: bytes | Sequence[bytes | memoryview], sop_uid: str | None = None

@@ -11,9 +11,13 @@ one-line reason naming the target and the URL (user info and query stripped), ne
 written as ``<folder>/studies/<study>/series/<series>/instances/<sop>`` and indexed in the
 folder's ``.dicom-file-client.db``.
 
-Room for query/retrieve: :meth:`DicomWebTarget.service_url` gives the QIDO-RS and WADO-RS base
-URLs and :meth:`DicomWebTarget.get_client` the authenticated HTTP client that ``find`` and
-``retrieve`` will use.
+Query/retrieve: :meth:`DicomWebTarget.service_url` gives the QIDO-RS and WADO-RS base URLs and
+:meth:`DicomWebTarget.get_client` the authenticated HTTP client that ``find`` and ``retrieve``
+(``blocks._dicomweb_qr``) use.
+
+Over 400 lines because the fields, the authenticated client and the one error boundary that
+every DICOMweb request goes through belong to the block; the protocols are in ``blocks._stow``
+and ``blocks._dicomweb_qr``.
 """
 
 from __future__ import annotations

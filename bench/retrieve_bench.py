@@ -61,7 +61,7 @@ def _run_worker(kind: str, fields: dict[str, object], dest: Path) -> dict[str, f
 
 
 def _getscu(port: int, aet: str, study_uid: str, dest: Path) -> float:
-    from blocks._dimse_qr import dcmtk_tool
+    from blocks._dcmtk_qr import dcmtk_tool
 
     tool = dcmtk_tool("getscu")
     if tool is None:

@@ -36,9 +36,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blocks._dcmsend_report import parse_report
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
+
+if TYPE_CHECKING:
+    from blocks._association import DicomPeer
 
 __all__ = [
     "DCMSEND_ERROR_CODES",
@@ -227,15 +231,9 @@ def _temporary_report(report_path: Path | None) -> Path:
 
 def send_case(
     case_dir: Path,
-    host: str,
-    port: int,
-    called_aet: str,
-    calling_aet: str,
+    peer: DicomPeer,
     *,
     report_path: Path | None,
-    connect_timeout: float,
-    acse_timeout: float,
-    dimse_timeout: float,
     files: Sequence[Path] = (),
     warnings_ok: bool = True,
     label: str = "",
@@ -247,7 +245,7 @@ def send_case(
     one; with ``None`` the report goes to a temporary file that is removed afterwards. ``files``
     (the case's ``*.dcm`` files, if the caller has them) only size the process time limit.
     """
-    label = label or f"{host}:{port} ({calling_aet} -> {called_aet})"
+    label = label or peer.describe()
     binary = binary or find_dcmsend()
     if binary is None:
         raise PermanentTargetError(
@@ -257,14 +255,14 @@ def send_case(
     command = dcmsend_command(
         binary,
         case_dir,
-        host,
-        port,
-        called_aet,
-        calling_aet,
+        peer.host,
+        peer.port,
+        peer.called_aet,
+        peer.calling_aet,
         temporary,
-        connect_timeout=connect_timeout,
-        acse_timeout=acse_timeout,
-        dimse_timeout=dimse_timeout,
+        connect_timeout=peer.connect_timeout,
+        acse_timeout=peer.acse_timeout,
+        dimse_timeout=peer.dimse_timeout,
     )
     size = 0
     for path in files:
@@ -272,7 +270,9 @@ def send_case(
             size += path.stat().st_size
         except OSError:
             pass
-    limit = connect_timeout + 2 * acse_timeout + 2 * dimse_timeout + size / SLOWEST_RATE
+    limit = (
+        peer.connect_timeout + 2 * peer.acse_timeout + 2 * peer.dimse_timeout + size / SLOWEST_RATE
+    )
     env = dict(os.environ, TCP_NODELAY="1")
     started = time.monotonic()
     try:

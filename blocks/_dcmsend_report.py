@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydicom.uid import UID
 
 if TYPE_CHECKING:
-    from blocks._dimse import InstanceResult, StoreResult
+    from blocks._dimse_results import InstanceResult, StoreResult
 
 __all__ = [
     "dcmtk_status_text",

@@ -1,7 +1,7 @@
 """DICOMweb query/retrieve: QIDO-RS and WADO-RS for ``DicomWebTarget.find``/``retrieve``.
 
-The same contract as the DIMSE half (``blocks._dimse_qr``): the same filters, rows, checks on
-received objects, file names and errors.
+The same contract as the DIMSE half (``blocks._dimse_qr``): the same find (``blocks.qr``), filters,
+rows, checks on received objects (``blocks._receiver``), file names and errors.
 
 * **QIDO-RS** is hierarchical like the C-FIND: ``/studies?AccessionNumber=…`` with the
   study-level filters, then ``/studies/{uid}/series`` with the series-level filters. A filter
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,32 +36,25 @@ from pydicom import dcmwrite
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from blocks._dimse_qr import (
-    SERIES_KEYS,
-    STUDY_KEYS,
+from blocks._receiver import Receiver, check_result
+from blocks.errors import PermanentTargetError
+from blocks.qr import (
     Filters,
     Level,
     Progress,
-    QueryError,
-    Receiver,
     RetrieveItem,
     RetrieveResult,
-    check_accession,
-    check_pull,
-    check_result,
-    filter_rows,
-    normalize_filters,
+    check_query,
+    find_rows,
     not_found,
     plan_retrieve,
     row_from_dataset,
-    split_filters,
 )
-from blocks.errors import PermanentTargetError
 
 if TYPE_CHECKING:
     from blocks.dicomweb import DicomWebTarget
 
-__all__ = ["find_on_target", "iter_multipart", "retrieve_from_target"]
+__all__ = ["find", "iter_multipart", "retrieve"]
 
 _DICOM_JSON = "application/dicom+json"
 _MULTIPART = 'multipart/related; type="application/dicom"'
@@ -74,7 +68,7 @@ _MAX_PAGES = 1000
 # --------------------------------------------------------------------------------------------
 
 
-def _includefields(keys: Iterable[str]) -> list[tuple[str, str]]:
+def _includefields(keys: Sequence[str]) -> list[tuple[str, str]]:
     out = []
     for key in keys:
         tag = tag_for_keyword(key)
@@ -142,7 +136,7 @@ class _Qido:
             )
 
 
-def _rows(items: Iterable[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+def _rows(items: Iterable[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
     for item in items:
         try:
@@ -153,6 +147,25 @@ def _rows(items: Iterable[dict[str, Any]], keys: list[str]) -> list[dict[str, An
     return rows
 
 
+@dataclass(frozen=True)
+class _QidoRows:
+    """``blocks.qr.RowSource`` over QIDO-RS (``client`` None: the file client)."""
+
+    qido: _Qido
+    client: httpx.Client | None
+
+    def studies(
+        self, accession: str, filters: Filters, keys: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        params = [("AccessionNumber", accession), *_matching(filters), *_includefields(keys)]
+        return _rows(self.qido.search("studies", params, self.client), keys)
+
+    def series(self, study_uid: str, filters: Filters, keys: Sequence[str]) -> list[dict[str, Any]]:
+        params = [*_matching(filters), *_includefields(keys)]
+        path = f"studies/{study_uid}/series"
+        return _rows(self.qido.search(path, params, self.client), keys)
+
+
 def _find(
     target: DicomWebTarget,
     accession: str,
@@ -160,57 +173,20 @@ def _find(
     level: Level,
     shared: httpx.Client | None = None,
 ) -> list[dict[str, Any]]:
-    study_filters, series_filters = split_filters(filters)
-    study_keys = list(dict.fromkeys([*STUDY_KEYS, *study_filters]))
-    series_keys = list(dict.fromkeys([*SERIES_KEYS, *series_filters]))
-    qido = _Qido(target)
     client = shared if shared is not None or target.is_file_url else target.get_client()
     try:
-        params = [
-            ("AccessionNumber", accession),
-            *_matching(study_filters),
-            *_includefields(study_keys),
-        ]
-        studies = _rows(qido.search("studies", params, client), study_keys)
-        studies = [
-            s
-            for s in filter_rows(studies, study_filters)
-            if s["StudyInstanceUID"] and s["AccessionNumber"] in ("", accession)
-        ]
-        if level == "study" and not series_filters:
-            return studies
-        rows: list[dict[str, Any]] = []
-        for study in studies:
-            path = f"studies/{study['StudyInstanceUID']}/series"
-            params = [*_matching(series_filters), *_includefields(series_keys)]
-            series = filter_rows(
-                _rows(qido.search(path, params, client), series_keys), series_filters
-            )
-            if level == "study":
-                if series:
-                    rows.append(study)
-                continue
-            series.sort(key=lambda r: (_number(r.get("SeriesNumber")), str(r["SeriesInstanceUID"])))
-            rows.extend({**study, **s} for s in series if s["SeriesInstanceUID"])
-        return rows
+        return find_rows(_QidoRows(_Qido(target), client), accession, filters, level)
     finally:
         if client is not None and client is not shared:
             client.close()
 
 
-def _number(value: Any) -> int:
-    text = str(value or "").strip()
-    return int(text) if text.lstrip("-").isdigit() else 1 << 30
-
-
-def find_on_target(
+def find(
     target: DicomWebTarget, accession: str, filters: Mapping[str, Any] | None, level: Level
 ) -> list[dict[str, Any]]:
-    """``DicomWebTarget.find``: QIDO-RS rows for one accession number."""
-    check_pull(target)
-    if level not in ("study", "series"):
-        raise QueryError(f"level must be 'study' or 'series', not {level!r}")
-    return _find(target, check_accession(accession), normalize_filters(filters), level)
+    """``DicomWebTarget.find``: QIDO-RS rows for one accession number (``blocks.qr.find_rows``)."""
+    accession, wanted = check_query(accession, filters, level)
+    return _find(target, accession, wanted, level)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +271,7 @@ def _wado_files(target: DicomWebTarget, item: RetrieveItem, receiver: Receiver) 
             receiver.accept(buffer.getvalue())
 
 
-def retrieve_from_target(
+def retrieve(
     target: DicomWebTarget,
     accession: str,
     filters: Mapping[str, Any] | None,
@@ -304,9 +280,7 @@ def retrieve_from_target(
 ) -> RetrieveResult:
     """``DicomWebTarget.retrieve``: QIDO-RS the series, then WADO-RS them into a folder."""
     begin = time.monotonic()
-    check_pull(target)
-    accession = check_accession(accession)
-    wanted = normalize_filters(filters)
+    accession, wanted = check_query(accession, filters, "series")
     client = None if target.is_file_url else target.get_client()
     try:
         return _retrieve(target, client, accession, wanted, destination, progress, begin)
@@ -328,13 +302,7 @@ def _retrieve(
     if not rows:
         raise not_found(accession, wanted)
     items = plan_retrieve(rows, wanted)
-    destination.mkdir(parents=True, exist_ok=True)
-    expected = None
-    if all(i.expected is not None for i in items):
-        expected = sum(int(i.expected or 0) for i in items)
-    receiver = Receiver(destination, {i.study_uid for i in items}, expected, progress)
-    if progress is not None:
-        progress(0, expected)
+    receiver = Receiver.for_items(destination, items, progress)
     base = target.service_url("wado")
     for item in items:
         if client is None:
@@ -344,15 +312,10 @@ def _retrieve(
         if item.series_uid:
             url += f"/series/{item.series_uid}"
         _wado(target, client, url, receiver)
-    result = RetrieveResult(
-        folder=destination,
-        method="WADO-RS",
-        backend="httpx" if not target.is_file_url else "file",
-        instances=dict(receiver.instances),
-        bytes=receiver.bytes,
-        expected=expected,
+    result = receiver.result(
+        "WADO-RS",
+        "httpx" if not target.is_file_url else "file",
         completed=len(receiver.instances),
-        rejected=list(receiver.rejected),
         elapsed=time.monotonic() - begin,
     )
     return check_result(result, f"WADO-RS from {target._where(base)}")

@@ -1,9 +1,10 @@
 """DICOM C-STORE and C-ECHO client on pynetdicom: the sending half of a DICOM target.
 
 mercure shells out to DCMTK ``dcmsend`` once per case; this module does the same job in-process
-so that per-instance DIMSE statuses come back as data (``StoreResult``) instead of a text report
-to parse, and so the Prefect layer can decide what is worth a retry. It is Prefect-free on
-purpose: it is exercised directly against real peers in the tests.
+so that per-instance DIMSE statuses come back as data (``StoreResult``, ``blocks._dimse_results``)
+instead of a text report to parse, and so the Prefect layer can decide what is worth a retry. It
+is Prefect-free on purpose: it is exercised directly against real peers in the tests.
+Associations are opened (and their failures translated) in ``blocks._association``.
 
 What it does, and why:
 
@@ -17,40 +18,29 @@ What it does, and why:
 * Files are streamed from disk without decoding (pynetdicom's chunked C-STORE) whenever the peer
   accepted the file's own transfer syntax; only an uncompressed file the peer wants in another
   uncompressed syntax is read fully and re-encoded by pynetdicom (pixel data is never decoded).
-* ``TCP_NODELAY`` is set on every association socket: with Nagle on, each C-STORE waits ≈ 40 ms
-  for the peer's delayed ACK (measured: 0.24 s vs 0.9-10 s for 200 CT images).
-* ``associations > 1`` sends in parallel in separate *processes* (pure-Python PDU encoding holds
-  the GIL, so threads do not help). It only pays off against peers that serve associations
-  concurrently (DCMTK storescp does not, unless started with ``--fork``). The processes come
-  from a forkserver, which imports the caller's ``__main__`` once per worker: scripts need the
-  usual ``if __name__ == "__main__":`` guard.
-* ``tls=TLSOptions(...)`` runs the same associations over TLS (DICOM+TLS targets): the peer's
-  certificate is verified against the CA file, our client certificate is presented, and a
-  failed handshake is reported with OpenSSL's reason (expired, unknown issuer, ...), never as a
-  refused connection.
+* ``StoreOptions.associations > 1`` sends in parallel in separate *processes*
+  (``blocks._process_pool``). It only pays off against peers that serve associations
+  concurrently (DCMTK storescp does not, unless started with ``--fork``).
+* A peer with ``tls`` runs the same associations over TLS (DICOM+TLS targets,
+  ``blocks._dimse_tls``).
 * A missing response (timeout, abort, or pynetdicom 3.0.4 losing it) is recorded as
   ``status=None`` -- never as sent -- the association is aborted and the remaining files go on a
   new association. ``store_files`` raises only when no association could be made at all.
+
+Over 400 lines because the C-STORE loop, the file inspection and context planning it runs on,
+and the entry points are one algorithm; the worker processes preload exactly this module.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import queue
-import socket
-import ssl
-import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pynetdicom
 from pydicom import dcmread
 from pydicom.uid import (
     UID,
@@ -58,20 +48,35 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import _config
 from pynetdicom.dsutils import split_dataset
-from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.status import code_to_category
+from pynetdicom.presentation import build_context
 
-from blocks.errors import PermanentTargetError, TargetError, TransientTargetError, first_line
+from blocks._association import DicomPeer, NoAcceptedContext, association, make_ae, open_association
+from blocks._dimse_results import (
+    EchoResult,
+    InstanceResult,
+    StoreResult,
+    status_category,
+    status_text,
+)
+from blocks._dimse_tls import TLSOptions
+from blocks._process_pool import SharedPool
+from blocks._pynetdicom_fix import (  # the patch's private names stay importable here for its tests
+    _PATCH_MARK,  # noqa: F401
+    REACTOR_RACE_FIXED,
+    _patch_reactor_race,  # noqa: F401
+)
+from blocks.errors import TargetError
 
 __all__ = [
     "MAX_CONTEXTS",
     "MAX_STALLED_ASSOCIATIONS",
     "REACTOR_RACE_FIXED",
+    "DicomPeer",
     "EchoResult",
     "InstanceResult",
+    "StoreOptions",
     "StoreResult",
     "TLSOptions",
     "echo",
@@ -79,7 +84,6 @@ __all__ = [
     "status_category",
     "status_text",
     "store_files",
-    "tcp_reachable",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -90,9 +94,6 @@ _ASSOCIATION_LOST = "association lost before the C-STORE request was sent"
 #: Give up on the rest of a slot after this many associations in a row lost their first response.
 MAX_STALLED_ASSOCIATIONS = 3
 
-# Identifiers of C-FIND/C-MOVE requests and responses carry patient data: keep them out of logs.
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
 # send_c_store(<path>) streams the dataset bytes from the file instead of decoding the file.
 # Needs an accepted context with the file's own transfer syntax; other cases pass a Dataset.
 _config.STORE_SEND_CHUNKED_DATASET = True
@@ -101,292 +102,27 @@ _VERIFICATION = UID("1.2.840.10008.1.1")
 _LITTLE_ENDIAN_UNCOMPRESSED = frozenset(
     {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
 )
-
-
-# --------------------------------------------------------------------------------------------
-# pynetdicom 3.0.4 reactor race (lost C-STORE responses)
-# --------------------------------------------------------------------------------------------
-
-_PATCH_MARK = "_dicom_dispatch_reactor_fix"
-
-
-def _patch_reactor_race() -> bool:
-    """Stop the association reactor from stealing responses meant for ``send_*()``.
-
-    In pynetdicom 3.0.4 ``Association._run_reactor()`` sets ``_is_paused = True``, leaves
-    ``_reactor_checkpoint.wait()``, sets ``_is_paused = False`` and calls
-    ``dimse.get_msg(block=False)``. ``send_c_store()`` clears the checkpoint and spins until
-    ``_is_paused`` is true; if it reads true inside that window, both proceed and the reactor can
-    take the C-STORE response off the queue ("Received unexpected C-STORE service message"), so
-    ``send_c_store()`` hits its DIMSE timeout and returns an empty status (pydicom/pynetdicom
-    #842, #850, #875; measured here in 20 of 180 sends).
-
-    Fix: the reactor's *non-blocking* ``get_msg`` returns nothing while the checkpoint is cleared
-    (a ``send_*()`` owns the queue then). A message taken just before the checkpoint was cleared
-    is put back at the head of the queue, so the waiting ``send_*()`` still gets it. Blocking
-    calls (the ``send_*()`` side) are unchanged. Idempotent; applied only to 3.0.4, the version
-    this was analysed on. Returns whether the patch is in place.
-    """
-    from pynetdicom.dimse import DIMSEServiceProvider
-
-    current = DIMSEServiceProvider.get_msg
-    if getattr(current, _PATCH_MARK, False):
-        return True
-    if pynetdicom.__version__ != "3.0.4":
-        LOGGER.warning(
-            "pynetdicom %s is not 3.0.4: reactor race fix not applied, check upstream #842",
-            pynetdicom.__version__,
-        )
-        return False
-    original: Callable[..., Any] = current
-
-    def get_msg(self: Any, block: bool = False) -> tuple[int | None, Any]:
-        if block:
-            result: tuple[int | None, Any] = original(self, block=True)
-            return result
-        checkpoint = self.assoc._reactor_checkpoint
-        if not checkpoint.is_set():
-            return None, None
-        msg_queue: queue.Queue[Any] = self.msg_queue
-        try:
-            item = msg_queue.get(block=False)
-        except queue.Empty:
-            return None, None
-        if not checkpoint.is_set():
-            # A send_*() paused the reactor while we took this: it is that call's response.
-            with msg_queue.mutex:
-                msg_queue.queue.appendleft(item)
-                msg_queue.not_empty.notify()
-            return None, None
-        return item  # type: ignore[no-any-return]
-
-    setattr(get_msg, _PATCH_MARK, True)
-    get_msg.__doc__ = original.__doc__
-    DIMSEServiceProvider.get_msg = get_msg  # type: ignore[method-assign,assignment]
-    return True
-
-
-REACTOR_RACE_FIXED = _patch_reactor_race()
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------
-
-
-def status_category(code: int | None) -> str:
-    """``"success"``, ``"warning"``, ``"failure"`` or ``"none"`` (no response) for a status.
-
-    Pending, cancel and unknown codes count as failure: for a C-STORE none of them means the
-    instance was stored.
-    """
-    if code is None:
-        return "none"
-    category = code_to_category(code)
-    if category == "Success":
-        return "success"
-    if category == "Warning":
-        return "warning"
-    return "failure"
-
-
-def status_text(code: int | None) -> str:
-    """Short text for messages and logs: ``"0xA700 (failure)"``, or ``"no response"``."""
-    if code is None:
-        return "no response"
-    return f"0x{code:04X} ({status_category(code)})"
+#: The sender processes of parallel associations (this module preloaded).
+_WORKERS = SharedPool(__name__)
 
 
 @dataclass(frozen=True)
-class InstanceResult:
-    """What happened to one file.
+class StoreOptions:
+    """How one ``store_files`` call sends, beyond the peer itself.
 
-    ``status`` is the DIMSE status of the C-STORE response, or ``None`` when there is none: not
-    sent (``error`` says why), or sent but no response came (timeout, abort, lost response).
-    ``None`` never means stored.
+    ``associations > 1`` splits the files round-robin over that many parallel associations, each
+    in its own process. ``only_failed_of`` re-sends only the files an earlier result did not
+    record as stored (``warnings_ok`` decides whether a warning counted as stored).
     """
 
-    path: Path
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    size: int
-    status: int | None
-    association: int
-    context_id: int | None
-    network_transfer_syntax: str | None
-    error: str | None
-    #: The peer accepted no presentation context this instance could be sent on.
-    no_context: bool = False
-    #: The C-STORE request went out (``status`` may still be ``None``: no response).
-    request_sent: bool = False
-
-    @property
-    def category(self) -> str:
-        """``status_category(self.status)``."""
-        return status_category(self.status)
-
-    def ok(self, warnings_ok: bool = True) -> bool:
-        """Stored: success, or a warning when ``warnings_ok``."""
-        category = self.category
-        return category == "success" or (warnings_ok and category == "warning")
-
-
-@dataclass
-class StoreResult:
-    """Outcome of one ``store_files`` call: per-instance statuses, in the order of the files."""
-
-    peer: str
-    calling_aet: str
-    called_aet: str
-    started: datetime
-    instances: list[InstanceResult]
-    associations: int
-    #: Presentation contexts proposed, summed over all associations (dcmsend's counter).
-    presentation_contexts: int = 0
-    #: Wall time of the call in seconds.
-    elapsed: float = 0.0
-
-    def accepted(self, warnings_ok: bool = True) -> bool:
-        """Every instance stored (success, or warning when ``warnings_ok``)."""
-        return all(i.ok(warnings_ok) for i in self.instances)
-
-    def failed(self, warnings_ok: bool = True) -> list[InstanceResult]:
-        """Instances not stored: failure status, no response, or not sent."""
-        return [i for i in self.instances if not i.ok(warnings_ok)]
-
-    def counts(self) -> dict[str, int]:
-        """Number of instances per ``status_category``."""
-        out = {"success": 0, "warning": 0, "failure": 0, "none": 0}
-        for instance in self.instances:
-            out[instance.category] += 1
-        return out
-
-
-@dataclass(frozen=True)
-class EchoResult:
-    """C-ECHO outcome; truthy when the peer answered 0x0000."""
-
-    ok: bool
-    status: int | None
-    detail: str
-
-    def __bool__(self) -> bool:
-        return self.ok
+    associations: int = 1
+    only_failed_of: StoreResult | None = None
+    warnings_ok: bool = True
 
 
 # --------------------------------------------------------------------------------------------
-# Internals shared by the serial sender and the worker processes (must stay picklable)
+# Files and presentation contexts (picklable: they travel to the worker processes)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TLSOptions:
-    """TLS settings of a DICOM+TLS peer, as file paths (picklable for the worker processes).
-
-    ``ca_cert``: CA certificate(s) the peer's certificate must chain to (PEM; empty: the system
-    store). ``cert``/``key``: our client certificate and its unencrypted private key (PEM; empty:
-    none). ``check_hostname``: also require the certificate to name the host we connect to
-    (DCMTK, and so mercure, does not check it).
-    """
-
-    ca_cert: str = ""
-    cert: str = ""
-    key: str = ""
-    check_hostname: bool = False
-
-    def context(self) -> _TLSContext:
-        """A client context; ``PermanentTargetError`` when a file is missing or unusable."""
-        context = _TLSContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = self.check_hostname
-        context.verify_mode = ssl.CERT_REQUIRED
-        step = "ca_cert"
-        try:
-            if self.ca_cert:
-                context.load_verify_locations(cafile=self.ca_cert)
-            else:
-                context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-            if self.cert or self.key:
-                step = "tls_cert/tls_key"
-                context.load_cert_chain(self.cert, self.key or None, password=_no_password)
-        except (OSError, ValueError) as exc:
-            files = self.ca_cert if step == "ca_cert" else f"{self.cert} / {self.key}"
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise PermanentTargetError(f"TLS {step} {files}: {first_line(reason)}") from None
-        return context
-
-
-def _no_password() -> str:
-    raise ValueError("the private key is encrypted (only unencrypted keys are supported)")
-
-
-class _RecordingSSLSocket(ssl.SSLSocket):
-    """Keeps the handshake error: pynetdicom logs it and reports only "not connected"."""
-
-    def connect(self, addr: Any) -> None:
-        try:
-            super().connect(addr)
-        except OSError as exc:
-            context = self.context
-            if isinstance(context, _TLSContext):
-                context.connect_error = exc
-            raise
-
-
-class _TLSContext(ssl.SSLContext):
-    sslsocket_class = _RecordingSSLSocket
-    connect_error: OSError | None = None
-
-
-def _tls_failure(error: OSError | None, target: _Target) -> TargetError | None:
-    """The TargetError for a failed TLS handshake, or None when it was no TLS problem."""
-    if isinstance(error, ssl.SSLCertVerificationError):
-        why = error.verify_message or first_line(error)
-        if "expired" in why or "not yet valid" in why:
-            hint = "the peer's certificate must be renewed"
-        elif "hostname" in why.lower():
-            hint = "the certificate does not name this host: see tls_check_hostname"
-        else:
-            hint = "is it signed by a CA in ca_cert?"
-        return PermanentTargetError(
-            f"TLS handshake with {target.describe()} failed: server certificate not accepted: "
-            f"{why} ({hint})"
-        )
-    if isinstance(error, ssl.SSLEOFError | ConnectionResetError):
-        return TransientTargetError(
-            f"TLS handshake with {target.describe()} failed: the peer closed the connection "
-            "(not a TLS port, or our client certificate was refused?)"
-        )
-    if isinstance(error, ssl.SSLError):
-        why = error.reason or first_line(error)
-        return PermanentTargetError(f"TLS handshake with {target.describe()} failed: {why}")
-    return None
-
-
-@dataclass(frozen=True)
-class _Target:
-    host: str
-    port: int
-    called_aet: str
-    calling_aet: str
-    tls: TLSOptions | None = None
-
-    @property
-    def peer(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def describe(self) -> str:
-        over = " over TLS" if self.tls is not None else ""
-        return f"{self.peer}{over} ({self.calling_aet} -> {self.called_aet})"
-
-
-@dataclass(frozen=True)
-class _Options:
-    connect_timeout: float
-    acse_timeout: float
-    dimse_timeout: float
-    network_timeout: float
-    max_pdu: int
 
 
 @dataclass(frozen=True)
@@ -474,111 +210,9 @@ def _context_batch(pending: Sequence[_FileInfo]) -> tuple[list[_FileInfo], list[
     return [i for i in pending if i.key in chosen], keys
 
 
-def _set_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: disable Nagle on the association's socket (see module doc)."""
-    wrapper = event.assoc.dul.socket
-    sock: socket.socket | None = wrapper.socket if wrapper is not None else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _make_ae(target: _Target, options: _Options) -> AE:
-    ae = AE(ae_title=target.calling_aet)
-    ae.connection_timeout = options.connect_timeout
-    ae.acse_timeout = options.acse_timeout
-    ae.dimse_timeout = options.dimse_timeout
-    ae.network_timeout = options.network_timeout
-    ae.maximum_pdu_size = options.max_pdu
-    return ae
-
-
-def _unread_rejection(assoc: Any) -> Any:
-    """An A-ASSOCIATE-RJ the peer sent but pynetdicom never read, or None.
-
-    A peer that rejects and closes at once (storescp ``--refuse``) can make pynetdicom 3.0.4's
-    DUL thread process the rejection *and* the closed connection before the requesting thread
-    checks ``_is_connected``; it then aborts instead of reading the answer, and the rejection
-    would look like a network failure (transient) instead of what it is (permanent).
-    """
-    try:
-        pending = list(assoc.dul.to_user_queue.queue)
-    except AttributeError:
-        return None
-    for primitive in pending:
-        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
-            return primitive
-    return None
-
-
-def association_answer(assoc: Any, peer: str) -> Any:
-    """The peer's A-ASSOCIATE answer (None if there was none); a rejection is raised.
-
-    The rejection is read even when pynetdicom reported an abort because the peer closed the
-    connection right after rejecting. Rejected "transient" (e.g. too many associations) is a
-    TransientTargetError, "permanent" a PermanentTargetError.
-    """
-    answer = getattr(assoc.acceptor, "primitive", None) or _unread_rejection(assoc)
-    result = getattr(answer, "result", None)
-    if answer is not None and result in (0x01, 0x02):
-        reason = f"{answer.result_str}, source: {answer.source_str}, reason: {answer.reason_str}"
-        error_type = TransientTargetError if result == 0x02 else PermanentTargetError
-        raise error_type(f"association rejected by {peer}: {reason}")
-    return answer
-
-
-def _associate(
-    ae: AE, target: _Target, options: _Options, contexts: list[PresentationContext]
-) -> Any:
-    """Open an association or raise the matching TargetError.
-
-    Returns the pynetdicom Association when established, or when the peer accepted the
-    association but none of the contexts (pynetdicom then aborts it; the caller records the
-    instances as having no context). Rejections by the peer with result "permanent" raise
-    PermanentTargetError, "transient" rejections (congestion, local limit) TransientTargetError.
-    """
-    connected = threading.Event()
-
-    def on_open(event: evt.Event) -> None:
-        connected.set()
-
-    tls = target.tls.context() if target.tls is not None else None
-    started = time.monotonic()
-    try:
-        assoc = ae.associate(
-            target.host,
-            target.port,
-            contexts=contexts,
-            ae_title=target.called_aet,
-            max_pdu=options.max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay), (evt.EVT_CONN_OPEN, on_open)],
-            tls_args=(tls, target.host) if tls is not None else None,
-        )
-    except OSError as exc:  # name resolution and the like
-        raise TransientTargetError(f"cannot reach {target.describe()}: {exc}") from exc
-    if tls is not None and not connected.is_set():
-        failure = _tls_failure(tls.connect_error, target)
-        if failure is not None:
-            raise failure
-    if assoc.is_established:
-        return assoc
-    answer = association_answer(assoc, target.describe())
-    if (
-        getattr(answer, "result", None) == 0x00
-    ):  # A-ASSOCIATE-AC without any accepted presentation context
-        return assoc
-    elapsed = time.monotonic() - started
-    if not connected.is_set():
-        if elapsed >= options.connect_timeout - 0.05:
-            why = f"no TCP connection within {options.connect_timeout:g} s"
-        else:
-            why = "TCP connection refused"
-    elif answer is None and elapsed >= options.acse_timeout - 0.05:
-        why = f"no answer to the association request within {options.acse_timeout:g} s"
-    else:
-        why = "association aborted during negotiation"
-        if target.tls is not None:
-            why += " (did the peer refuse our client certificate? check tls_cert/tls_key)"
-    raise TransientTargetError(f"cannot associate with {target.describe()}: {why}")
+# --------------------------------------------------------------------------------------------
+# Sending
+# --------------------------------------------------------------------------------------------
 
 
 def _send_one(assoc: Any, info: _FileInfo, number: int, msg_id: int) -> InstanceResult:
@@ -623,9 +257,7 @@ def _send_one(assoc: Any, info: _FileInfo, number: int, msg_id: int) -> Instance
     return info.result(**sent, request_sent=True, status=int(status))
 
 
-def _store_serial(
-    paths: Sequence[tuple[int, Path]], target: _Target, options: _Options
-) -> _SlotResult:
+def _store_serial(paths: Sequence[tuple[int, Path]], peer: DicomPeer) -> _SlotResult:
     """Send ``paths`` over as few associations as possible, one after the other."""
     out = _SlotResult()
     pending: list[_FileInfo] = []
@@ -635,13 +267,15 @@ def _store_serial(
             out.results[index] = inspected
         else:
             pending.append(inspected)
-    ae = _make_ae(target, options)
+    ae = make_ae(peer)
     stalled = 0
     while pending:
         batch, keys = _context_batch(pending)
         contexts = [build_context(sop, _proposed_syntaxes(ts)) for sop, ts in keys]
         try:
-            assoc = _associate(ae, target, options, contexts)
+            assoc = open_association(peer, contexts, ae=ae)
+        except NoAcceptedContext:  # A-ASSOCIATE-AC, but every context rejected: data
+            assoc = None
         except TargetError as exc:
             if out.associations == 0:
                 raise
@@ -653,9 +287,8 @@ def _store_serial(
         out.contexts += len(contexts)
         number = out.associations
         answered = lost = 0
-        no_contexts = not assoc.is_established  # A-ASSOCIATE-AC, but every context rejected
         for msg_id, info in enumerate(batch):
-            if no_contexts:
+            if assoc is None:
                 result = info.result(
                     association=number,
                     no_context=True,
@@ -674,14 +307,14 @@ def _store_serial(
                 LOGGER.warning(
                     "No C-STORE response from %s on association %d (%s); continuing on a new "
                     "association",
-                    target.describe(),
+                    peer.describe(),
                     number,
                     result.error,
                 )
                 break
             if result.status is not None:
                 answered += 1
-        if assoc.is_established:
+        if assoc is not None and assoc.is_established:
             if lost:
                 assoc.abort()
             else:
@@ -690,82 +323,24 @@ def _store_serial(
         stalled = stalled + 1 if (lost and not answered) else 0
         if pending and stalled >= MAX_STALLED_ASSOCIATIONS:
             reason = f"gave up: {stalled} associations in a row without a C-STORE response"
-            LOGGER.warning("%s: %s", target.describe(), reason)
+            LOGGER.warning("%s: %s", peer.describe(), reason)
             for info in pending:
                 out.results[info.index] = info.result(error=reason)
             break
     return out
 
 
-def _store_slot(
-    paths: Sequence[tuple[int, Path]], target: _Target, options: _Options
-) -> _SlotResult | TargetError:
+def _store_slot(paths: Sequence[tuple[int, Path]], peer: DicomPeer) -> _SlotResult | TargetError:
     """Worker-process entry point: errors come back as values, so every slot is merged."""
     try:
-        return _store_serial(paths, target, options)
+        return _store_serial(paths, peer)
     except TargetError as exc:
         return exc
 
 
-_POOL_LOCK = threading.Lock()
-_POOL: ProcessPoolExecutor | None = None
-_POOL_SIZE = 0
-
-
-def _worker_pool(workers: int) -> ProcessPoolExecutor:
-    """The shared pool of sender processes, grown to at least ``workers``.
-
-    Processes come from a forkserver with this module preloaded: ``fork`` straight from a
-    process running threads (Prefect's, pynetdicom's) can deadlock the child, and a fresh
-    interpreter per call costs ≈ 0.35 s of imports. The pool lives as long as the parent, so
-    only the first parallel call pays for starting it. Like every non-fork start method, it
-    imports the parent's ``__main__`` once per worker: scripts need the usual
-    ``if __name__ == "__main__":`` guard.
-    """
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE < workers:
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
-            _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=context)
-            _POOL_SIZE = workers
-        return _POOL
-
-
 def shutdown_workers() -> None:
     """Stop the sender processes (they are restarted on the next parallel send)."""
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is not None:
-            _POOL.shutdown(wait=True, cancel_futures=True)
-        _POOL, _POOL_SIZE = None, 0
-
-
-def _forget_pool(pool: ProcessPoolExecutor) -> None:
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is pool:
-            _POOL, _POOL_SIZE = None, 0
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _store_parallel(
-    shares: Sequence[Sequence[tuple[int, Path]]], target: _Target, options: _Options
-) -> list[_SlotResult | TargetError]:
-    """Run one slot per share in the worker processes; one retry if a worker died."""
-    for attempt in (1, 2):
-        pool = _worker_pool(len(shares))
-        try:
-            futures = [pool.submit(_store_slot, share, target, options) for share in shares]
-            return [f.result() for f in futures]
-        except BrokenProcessPool:
-            _forget_pool(pool)
-            if attempt == 2:
-                raise
-            LOGGER.warning("A sender process died; restarting the pool and sending again")
-    raise AssertionError("unreachable")
+    _WORKERS.shutdown()
 
 
 def _skip_stored(files: Sequence[Path], earlier: StoreResult, warnings_ok: bool) -> list[Path]:
@@ -779,54 +354,30 @@ def _skip_stored(files: Sequence[Path], earlier: StoreResult, warnings_ok: bool)
 
 
 def store_files(
-    files: Sequence[Path],
-    host: str,
-    port: int,
-    called_aet: str,
-    calling_aet: str,
-    *,
-    connect_timeout: float = 10,
-    acse_timeout: float = 30,
-    dimse_timeout: float = 60,
-    network_timeout: float = 60,
-    max_pdu: int = 0,
-    associations: int = 1,
-    only_failed_of: StoreResult | None = None,
-    warnings_ok: bool = True,
-    tls: TLSOptions | None = None,
+    files: Sequence[Path], peer: DicomPeer, options: StoreOptions | None = None
 ) -> StoreResult:
-    """C-STORE ``files`` to ``called_aet`` at ``host:port``; statuses are returned, not raised.
+    """C-STORE ``files`` to ``peer``; statuses are returned, not raised.
 
-    ``associations > 1`` splits the files round-robin over that many parallel associations, each
-    in its own process, and merges the results (association numbers are renumbered 1..n over
-    all). ``only_failed_of`` re-sends only the files that an earlier result did not record as
-    stored (``warnings_ok`` decides whether a warning counted as stored); the returned result
-    then covers just those files. ``tls`` sends over TLS (see :class:`TLSOptions`). Raises
-    ``TransientTargetError`` (connection refused, timeout, abort, transient rejection) or
-    ``PermanentTargetError`` (permanent A-ASSOCIATE-RJ, failed TLS handshake, unusable TLS
-    files) only when no association at all could be made.
+    With ``options.associations > 1`` the per-process results are merged (association numbers
+    are renumbered 1..n over all); with ``options.only_failed_of`` the result covers just the
+    files sent again. Raises ``TransientTargetError`` (connection refused, timeout, abort,
+    transient rejection) or ``PermanentTargetError`` (permanent A-ASSOCIATE-RJ, failed TLS
+    handshake, unusable TLS files) only when no association at all could be made.
     """
+    options = options or StoreOptions()
     begin = time.monotonic()
     started = datetime.now().astimezone()
-    target = _Target(host, int(port), called_aet, calling_aet, tls)
-    options = _Options(
-        float(connect_timeout),
-        float(acse_timeout),
-        float(dimse_timeout),
-        float(network_timeout),
-        int(max_pdu),
-    )
     paths = [Path(p) for p in files]
-    if only_failed_of is not None:
-        paths = _skip_stored(paths, only_failed_of, warnings_ok)
+    if options.only_failed_of is not None:
+        paths = _skip_stored(paths, options.only_failed_of, options.warnings_ok)
     indexed = list(enumerate(paths))
-    slots = max(1, min(int(associations), len(indexed)))
+    slots = max(1, min(int(options.associations), len(indexed)))
     if slots == 1:
-        outcomes: list[_SlotResult | TargetError] = [_store_serial(indexed, target, options)]
+        outcomes: list[_SlotResult | TargetError] = [_store_serial(indexed, peer)]
         shares = [indexed]
     else:
         shares = [indexed[k::slots] for k in range(slots)]
-        outcomes = _store_parallel(shares, target, options)
+        outcomes = _WORKERS.run_each(_store_slot, [(share, peer) for share in shares])
     errors = [o for o in outcomes if isinstance(o, TargetError)]
     if errors and len(errors) == len(outcomes):
         raise errors[0]
@@ -850,9 +401,9 @@ def store_files(
         total_associations += outcome.associations
         total_contexts += outcome.contexts
     result = StoreResult(
-        peer=target.peer,
-        calling_aet=calling_aet,
-        called_aet=called_aet,
+        peer=peer.address,
+        calling_aet=peer.calling_aet,
+        called_aet=peer.called_aet,
         started=started,
         instances=[merged[i] for i in range(len(paths))],
         associations=total_associations,
@@ -863,7 +414,7 @@ def store_files(
     LOGGER.info(
         "C-STORE to %s: %d instances in %.2f s over %d associations: %d success, %d warning, "
         "%d failure, %d without response",
-        target.describe(),
+        peer.describe(),
         len(paths),
         result.elapsed,
         total_associations,
@@ -875,45 +426,22 @@ def store_files(
     return result
 
 
-def tcp_reachable(host: str, port: int, timeout: float = 5) -> bool:
-    """Whether a TCP connection to ``host:port`` opens: mercure's "ping", without ICMP."""
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def echo(peer: DicomPeer, *, timeout: float = 5) -> EchoResult:
+    """C-ECHO the peer (mercure's connection test) with every timeout ``timeout``; never raises.
 
-
-def echo(
-    host: str,
-    port: int,
-    called_aet: str,
-    calling_aet: str,
-    *,
-    timeout: float = 5,
-    tls: TLSOptions | None = None,
-) -> EchoResult:
-    """C-ECHO the peer (mercure's connection test); never raises for network problems.
-
-    ``tls`` echoes over TLS; an unusable TLS file or a failed handshake is a failed echo whose
+    Refused, rejected, an unusable TLS file or a failed handshake: a failed echo whose
     ``detail`` says why.
     """
-    target = _Target(host, int(port), called_aet, calling_aet, tls)
-    options = _Options(timeout, timeout, timeout, timeout, 0)
-    ae = _make_ae(target, options)
+    peer = peer.with_timeout(timeout)
     try:
-        assoc = _associate(ae, target, options, [build_context(_VERIFICATION)])
+        with association(peer, [build_context(_VERIFICATION)]) as assoc:
+            response = assoc.send_c_echo()
+    except NoAcceptedContext:
+        return EchoResult(False, None, f"{peer.describe()} does not accept Verification")
     except TargetError as exc:
         return EchoResult(False, None, str(exc))
-    if not assoc.is_established:
-        return EchoResult(False, None, f"{target.describe()} does not accept Verification")
-    try:
-        response = assoc.send_c_echo()
-    finally:
-        if assoc.is_established:
-            assoc.release()
     status = response.get("Status") if response is not None else None
     if status is None:
-        return EchoResult(False, None, f"no C-ECHO response from {target.describe()}")
+        return EchoResult(False, None, f"no C-ECHO response from {peer.describe()}")
     code = int(status)
-    return EchoResult(code == 0x0000, code, f"C-ECHO status 0x{code:04X} from {target.describe()}")
+    return EchoResult(code == 0x0000, code, f"C-ECHO status 0x{code:04X} from {peer.describe()}")

@@ -17,21 +17,37 @@ recursive, writes the report and checks every instance's status, as the DICOM ta
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from blocks import _dcmsend, _dimse, _dimse_qr
+from blocks._association import DicomPeer
 from blocks._dcmsend_report import write_report
+from blocks._dimse_tls import TLSOptions
+from blocks._net import tcp_reachable
 from blocks.base import CaseOrigin, QueryTarget, SendContext, SendResult, dicom_files
-from blocks.errors import PermanentTargetError, TransientTargetError
+from blocks.errors import ConfigError, PermanentTargetError, TransientTargetError
+from blocks.qr import (
+    Level,
+    Progress,
+    RetrieveResult,
+    check_accession,
+    check_pull,
+    normalize_filters,
+    not_found,
+    plan_retrieve,
+)
 
 __all__ = ["DicomTLSTarget", "DicomTarget"]
 
 DEFAULT_PORT = 104
 DEFAULT_CALLING_AET = "DCMSEND"  # what dcmsend calls itself when mercure passes no -aet
 DEFAULT_CALLED_AET = "ANY-SCP"
+#: Calling AE title for queries when the target sets none (mercure's).
+DEFAULT_QR_CALLING_AET = "MERCURE"
 #: DIMSE "out of resources" (0xA7xx) is worth a quick retry; other failures are not.
 _RESOURCE_FAILURES = range(0xA700, 0xA800)
 
@@ -113,8 +129,12 @@ class DicomTarget(QueryTarget):
     def writes_dcmsend_report(self) -> bool:
         return True
 
-    def peer(self, context: SendContext | None = None) -> tuple[str, int, str, str]:
-        """(host, port, called AE, calling AE) for a case, mercure's rules applied."""
+    def get_peer(self, context: SendContext | None = None) -> DicomPeer:
+        """The peer a case is sent to, mercure's rules applied: the one place it is built.
+
+        ``ip`` "sender" is the case's sender address; ``pass_sender_aet``/``pass_receiver_aet``
+        take the AE titles from the case. Timeouts and TLS options come from the fields.
+        """
         host = self.ip
         info = context.task.info if context is not None else None
         if host == "sender":
@@ -132,17 +152,7 @@ class DicomTarget(QueryTarget):
             calling = info.sender_aet
         if info is not None and self.pass_receiver_aet and info.receiver_aet not in ("", "MISSING"):
             called = info.receiver_aet
-        return host, port, called, calling
-
-    def send(self, context: SendContext) -> SendResult:
-        files = dicom_files(context.case_dir)
-        if not files:
-            raise PermanentTargetError(f"target {self.target_name}: the case has no *.dcm files")
-        host, port, called, calling = self.peer(context)
-        if self.backend == "dcmsend":
-            return self._send_with_dcmsend(context, files, host, port, called, calling)
-        result = _dimse.store_files(
-            files,
+        return DicomPeer(
             host,
             port,
             called,
@@ -151,9 +161,37 @@ class DicomTarget(QueryTarget):
             acse_timeout=self.acse_timeout,
             dimse_timeout=self.dimse_timeout,
             network_timeout=self.network_timeout,
-            associations=self.max_associations,
             tls=self.tls_options(),
         )
+
+    def peer(self, context: SendContext | None = None) -> tuple[str, int, str, str]:
+        """(host, port, called AE, calling AE) of :meth:`get_peer`."""
+        peer = self.get_peer(context)
+        return peer.host, peer.port, peer.called_aet, peer.calling_aet
+
+    def query_peer(self) -> DicomPeer:
+        """The peer to query and retrieve from (calling AE title: ``aet_source`` or MERCURE)."""
+        if self.target_type != "dicom":
+            raise ConfigError(
+                f"target {self.target_name}: query/retrieve is supported for DICOM targets only, "
+                f"not {self.target_type}"
+            )
+        if self.ip == "sender":
+            raise ConfigError(f"target {self.target_name}: cannot query the 'sender' address")
+        return replace(self.get_peer(), calling_aet=self.aet_source or DEFAULT_QR_CALLING_AET)
+
+    def _label(self, peer: DicomPeer) -> str:
+        return f"target {self.target_name} ({peer.address} {peer.calling_aet}->{peer.called_aet})"
+
+    def send(self, context: SendContext) -> SendResult:
+        files = dicom_files(context.case_dir)
+        if not files:
+            raise PermanentTargetError(f"target {self.target_name}: the case has no *.dcm files")
+        peer = self.get_peer(context)
+        if self.backend == "dcmsend":
+            return self._send_with_dcmsend(context, files, peer)
+        options = _dimse.StoreOptions(associations=self.max_associations)
+        result = _dimse.store_files(files, peer, options)
         if context.report_path is not None:
             write_report(context.report_path, result)
         failed = result.failed(self.warning_counts_as_sent)
@@ -162,9 +200,8 @@ class DicomTarget(QueryTarget):
             sample = failed[0]
             why = sample.error or _dimse.status_text(sample.status)
             message = (
-                f"target {self.target_name} ({host}:{port} {calling}->{called}): only "
-                f"{len(files) - len(failed)} out of {len(files)} instances were sent successfully"
-                f" (first failure: {sample.path.name}: {why})"
+                f"{self._label(peer)}: only {len(files) - len(failed)} out of {len(files)} "
+                f"instances were sent successfully (first failure: {sample.path.name}: {why})"
             )
             transient = lost > 0 or any(r.status in _RESOURCE_FAILURES for r in failed)
             raise (TransientTargetError if transient else PermanentTargetError)(message)
@@ -172,37 +209,25 @@ class DicomTarget(QueryTarget):
         return SendResult(
             files=len(files),
             bytes=size,
-            detail=f"{len(files)} instances to {host}:{port} ({calling}->{called})",
+            detail=f"{len(files)} instances to {_route(peer)}",
             extra={"associations": result.associations},
         )
 
     def _send_with_dcmsend(
-        self,
-        context: SendContext,
-        files: list[Path],
-        host: str,
-        port: int,
-        called: str,
-        calling: str,
+        self, context: SendContext, files: list[Path], peer: DicomPeer
     ) -> SendResult:
         outcome = _dcmsend.send_case(
             context.case_dir,
-            host,
-            port,
-            called,
-            calling,
+            peer,
             report_path=context.report_path,
-            connect_timeout=self.connect_timeout,
-            acse_timeout=self.acse_timeout,
-            dimse_timeout=self.dimse_timeout,
             files=files,
             warnings_ok=self.warning_counts_as_sent,
-            label=f"target {self.target_name} ({host}:{port} {calling}->{called})",
+            label=self._label(peer),
         )
         return SendResult(
             files=outcome.instances,
             bytes=outcome.dataset_bytes,
-            detail=f"{outcome.instances} instances to {host}:{port} ({calling}->{called}), dcmsend",
+            detail=f"{outcome.instances} instances to {_route(peer)}, dcmsend",
             extra={"associations": outcome.associations, "backend": "dcmsend"},
         )
 
@@ -221,34 +246,48 @@ class DicomTarget(QueryTarget):
         )
         if self.ip == "sender":
             return {"ping": False, "c-echo": False, "loopback_mode": True, **extra}
-        host, port, called, calling = self.peer()
-        reachable = _dimse.tcp_reachable(host, port, timeout=min(self.connect_timeout, 5))
-        echo = reachable and _dimse.echo(
-            host, port, called, calling, timeout=5, tls=self.tls_options()
-        )
+        peer = self.get_peer()
+        reachable = tcp_reachable(peer.host, peer.port, timeout=min(self.connect_timeout, 5))
+        echo = reachable and _dimse.echo(peer, timeout=5)
         return {"ping": reachable, "c-echo": bool(echo), "loopback_mode": False, **extra}
 
     def find(
         self,
         accession: str,
         filters: dict[str, Any] | None = None,
-        level: Literal["study", "series"] = "series",
+        level: Level = "series",
     ) -> list[dict[str, Any]]:
         """C-FIND (study root) by accession number; rows keyed by DICOM keywords.
 
         ``filters``: keyword → value or list of values. Needs ``direction`` pull or both.
         """
-        return _dimse_qr.find_on_target(self, accession, filters, level)
+        check_pull(self)
+        return _dimse_qr.find(self.query_peer(), accession, filters, level)
 
     def retrieve(
         self,
         accession: str,
         filters: dict[str, Any] | None,
         destination: Path,
-        progress: _dimse_qr.Progress | None = None,
-    ) -> _dimse_qr.RetrieveResult:
+        progress: Progress | None = None,
+    ) -> RetrieveResult:
         """C-GET or C-MOVE (``retrieve_method``) what ``find`` finds into ``destination``."""
-        return _dimse_qr.retrieve_from_target(self, accession, filters, destination, progress)
+        check_pull(self)
+        peer = self.query_peer()
+        wanted = normalize_filters(filters)
+        rows = _dimse_qr.find(peer, accession, wanted, "series")
+        if not rows:
+            raise not_found(check_accession(accession), wanted)
+        return _dimse_qr.retrieve(
+            peer,
+            plan_retrieve(rows, wanted),
+            destination,
+            method=self.retrieve_method,
+            move_aet=self.move_destination_aet or peer.calling_aet,
+            listen=(self.move_listen_address, int(self.move_destination_port)),
+            backend=self.retrieve_backend,
+            progress=progress,
+        )
 
     def case_origin(self) -> CaseOrigin:
         return CaseOrigin(
@@ -257,8 +296,8 @@ class DicomTarget(QueryTarget):
             receiver_aet=self.aet_source or "MISSING",
         )
 
-    def tls_options(self) -> _dimse.TLSOptions | None:
-        """TLS settings of the associations (none for plain DICOM)."""
+    def tls_options(self) -> TLSOptions | None:
+        """TLS settings of the associations (none for plain DICOM); read by :meth:`get_peer`."""
         return None
 
 
@@ -297,8 +336,8 @@ class DicomTLSTarget(DicomTarget):
         "mercure, does not check it).",
     )
 
-    def tls_options(self) -> _dimse.TLSOptions:
-        return _dimse.TLSOptions(
+    def tls_options(self) -> TLSOptions:
+        return TLSOptions(
             ca_cert=self.ca_cert,
             cert=self.tls_cert,
             key=self.tls_key,
@@ -320,9 +359,13 @@ class DicomTLSTarget(DicomTarget):
         """
         if self.ip == "sender":
             return {"ping": False, "c-echo": False, "loopback_mode": True}
-        host, port, called, calling = self.peer()
-        reachable = _dimse.tcp_reachable(host, port, timeout=min(self.connect_timeout, 5))
-        if not reachable:
-            return {"ping": False, "c-echo": False, "err": f"{host}:{port} is not reachable"}
-        echo = _dimse.echo(host, port, called, calling, timeout=5, tls=self.tls_options())
+        peer = self.get_peer()
+        if not tcp_reachable(peer.host, peer.port, timeout=min(self.connect_timeout, 5)):
+            return {"ping": False, "c-echo": False, "err": f"{peer.address} is not reachable"}
+        echo = _dimse.echo(peer, timeout=5)
         return {"ping": True, "c-echo": echo.ok, "err": "" if echo.ok else echo.detail}
+
+
+def _route(peer: DicomPeer) -> str:
+    """``host:port (CALLING->CALLED)`` for a send's detail line."""
+    return f"{peer.address} ({peer.calling_aet}->{peer.called_aet})"

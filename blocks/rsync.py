@@ -33,9 +33,10 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
+from blocks._net import tcp_reachable
 from blocks.base import SendContext, SendResult
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
-from blocks.sftp import COMPLETE_MARKER, SshTarget, case_files, host_key_name, tcp_reachable
+from blocks.sftp import COMPLETE_MARKER, SshTarget, case_files, host_key_name
 
 __all__ = ["RsyncTarget"]
 

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import paramiko
 from pydantic import Field, SecretStr, field_validator
 
+from blocks._net import tcp_reachable
 from blocks.base import DispatchTarget, SendContext, SendResult
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
 from blocks.folder import ignore_patterns
@@ -68,14 +69,6 @@ def expand_home(path: str) -> Path:
 def host_key_name(host: str, port: int) -> str:
     """How known_hosts names a host: ``host``, or ``[host]:port`` off port 22."""
     return host if port == DEFAULT_SSH_PORT else f"[{host}]:{port}"
-
-
-def tcp_reachable(host: str, port: int, timeout: float) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 class SshTarget(DispatchTarget, ABC):

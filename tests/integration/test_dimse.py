@@ -22,9 +22,11 @@ from pydicom.uid import UID
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.dsutils import split_dataset
 
-from blocks import _dimse
+from blocks import _association, _dimse
+from blocks._association import DicomPeer
 from blocks._dcmsend_report import format_report, parse_report
-from blocks._dimse import StoreResult, echo, store_files
+from blocks._dimse import EchoResult, StoreOptions, StoreResult
+from blocks._net import tcp_reachable
 from blocks.errors import PermanentTargetError, TransientTargetError
 from tests.dicomfiles import make_ct_series, pixel_digest
 from tests.peers.dcmtk import StoreSCP, dcmtk_binary, free_port
@@ -45,6 +47,27 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     with StoreSCP(tmp_path / "received") as scp:
         yield scp
+
+
+def store_files(
+    files: list[Path],
+    host: str,
+    port: int,
+    called: str,
+    calling: str,
+    *,
+    associations: int = 1,
+    only_failed_of: StoreResult | None = None,
+    **timeouts: float,
+) -> StoreResult:
+    """``_dimse.store_files`` on a plain peer, its arguments spelled out."""
+    peer = DicomPeer(host, port, called, calling, **timeouts)
+    options = StoreOptions(associations=associations, only_failed_of=only_failed_of)
+    return _dimse.store_files(files, peer, options)
+
+
+def echo(host: str, port: int, called: str, calling: str, timeout: float = 5) -> EchoResult:
+    return _dimse.echo(DicomPeer(host, port, called, calling), timeout=timeout)
 
 
 def assert_arrived_intact(files: list[Path], scp: StoreSCP) -> None:
@@ -160,7 +183,7 @@ def test_silent_peer_raises_transient_after_acse_timeout(series: list[Path]) -> 
 
 def test_rejected_association_raises_permanent(series: list[Path], tmp_path: Path) -> None:
     # Several times: storescp rejects and closes at once, which pynetdicom 3.0.4 often misreads
-    # as an abort (see _dimse._unread_rejection); each attempt must still say "rejected".
+    # as an abort (see _association._unread_rejection); each attempt must still say "rejected".
     with StoreSCP(tmp_path / "refusing", refuse=True) as scp:
         for _attempt in range(5):
             with pytest.raises(PermanentTargetError) as caught:
@@ -266,14 +289,14 @@ def test_tcp_nodelay_is_set_on_the_association_socket(
     series: list[Path], storescp: StoreSCP, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[int] = []
-    original = _dimse._set_nodelay
+    original = _association.set_nodelay
 
     def spy(event: Any) -> None:
         original(event)
         sock: socket.socket = event.assoc.dul.socket.socket
         seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
-    monkeypatch.setattr(_dimse, "_set_nodelay", spy)
+    monkeypatch.setattr(_association, "set_nodelay", spy)
     result = store_files(series[:2], HOST, storescp.port, storescp.aet, CALLING)
     assert result.accepted()
     assert seen == [1]
@@ -282,8 +305,8 @@ def test_tcp_nodelay_is_set_on_the_association_socket(
 
 
 def test_tcp_reachable(storescp: StoreSCP) -> None:
-    assert _dimse.tcp_reachable(HOST, storescp.port, timeout=2)
-    assert not _dimse.tcp_reachable(HOST, free_port(), timeout=2)
+    assert tcp_reachable(HOST, storescp.port, timeout=2)
+    assert not tcp_reachable(HOST, free_port(), timeout=2)
 
 
 def test_echo(storescp: StoreSCP) -> None:

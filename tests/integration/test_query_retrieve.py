@@ -19,11 +19,10 @@ from uuid import UUID
 
 import pytest
 
-from blocks import _dimse_qr
 from blocks._dicomweb_qr import iter_multipart
 from blocks.dicom import DicomTarget
 from blocks.dicomweb import DicomWebTarget
-from blocks.errors import ConfigError
+from blocks.errors import AccessionNotFound, ConfigError, PermanentTargetError, QueryError
 from tests.dicomfiles import pixel_digest
 from tests.integration.conftest import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
@@ -230,9 +229,9 @@ def test_c_find_by_accession_with_and_without_filters(peer: Peer) -> None:
     assert target.find("QR-A", {"Modality": "MR"}, level="study")[0]["AccessionNumber"] == "QR-A"
     assert target.find("QR-NOPE") == []
 
-    with pytest.raises(_dimse_qr.QueryError, match="unknown DICOM keyword 'SeriesDescr'"):
+    with pytest.raises(QueryError, match="unknown DICOM keyword 'SeriesDescr'"):
         target.find("QR-A", {"SeriesDescr": "head"})
-    with pytest.raises(_dimse_qr.QueryError, match="wildcard"):
+    with pytest.raises(QueryError, match="wildcard"):
         target.find("QR-*")
     with pytest.raises(ConfigError, match="direction"):
         peer.dicom_target(direction="push").find("QR-A")
@@ -256,7 +255,7 @@ def test_qido_by_accession_with_and_without_filters(peer: Peer) -> None:
     assert target.find("QR-A", {"Modality": ["US", "XA"]}) == []
     assert target.find("QR-NOPE") == []
     assert target.find("QR-A") == peer.dicom_target().find("QR-A")  # same rows as C-FIND
-    with pytest.raises(_dimse_qr.QueryError, match="unknown DICOM keyword"):
+    with pytest.raises(QueryError, match="unknown DICOM keyword"):
         target.find("QR-A", {"Modalityy": "CT"})
 
 
@@ -298,7 +297,7 @@ def test_wado_rs_streams_exactly_the_expected_instances(peer: Peer, tmp_path: Pa
 
     target.retrieve("QR-A", {"Modality": "MR"}, tmp_path / "mr")
     assert digests(tmp_path / "mr") == expected(study, "knee")
-    with pytest.raises(_dimse_qr.AccessionNotFound):
+    with pytest.raises(AccessionNotFound):
         target.retrieve("QR-NOPE", None, tmp_path / "none")
 
 
@@ -314,13 +313,13 @@ def test_multipart_parts_are_cut_whatever_the_chunking() -> None:
 
 
 def test_retrieve_of_an_unknown_accession_fails_clearly(peer: Peer, tmp_path: Path) -> None:
-    with pytest.raises(_dimse_qr.AccessionNotFound, match="No series found with accession"):
+    with pytest.raises(AccessionNotFound, match="No series found with accession"):
         peer.dicom_target().retrieve("QR-NOPE", None, tmp_path / "x")
 
 
 def test_move_to_an_unknown_destination_is_a_permanent_error(peer: Peer, tmp_path: Path) -> None:
     target = peer.dicom_target(retrieve_method="move", move_destination_aet="NOBODY")
-    with pytest.raises(_dimse_qr.PermanentTargetError, match="C-MOVE at .* answered 0x"):
+    with pytest.raises(PermanentTargetError, match="C-MOVE at .* answered 0x"):
         target.retrieve("QR-B", None, tmp_path / "x")
 
 
@@ -397,7 +396,7 @@ def test_batch_with_an_unknown_accession_fails_at_the_check_step(
 
     env.save_target(peer.dicom_target(), SOURCE)
     dest = tmp_path / "dest"
-    with pytest.raises(_dimse_qr.AccessionNotFound, match="QR-NOPE, QR-NADA"):
+    with pytest.raises(AccessionNotFound, match="QR-NOPE, QR-NADA"):
         asyncio.run(retrieve_batch(SOURCE, ["QR-B", "QR-NOPE", "QR-NADA"], None, str(dest), None))
     assert not dest.exists()
 
@@ -532,7 +531,7 @@ def test_offpeak_batch_paused_resumed_and_started_by_the_scheduler(
 
 def test_query_retrieve_cores_do_not_import_prefect() -> None:
     code = (
-        "import sys, blocks._dimse_qr, blocks._dicomweb_qr; "
+        "import sys, blocks.qr, blocks._dimse_qr, blocks._dicomweb_qr; "
         "sys.exit(1 if 'prefect' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -1,6 +1,6 @@
 """mercure's DICOMweb target: STOW-RS to a DICOMweb server, or into a folder for ``file://`` URLs.
 
-Fixes over mercure (DESIGN 4.1): a case is sent in bounded batches streamed from the files
+Fixes over mercure (architecture §4.1): a case is sent in bounded batches streamed from the files
 (``blocks._stow``), never read whole into memory as one request; every request has timeouts;
 ``test_connection`` reports refused credentials as such (mercure's check read ``errno`` of a
 requests ``HTTPError``, which is ``None``, so a 401 passed). HTTP and connection errors are

@@ -1,4 +1,4 @@
-"""``dicom-dispatch``: the command line (DESIGN 4.5).
+"""``dicom-dispatch``: the command line (architecture §4.5).
 
 Exit codes: 0 success, 1 the operation failed (case not in success/, target unusable, bad config),
 2 usage error. Errors are one line on stderr. Prefect is imported only by the commands that

@@ -1,4 +1,4 @@
-"""The query/retrieve commands of ``dicom-dispatch`` (DESIGN 4.5)::
+"""The query/retrieve commands of ``dicom-dispatch`` (architecture §4.5)::
 
     query TARGET --accession A [--filter KEY=VALUE]... [--level study|series] [--json]
     retrieve TARGET --accession A (--dest DIR | --to-outgoing --targets T[,T...]) [--filter ...]

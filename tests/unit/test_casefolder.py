@@ -1,4 +1,4 @@
-"""tasks/casefolder.py: mercure's case-folder protocol, with the quirks fixed per DESIGN 4.1."""
+"""tasks/casefolder.py: mercure's case-folder protocol, quirks fixed per architecture §4.1."""
 
 from __future__ import annotations
 

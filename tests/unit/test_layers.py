@@ -22,12 +22,21 @@ PREFECT_FREE = sorted(
     BOTTOM
     | {
         "blocks.qr",
-        "blocks._dimse",
-        "blocks._dimse_qr",
-        "blocks._dicomweb_qr",
-        "blocks._stow",
+        "blocks._association",
         "blocks._dcmsend",
         "blocks._dcmsend_report",
+        "blocks._dcmtk_qr",
+        "blocks._dicomweb_qr",
+        "blocks._dimse",
+        "blocks._dimse_qr",
+        "blocks._dimse_results",
+        "blocks._dimse_tls",
+        "blocks._net",
+        "blocks._process_pool",
+        "blocks._pynetdicom_fix",
+        "blocks._receiver",
+        "blocks._stow",
+        "blocks._storage_scp",
     }
 )
 

@@ -221,7 +221,7 @@ def test_dispatch_without_target_name_is_invalid(task_dict):
 
 
 def test_unknown_keys_are_accepted_at_every_level(task_dict):
-    # mercure forbids unknown top-level keys; we accept them (DESIGN 4.1).
+    # mercure forbids unknown top-level keys; we accept them (architecture §4.1).
     task_dict["site_extension"] = {"ticket": 17}
     task_dict["info"]["ward"] = "ICU"
     task_dict["dispatch"]["status"]["pacs"]["message"] = "connection refused"

@@ -126,7 +126,7 @@ def allow_modality(orthanc: Orthanc, aet: str, port: int, name: str = "dispatch"
 
 def stop(orthanc: Orthanc) -> None:
     """Stop Orthanc (its ports and storage are kept for ``restart``)."""
-    orthanc._stop()
+    orthanc.stop()
 
 
 def restart(orthanc: Orthanc) -> None:

@@ -84,6 +84,13 @@ class DispatchEnv:
         forget_cached_targets()
         return report
 
+    def import_one_target(self, name: str, spec: dict[str, Any]) -> Any:
+        """Import one mercure target (every field understood) and load the block it became."""
+        report = self.import_mercure_targets({name: spec})
+        assert report.imported == {name: spec["target_type"]}
+        assert report.ignored_fields == {}
+        return self.load_target(name)
+
     def load_target(self, name: str) -> Any:
         from blocks.registry import aload_target
 

@@ -18,6 +18,7 @@ import pytest
 from blocks.sftp import SshTarget
 from tests.cases import make_case
 from tests.integration.conftest import DispatchEnv
+from tests.peers.net import free_port
 from tests.peers.sshd import SshServer
 
 WRONG_PASSWORD = "wrong-Pa55word"
@@ -44,6 +45,19 @@ def assert_arrived(remote_case: Path, expected: dict[str, bytes]) -> None:
         case_id = json.loads(expected["task.json"])["id"]
         assert json.loads(arrived.pop("task.json"))["id"] == case_id
     assert arrived == {k: v for k, v in expected.items() if k != "task.json"}
+
+
+def fail_fast_when_down(env: DispatchEnv, kind: type[SshTarget]) -> None:
+    """A case to ``<type>_down``, where nothing listens: an error that names the target and the
+    refused connection, within 15 s, the case kept whole."""
+    prefix = kind.target_type
+    env.save_settings(retry_max=5, retry_delay=600.0)
+    down = kind(folder="/srv/in", user="nobody", host="127.0.0.1", port=free_port())
+
+    status = env.dispatch_unreachable(down, f"{prefix}_down", within=15)
+
+    assert f"{prefix} target {prefix}_down" in status["message"]
+    assert "Connection refused" in status["message"]
 
 
 def refuse_wrong_key_and_unknown_host(

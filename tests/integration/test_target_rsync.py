@@ -19,6 +19,7 @@ from tests.integration.ssh_targets import (
     WRONG_PASSWORD,
     assert_arrived,
     deliver_partially,
+    fail_fast_when_down,
     log_in_with_password,
     refuse_wrong_key_and_unknown_host,
     sent_files,
@@ -92,13 +93,7 @@ def test_file_filter_and_missing_script(env: DispatchEnv, sshd: SshServer, tmp_p
 
 
 def test_peer_down_fails_quickly_and_keeps_the_case(env: DispatchEnv) -> None:
-    env.save_settings(retry_max=5, retry_delay=600.0)
-    down = RsyncTarget(folder="/srv/in", user="nobody", host="127.0.0.1", port=free_port())
-
-    status = env.dispatch_unreachable(down, "rsync_down", within=15)
-
-    assert "rsync target rsync_down" in status["message"]
-    assert "Connection refused" in status["message"]
+    fail_fast_when_down(env, RsyncTarget)
 
 
 def test_wrong_key_and_unknown_host_key_are_refused_clearly(

@@ -146,10 +146,7 @@ def test_mercure_json_s3_target_imports(env: DispatchEnv) -> None:
         "comment": "",
         "direction": "push",
     }
-    report = env.import_mercure_targets({"S3_Archive": spec})
-    assert report.imported == {"S3_Archive": "s3"}
-    assert report.ignored_fields == {}
-    block = env.load_target("S3_Archive")
+    block = env.import_one_target("S3_Archive", spec)
     assert isinstance(block, S3Target)
     assert isinstance(block.secret_access_key, SecretStr)
     assert block.secret_access_key.get_secret_value() == "mercure-secret-key"

@@ -153,10 +153,7 @@ def test_mercure_json_xnat_target_imports(env: DispatchEnv) -> None:
         "comment": "",
         "direction": "push",
     }
-    report = env.import_mercure_targets({"XNAT_Research": spec})
-    assert report.imported == {"XNAT_Research": "xnat"}
-    assert report.ignored_fields == {}
-    block = env.load_target("XNAT_Research")
+    block = env.import_one_target("XNAT_Research", spec)
     assert isinstance(block, XnatTarget)
     assert isinstance(block.password, SecretStr)
     assert block.password.get_secret_value() == "xnat-secret"

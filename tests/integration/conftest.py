@@ -98,7 +98,7 @@ class DispatchEnv:
 
 
 @pytest.fixture
-def env(prefect_server: str, tmp_path: Path) -> Iterator[DispatchEnv]:
+def env(prefect_server: str, tmp_path: Path) -> DispatchEnv:
     e = DispatchEnv(tmp_path / "outgoing", tmp_path / "success", tmp_path / "error")
     for folder in (e.outgoing, e.success, e.error):
         folder.mkdir()

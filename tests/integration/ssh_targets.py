@@ -47,6 +47,18 @@ def assert_arrived(remote_case: Path, expected: dict[str, bytes]) -> None:
     assert arrived == {k: v for k, v in expected.items() if k != "task.json"}
 
 
+def connection_test_failures(
+    sshd: SshServer, tmp_path: Path, kind: type[SshTarget]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The connection test of a target whose folder is missing (it says so) and of one nobody
+    listens for (no ping): both results, for the keys only one protocol has."""
+    missing = kind(folder=str(tmp_path / "missing"), **sshd.target_fields()).test_connection()
+    assert "does not exist" in missing["err"]
+    down = kind(folder="/", user="u", host="127.0.0.1", port=free_port()).test_connection()
+    assert down["ping"] is False
+    return missing, down
+
+
 def fail_fast_when_down(env: DispatchEnv, kind: type[SshTarget]) -> None:
     """A case to ``<type>_down``, where nothing listens: an error that names the target and the
     refused connection, within 15 s, the case kept whole."""

@@ -18,6 +18,7 @@ from tests.integration.conftest import DispatchEnv
 from tests.integration.ssh_targets import (
     WRONG_PASSWORD,
     assert_arrived,
+    connection_test_failures,
     deliver_partially,
     fail_fast_when_down,
     log_in_with_password,
@@ -26,7 +27,6 @@ from tests.integration.ssh_targets import (
     ssh_target,
 )
 from tests.peers.base import require_program
-from tests.peers.net import free_port
 from tests.peers.sshd import SshServer
 
 PASSWORD = "rsync-test-Pa55word"
@@ -126,12 +126,8 @@ def test_connection_test_keys(sshd: SshServer, tmp_path: Path) -> None:
     no_script = rsync_target(sshd, remote, run_on_complete=True).test_connection()
     assert no_script["exec_script_exists"] is False
     assert "mercure_complete.sh" in no_script["err"]
-    missing = RsyncTarget(folder=str(tmp_path / "missing"), **sshd.target_fields())
-    tested = missing.test_connection()
-    assert tested["folder_exists"] is False
-    assert "does not exist" in tested["err"]
-    down = RsyncTarget(folder="/", user="u", host="127.0.0.1", port=free_port()).test_connection()
-    assert down["ping"] is False
+    missing, down = connection_test_failures(sshd, tmp_path, RsyncTarget)
+    assert missing["folder_exists"] is False
     assert down["ssh_connected"] is None
 
 

@@ -13,6 +13,7 @@ from tests.cases import make_case
 from tests.integration.conftest import DispatchEnv
 from tests.integration.ssh_targets import (
     assert_arrived,
+    connection_test_failures,
     deliver_partially,
     fail_fast_when_down,
     log_in_with_password,
@@ -20,7 +21,6 @@ from tests.integration.ssh_targets import (
     sent_files,
     ssh_target,
 )
-from tests.peers.net import free_port
 from tests.peers.sshd import SshServer
 
 PASSWORD = "sftp-test-Pa55word"
@@ -82,12 +82,8 @@ def test_wrong_key_and_unknown_host_key_are_refused_clearly(
 def test_connection_test_keys(sshd: SshServer, tmp_path: Path) -> None:
     ok = sftp_target(sshd, tmp_path / "remote").test_connection()
     assert ok == {"ping": True, "loggedin": True, "err": ""}
-    missing = SftpTarget(folder=str(tmp_path / "missing"), **sshd.target_fields())
-    tested = missing.test_connection()
-    assert tested["loggedin"] is False
-    assert "does not exist" in tested["err"]
-    down = SftpTarget(folder="/", user="u", host="127.0.0.1", port=free_port()).test_connection()
-    assert down["ping"] is False
+    missing, down = connection_test_failures(sshd, tmp_path, SftpTarget)
+    assert missing["loggedin"] is False
     assert down["loggedin"] is False
 
 

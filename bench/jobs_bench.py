@@ -31,17 +31,17 @@ import heapq
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from bench._common import median, work_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def describe(values: list[float]) -> str:
         return "n/a"
     q = statistics.quantiles(values, n=10, method="inclusive") if len(values) >= 2 else values
     return (
-        f"median {statistics.median(values):.2f} s, p10 {q[0]:.2f} s, p90 {q[-1]:.2f} s, "
+        f"median {median(values):.2f} s, p10 {q[0]:.2f} s, p90 {q[-1]:.2f} s, "
         f"max {max(values):.2f} s (n={len(values)})"
     )
 
@@ -225,16 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    base = Path(tempfile.mkdtemp(prefix="jobs-bench-"))
-    os.environ.setdefault("PREFECT_HOME", str(base / "prefect-home"))
-    out = base / "out"
-    out.mkdir()
     figures: dict[str, Any] = {}
-    try:
+    with work_dir("jobs-bench-", keep=args.keep) as base:
+        os.environ.setdefault("PREFECT_HOME", str(base / "prefect-home"))
+        out = base / "out"
+        out.mkdir()
         run_all(args, base, out, figures)
-    finally:
-        if not args.keep:
-            shutil.rmtree(base, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0

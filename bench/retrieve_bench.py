@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._common import median, timed_tool  # noqa: E402
 
 WORKER = r"""
 import json, resource, sys, time
@@ -85,9 +86,7 @@ def _getscu(port: int, aet: str, study_uid: str, dest: Path) -> float:
         "127.0.0.1",
         str(port),
     ]
-    began = time.perf_counter()
-    subprocess.run(args, check=True, capture_output=True, env={**os.environ, "TCP_NODELAY": "1"})
-    wall = time.perf_counter() - began
+    wall = timed_tool(args)
     count = sum(1 for p in dest.iterdir() if p.is_file())
     if count == 0:
         raise RuntimeError("getscu received nothing")
@@ -170,7 +169,7 @@ def main() -> int:
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
-    reference = statistics.median(baseline)
+    reference = median(baseline)
     size_mb = args.images * args.size * args.size * 2 / 1e6
     report = {
         "images": args.images,
@@ -179,8 +178,8 @@ def main() -> int:
         "getscu_seconds": round(reference, 3),
         "methods": {
             name: {
-                "seconds": round(statistics.median(values), 3),
-                "ratio_to_getscu": round(statistics.median(values) / reference, 2),
+                "seconds": round(median(values), 3),
+                "ratio_to_getscu": round(median(values) / reference, 2),
                 "peak_rss_mb": round(rss[name], 1),
             }
             for name, values in times.items()

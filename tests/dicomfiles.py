@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import random
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -27,8 +28,12 @@ def make_ct_instance(
     accession: str = "ACC0001",
     patient_id: str = "MRN0001",
     seed: int = 0,
+    modality: str = "CT",
+    series_description: str = "generated series",
+    series_number: int = 1,
 ) -> Path:
-    """Write one CT Image Storage instance (explicit VR little endian) to ``path``."""
+    """Write one CT Image Storage instance (explicit VR little endian) to ``path``; ``modality``
+    only labels it (a query peer's series of several modalities)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -42,13 +47,13 @@ def make_ct_instance(
     ds.PatientName = "TEST^PATIENT"
     ds.PatientID = patient_id
     ds.AccessionNumber = accession
-    ds.Modality = "CT"
+    ds.Modality = modality
     ds.StudyDescription = "generated study"
-    ds.SeriesDescription = "generated series"
+    ds.SeriesDescription = series_description
     ds.StudyDate = "20260101"
     ds.StudyTime = "120000"
     ds.StudyID = "1"
-    ds.SeriesNumber = 1
+    ds.SeriesNumber = series_number
     ds.InstanceNumber = index
     ds.Rows = rows
     ds.Columns = cols
@@ -75,11 +80,14 @@ def make_ct_series(
     accession: str = "ACC0001",
     patient_id: str = "MRN0001",
     study_uid: str | None = None,
+    series_uid: str | None = None,
     seed: int = 0,
+    **labels: Any,
 ) -> list[Path]:
-    """Write ``count`` instances of one new series as ``<SeriesUID>#<n>.dcm`` (mercure's naming)."""
+    """Write ``count`` instances of one series as ``<SeriesUID>#<n>.dcm`` (mercure's naming);
+    ``labels`` (modality, series_description, series_number) go to every instance."""
     study_uid = study_uid or generate_uid()
-    series_uid = generate_uid()
+    series_uid = series_uid or generate_uid()
     return [
         make_ct_instance(
             folder / f"{series_uid}#{i:04d}.dcm",
@@ -92,6 +100,7 @@ def make_ct_series(
             accession=accession,
             patient_id=patient_id,
             seed=seed,
+            **labels,
         )
         for i in range(1, count + 1)
     ]

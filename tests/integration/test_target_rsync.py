@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -16,45 +15,30 @@ import pytest
 from blocks.rsync import RsyncTarget
 from tests.cases import make_case
 from tests.integration.conftest import DispatchEnv
-from tests.peers.net import free_port
+from tests.integration.ssh_targets import (
+    WRONG_PASSWORD,
+    assert_arrived,
+    connection_test_failures,
+    deliver_partially,
+    fail_fast_when_down,
+    log_in_with_password,
+    refuse_wrong_key_and_unknown_host,
+    sent_files,
+    ssh_target,
+)
+from tests.peers.base import require_program
 from tests.peers.sshd import SshServer
 
 PASSWORD = "rsync-test-Pa55word"
-WRONG_PASSWORD = "wrong-Pa55word"
 
 
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    if shutil.which("rsync") is None:
-        message = "rsync not found (install the Debian package 'rsync')"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    with SshServer(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
+@pytest.fixture(scope="module", autouse=True)
+def _rsync_installed() -> None:
+    require_program("rsync", "rsync")
 
 
 def rsync_target(server: SshServer, folder: Path, **changes: object) -> RsyncTarget:
-    folder.mkdir(parents=True, exist_ok=True)
-    run_on_complete = bool(changes.pop("run_on_complete", False))
-    return RsyncTarget(
-        folder=str(folder), run_on_complete=run_on_complete, **server.target_fields(**changes)
-    )
-
-
-def sent_files(case: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in case.iterdir() if p.is_file() and p.name != ".lock"}
-
-
-def assert_arrived(remote_case: Path, expected: dict[str, bytes]) -> None:
-    """Every file byte for byte and nothing else; task.json as it was at sending time."""
-    arrived = {p.name: p.read_bytes() for p in remote_case.iterdir() if p.is_file()}
-    assert arrived.pop(".complete") == b""
-    assert arrived.keys() == expected.keys()
-    if "task.json" in expected:  # the dispatcher updates its status while sending
-        case_id = json.loads(expected["task.json"])["id"]
-        assert json.loads(arrived.pop("task.json"))["id"] == case_id
-    assert arrived == {k: v for k, v in expected.items() if k != "task.json"}
+    return ssh_target(RsyncTarget, server, folder, **changes)
 
 
 def completion_script(folder: Path, log: Path) -> None:
@@ -109,60 +93,22 @@ def test_file_filter_and_missing_script(env: DispatchEnv, sshd: SshServer, tmp_p
 
 
 def test_peer_down_fails_quickly_and_keeps_the_case(env: DispatchEnv) -> None:
-    env.save_settings(retry_max=5, retry_delay=600.0)
-    down = RsyncTarget(folder="/srv/in", user="nobody", host="127.0.0.1", port=free_port())
-    env.save_target(down, "rsync_down")
-    case = make_case(env.outgoing, ["rsync_down"])
-
-    started = time.monotonic()
-    result = env.dispatch(case)
-
-    assert time.monotonic() - started < 15
-    assert result["location"] == "outgoing"
-    status = env.task(case)["dispatch"]["status"]["rsync_down"]
-    assert status["state"] == "error"
-    assert "rsync target rsync_down" in status["message"]
-    assert "Connection refused" in status["message"]
-    assert len(list(case.glob("*.dcm"))) == 3, "nothing is lost"
-    assert not (case / ".processing").exists()
+    fail_fast_when_down(env, RsyncTarget)
 
 
 def test_wrong_key_and_unknown_host_key_are_refused_clearly(
     env: DispatchEnv, sshd: SshServer, tmp_path: Path
 ) -> None:
-    env.save_settings(retry_max=5, retry_delay=600.0)
-    remote = tmp_path / "remote"
-    other_key = tmp_path / "other_key"
-    shutil.copy(sshd.root / "ssh_host_ed25519_key", other_key)  # a valid key sshd won't accept
-    other_key.chmod(0o600)
-    env.save_target(rsync_target(sshd, remote, key_file=str(other_key)), "rsync_wrong_key")
-    known_hosts = tmp_path / "known hosts"  # a blank in the path, passed through -e intact
-    known_hosts.touch()
-    env.save_target(
-        rsync_target(sshd, remote, known_hosts_file=str(known_hosts)), "rsync_unknown_host"
+    known_hosts = refuse_wrong_key_and_unknown_host(
+        env,
+        sshd,
+        tmp_path,
+        RsyncTarget,
+        login_key="ssh_connected",
+        known_hosts_name="known hosts",  # a blank in the path, passed through -e intact
     )
-    case = make_case(env.outgoing, ["rsync_wrong_key", "rsync_unknown_host"])
-
-    assert env.dispatch(case)["location"] == "outgoing"
-
-    status = env.task(case)["dispatch"]["status"]
-    assert "authentication failed" in status["rsync_wrong_key"]["message"]
-    unknown = status["rsync_unknown_host"]["message"]
-    assert f"[127.0.0.1]:{sshd.port}" in unknown
-    assert "ssh-keyscan" in unknown
-    assert "trust_on_first_use" in unknown
-    assert not (remote / case.name).exists(), "nothing is sent to an unverified host"
-    tested = rsync_target(sshd, remote, known_hosts_file=str(known_hosts)).test_connection()
-    assert tested["ping"] is True
-    assert tested["ssh_connected"] is False
-    assert "ssh-keyscan" in tested["err"]
-
-    env.save_target(rsync_target(sshd, remote), "rsync_wrong_key")
-    tofu = rsync_target(sshd, remote, known_hosts_file=str(known_hosts))
-    tofu.trust_on_first_use = True
-    env.save_target(tofu, "rsync_unknown_host")
-    assert env.dispatch(case)["location"] == "success"
     assert known_hosts.read_text().strip(), "the host key was recorded"
+    remote = tmp_path / "remote"
     again = rsync_target(sshd, remote, known_hosts_file=str(known_hosts)).test_connection()
     assert again["ssh_connected"] is True, "and is trusted from now on without the setting"
 
@@ -180,82 +126,47 @@ def test_connection_test_keys(sshd: SshServer, tmp_path: Path) -> None:
     no_script = rsync_target(sshd, remote, run_on_complete=True).test_connection()
     assert no_script["exec_script_exists"] is False
     assert "mercure_complete.sh" in no_script["err"]
-    missing = RsyncTarget(folder=str(tmp_path / "missing"), **sshd.target_fields())
-    tested = missing.test_connection()
-    assert tested["folder_exists"] is False
-    assert "does not exist" in tested["err"]
-    down = RsyncTarget(folder="/", user="u", host="127.0.0.1", port=free_port()).test_connection()
-    assert down["ping"] is False
+    missing, down = connection_test_failures(sshd, tmp_path, RsyncTarget)
+    assert missing["folder_exists"] is False
     assert down["ssh_connected"] is None
 
 
 def test_retry_after_partial_delivery_resends_only_what_is_missing(
     env: DispatchEnv, sshd: SshServer, tmp_path: Path
 ) -> None:
-    env.save_settings(retry_max=5, retry_delay=0.0)
-    good, bad = tmp_path / "good", tmp_path / "bad"
-    env.save_target(rsync_target(sshd, good), "rsync_good")
-    env.save_target(rsync_target(sshd, bad), "rsync_bad")
-    case = make_case(env.outgoing, ["rsync_good", "rsync_bad"], files=3)
-    expected = sent_files(case)
-    first, second, _ = sorted(n for n in expected if n.endswith(".dcm"))
-    (bad / case.name / second / "blocker").mkdir(parents=True)  # a folder where a file must go
-
-    assert env.dispatch(case)["location"] == "outgoing"
-
-    status = env.task(case)["dispatch"]["status"]
-    assert status["rsync_good"]["state"] == "complete"
-    assert status["rsync_bad"]["state"] == "error"
-    assert "rsync code 23" in status["rsync_bad"]["message"], "a partial transfer"
-    assert (bad / case.name / first).read_bytes() == expected[first]
-    assert not (bad / case.name / ".complete").exists()
+    sent = deliver_partially(env, sshd, tmp_path, RsyncTarget)
+    first = sent.names[0]
+    case, good, bad = sent.case, sent.good, sent.bad
+    assert "rsync code 23" in sent.status["rsync_bad"]["message"], "a partial transfer"
     good_marker = (good / case.name / ".complete").stat().st_mtime_ns
     delivered = (bad / case.name / first).stat().st_ino
 
-    shutil.rmtree(bad / case.name / second)
-    assert env.dispatch(case)["location"] == "success"
+    sent.unblock_and_resend()
 
     assert (good / case.name / ".complete").stat().st_mtime_ns == good_marker, "not re-sent"
     assert (bad / case.name / first).stat().st_ino == delivered, "an arrived file is kept"
-    assert_arrived(bad / case.name, expected)
-    assert_arrived(good / case.name, expected)
+    sent.assert_both_complete()
 
 
 def test_password_login_never_shows_the_password(
     env: DispatchEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env.save_settings(retry_max=5, retry_delay=600.0)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no keys of this machine's user get in the way
     if shutil.which("sshpass") is None:
         pytest.skip("sshpass not found (install the Debian package 'sshpass')")
-    with SshServer(tmp_path / "sshd", password=PASSWORD) as server:
-        remote = tmp_path / "remote"
-        remote.mkdir()
-        fields = server.target_fields(key_file=None)
-        env.save_target(RsyncTarget(folder=str(remote), password=PASSWORD, **fields), "rsync_by_pw")
-        env.save_target(
-            RsyncTarget(folder=str(remote), password=WRONG_PASSWORD, **fields), "rsync_bad_pw"
-        )
-        case = make_case(env.outgoing, ["rsync_by_pw", "rsync_bad_pw"])
-        expected = sent_files(case)
+    seen: set[str] = set()
 
-        with watch_processes() as seen:
-            assert env.dispatch(case)["location"] == "outgoing"
+    log_in_with_password(
+        env, tmp_path, monkeypatch, RsyncTarget, PASSWORD, lambda: watch_processes(seen)
+    )
 
     assert any("sshpass" in line for line in seen), "the password went through sshpass"
     assert not [line for line in seen if PASSWORD in line or WRONG_PASSWORD in line]
-    status = env.task(case)["dispatch"]["status"]
-    assert status["rsync_by_pw"]["state"] == "complete"
-    assert_arrived(remote / case.name, expected)
-    assert "authentication failed" in status["rsync_bad_pw"]["message"]
-    assert PASSWORD not in (case / "task.json").read_text()
 
 
 @contextmanager
-def watch_processes() -> Iterator[set[str]]:
-    """Every process's command line and environment while the block runs (what ``ps`` and
-    ``/proc`` show), polled from /proc."""
-    seen: set[str] = set()
+def watch_processes(seen: set[str]) -> Iterator[None]:
+    """Add to ``seen`` every process's command line and environment while the block runs (what
+    ``ps`` and ``/proc`` show), polled from /proc."""
     stop = threading.Event()
 
     def poll() -> None:
@@ -272,7 +183,7 @@ def watch_processes() -> Iterator[set[str]]:
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
     try:
-        yield seen
+        yield
     finally:
         stop.set()
         thread.join(timeout=5)

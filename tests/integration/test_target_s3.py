@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,15 +85,7 @@ def test_key_format_and_colliding_names(tmp_path: Path, moto: MotoS3) -> None:
 def test_endpoint_down_fails_quickly_and_keeps_the_case(env: DispatchEnv, moto: MotoS3) -> None:
     env.save_settings(retry_max=3, retry_delay=600.0)
     down = s3_target(moto, "some-bucket", endpoint_url=f"http://127.0.0.1:{free_port()}")
-    env.save_target(down, "s3_down")
-    case = make_case(env.outgoing, ["s3_down"])
-    started = time.monotonic()
-    result = env.dispatch(case)
-    assert time.monotonic() - started < 20
-    assert result["location"] == "outgoing"
-    assert len(list(case.glob("*.dcm"))) == 3, "nothing is lost"
-    status = env.task(case)["dispatch"]["status"]["s3_down"]
-    assert status["state"] == "error"
+    status = env.dispatch_unreachable(down, "s3_down", within=20)
     assert "cannot connect to the endpoint" in status["message"]
     assert down.test_connection()["S3 connection"] is False
 
@@ -143,10 +133,7 @@ def test_retry_after_partial_delivery_sends_only_to_the_failed_target(
     assert sorted(moto.objects(later)) == [f"{case.name}/{n}" for n in names]
 
 
-def test_mercure_json_s3_target_imports(env: DispatchEnv, tmp_path: Path) -> None:
-    from blocks.registry import aload_target, forget_cached_targets
-    from deployments.importer import import_mercure_config
-
+def test_mercure_json_s3_target_imports(env: DispatchEnv) -> None:
     spec = {
         "target_type": "s3",
         "region": "eu-central-1",
@@ -159,13 +146,7 @@ def test_mercure_json_s3_target_imports(env: DispatchEnv, tmp_path: Path) -> Non
         "comment": "",
         "direction": "push",
     }
-    path = tmp_path / "mercure.json"
-    path.write_text(json.dumps({"targets": {"S3_Archive": spec}}))
-    report = asyncio.run(import_mercure_config(path))
-    assert report.imported == {"S3_Archive": "s3"}
-    assert report.ignored_fields == {}
-    forget_cached_targets()
-    block = asyncio.run(aload_target("S3_Archive"))
+    block = env.import_one_target("S3_Archive", spec)
     assert isinstance(block, S3Target)
     assert isinstance(block.secret_access_key, SecretStr)
     assert block.secret_access_key.get_secret_value() == "mercure-secret-key"

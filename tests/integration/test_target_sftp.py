@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import shutil
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,37 +11,23 @@ from blocks.rsync import RsyncTarget
 from blocks.sftp import PART_SUFFIX, SftpTarget
 from tests.cases import make_case
 from tests.integration.conftest import DispatchEnv
-from tests.peers.net import free_port
+from tests.integration.ssh_targets import (
+    assert_arrived,
+    connection_test_failures,
+    deliver_partially,
+    fail_fast_when_down,
+    log_in_with_password,
+    refuse_wrong_key_and_unknown_host,
+    sent_files,
+    ssh_target,
+)
 from tests.peers.sshd import SshServer
 
 PASSWORD = "sftp-test-Pa55word"
-WRONG_PASSWORD = "wrong-Pa55word"
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
-    with SshServer(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
 
 
 def sftp_target(server: SshServer, folder: Path, **changes: object) -> SftpTarget:
-    folder.mkdir(parents=True, exist_ok=True)
-    return SftpTarget(folder=str(folder), **server.target_fields(**changes))
-
-
-def sent_files(case: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in case.iterdir() if p.is_file() and p.name != ".lock"}
-
-
-def assert_arrived(remote_case: Path, expected: dict[str, bytes]) -> None:
-    """Every file byte for byte and nothing else; task.json as it was at sending time."""
-    arrived = {p.name: p.read_bytes() for p in remote_case.iterdir() if p.is_file()}
-    assert arrived.pop(".complete") == b""
-    assert arrived.keys() == expected.keys()
-    if "task.json" in expected:  # the dispatcher updates its status while sending
-        case_id = json.loads(expected["task.json"])["id"]
-        assert json.loads(arrived.pop("task.json"))["id"] == case_id
-    assert arrived == {k: v for k, v in expected.items() if k != "task.json"}
+    return ssh_target(SftpTarget, server, folder, **changes)
 
 
 def test_case_arrives_with_complete_marker_last(
@@ -84,137 +66,52 @@ def test_file_filter_is_honoured(env: DispatchEnv, sshd: SshServer, tmp_path: Pa
     assert_arrived(remote / case.name, expected)
 
 
-def test_peer_down_fails_quickly_and_keeps_the_case(env: DispatchEnv, tmp_path: Path) -> None:
-    env.save_settings(retry_max=5, retry_delay=600.0)
-    down = SftpTarget(folder="/srv/in", user="nobody", host="127.0.0.1", port=free_port())
-    env.save_target(down, "sftp_down")
-    case = make_case(env.outgoing, ["sftp_down"])
-
-    started = time.monotonic()
-    result = env.dispatch(case)
-
-    assert time.monotonic() - started < 15
-    assert result["location"] == "outgoing"
-    status = env.task(case)["dispatch"]["status"]["sftp_down"]
-    assert status["state"] == "error"
-    assert "sftp target sftp_down" in status["message"]
-    assert "Connection refused" in status["message"]
-    assert len(list(case.glob("*.dcm"))) == 3, "nothing is lost"
-    assert not (case / ".processing").exists()
+def test_peer_down_fails_quickly_and_keeps_the_case(env: DispatchEnv) -> None:
+    fail_fast_when_down(env, SftpTarget)
 
 
 def test_wrong_key_and_unknown_host_key_are_refused_clearly(
     env: DispatchEnv, sshd: SshServer, tmp_path: Path
 ) -> None:
-    env.save_settings(retry_max=5, retry_delay=600.0)
-    remote = tmp_path / "remote"
-    other_key = tmp_path / "other_key"
-    shutil.copy(sshd.root / "ssh_host_ed25519_key", other_key)  # a valid key sshd won't accept
-    env.save_target(sftp_target(sshd, remote, key_file=str(other_key)), "sftp_wrong_key")
-    empty_known_hosts = tmp_path / "known_hosts"
-    empty_known_hosts.touch()
-    env.save_target(
-        sftp_target(sshd, remote, known_hosts_file=str(empty_known_hosts)), "sftp_unknown_host"
+    known_hosts = refuse_wrong_key_and_unknown_host(
+        env, sshd, tmp_path, SftpTarget, login_key="loggedin"
     )
-    case = make_case(env.outgoing, ["sftp_wrong_key", "sftp_unknown_host"])
-
-    assert env.dispatch(case)["location"] == "outgoing"
-
-    status = env.task(case)["dispatch"]["status"]
-    assert "authentication failed" in status["sftp_wrong_key"]["message"]
-    unknown = status["sftp_unknown_host"]["message"]
-    assert f"[127.0.0.1]:{sshd.port}" in unknown
-    assert "ssh-keyscan" in unknown
-    assert "trust_on_first_use" in unknown
-    assert not (remote / case.name).exists(), "nothing is sent to an unverified host"
-    tested = sftp_target(sshd, remote, known_hosts_file=str(empty_known_hosts)).test_connection()
-    assert tested["ping"] is True
-    assert tested["loggedin"] is False
-    assert "ssh-keyscan" in tested["err"]
-
-    env.save_target(sftp_target(sshd, remote), "sftp_wrong_key")
-    tofu = sftp_target(sshd, remote, known_hosts_file=str(empty_known_hosts))
-    tofu.trust_on_first_use = True
-    env.save_target(tofu, "sftp_unknown_host")
-    assert env.dispatch(case)["location"] == "success"
-    assert empty_known_hosts.read_text().split()[:3] == sshd.host_key_line.split()
+    assert known_hosts.read_text().split()[:3] == sshd.host_key_line.split()
 
 
 def test_connection_test_keys(sshd: SshServer, tmp_path: Path) -> None:
     ok = sftp_target(sshd, tmp_path / "remote").test_connection()
     assert ok == {"ping": True, "loggedin": True, "err": ""}
-    missing = SftpTarget(folder=str(tmp_path / "missing"), **sshd.target_fields())
-    tested = missing.test_connection()
-    assert tested["loggedin"] is False
-    assert "does not exist" in tested["err"]
-    down = SftpTarget(folder="/", user="u", host="127.0.0.1", port=free_port()).test_connection()
-    assert down["ping"] is False
+    missing, down = connection_test_failures(sshd, tmp_path, SftpTarget)
+    assert missing["loggedin"] is False
     assert down["loggedin"] is False
 
 
 def test_retry_after_partial_delivery_resends_only_what_is_missing(
     env: DispatchEnv, sshd: SshServer, tmp_path: Path
 ) -> None:
-    env.save_settings(retry_max=5, retry_delay=0.0)
-    good, bad = tmp_path / "good", tmp_path / "bad"
-    env.save_target(sftp_target(sshd, good), "sftp_good")
-    env.save_target(sftp_target(sshd, bad), "sftp_bad")
-    case = make_case(env.outgoing, ["sftp_good", "sftp_bad"], files=3)
-    expected = sent_files(case)
-    first, second, third = sorted(n for n in expected if n.endswith(".dcm"))
-    blocker = bad / case.name / second / "blocker"  # a folder where a file must go
-    blocker.mkdir(parents=True)
-
-    assert env.dispatch(case)["location"] == "outgoing"
-
-    status = env.task(case)["dispatch"]["status"]
-    assert status["sftp_good"]["state"] == "complete"
-    assert status["sftp_bad"]["state"] == "error"
-    assert second in status["sftp_bad"]["message"]
-    assert (bad / case.name / first).read_bytes() == expected[first], "a partial delivery"
-    assert not (bad / case.name / ".complete").exists()
+    sent = deliver_partially(env, sshd, tmp_path, SftpTarget)
+    first, second, third = sent.names
+    case, good, bad = sent.case, sent.good, sent.bad
+    assert second in sent.status["sftp_bad"]["message"]
     good_writes = len(sshd.written(good))
     bad_writes = sshd.written(bad / case.name / f".{first}")
 
-    shutil.rmtree(bad / case.name / second)
-    assert env.dispatch(case)["location"] == "success"
+    sent.unblock_and_resend()
 
     assert len(sshd.written(good)) == good_writes, "the complete target is not sent again"
     assert sshd.written(bad / case.name / f".{first}") == bad_writes, "nor a file that arrived"
     assert sshd.written(bad / case.name / f".{third}"), "the missing files are sent"
-    assert_arrived(bad / case.name, expected)
-    assert_arrived(good / case.name, expected)
+    sent.assert_both_complete()
 
 
 def test_password_login(env: DispatchEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    env.save_settings(retry_max=5, retry_delay=600.0)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no keys of this machine's user get in the way
-    with SshServer(tmp_path / "sshd", password=PASSWORD) as server:
-        remote = tmp_path / "remote"
-        remote.mkdir()
-        fields = server.target_fields(key_file=None)
-        env.save_target(SftpTarget(folder=str(remote), password=PASSWORD, **fields), "sftp_by_pw")
-        env.save_target(
-            SftpTarget(folder=str(remote), password=WRONG_PASSWORD, **fields), "sftp_bad_pw"
-        )
-        case = make_case(env.outgoing, ["sftp_by_pw", "sftp_bad_pw"])
-        expected = sent_files(case)
-
-        assert env.dispatch(case)["location"] == "outgoing"
-
-    status = env.task(case)["dispatch"]["status"]
-    assert status["sftp_by_pw"]["state"] == "complete"
-    assert_arrived(remote / case.name, expected)
-    assert "authentication failed" in status["sftp_bad_pw"]["message"]
-    assert PASSWORD not in (case / "task.json").read_text()
+    log_in_with_password(env, tmp_path, monkeypatch, SftpTarget, PASSWORD)
 
 
-def test_import_config_imports_sftp_and_rsync_targets(env: DispatchEnv, tmp_path: Path) -> None:
-    from blocks.registry import aload_target, forget_cached_targets
-    from deployments.importer import import_mercure_config
-
-    mercure = {
-        "targets": {
+def test_import_config_imports_sftp_and_rsync_targets(env: DispatchEnv) -> None:
+    report = env.import_mercure_targets(
+        {
             "remote_sftp": {
                 "target_type": "sftp",
                 "folder": "/srv/incoming",
@@ -238,18 +135,13 @@ def test_import_config_imports_sftp_and_rsync_targets(env: DispatchEnv, tmp_path
             },
             "untyped_sftp": {"folder": "/in", "user": "u", "host": "h"},
         }
-    }
-    path = tmp_path / "mercure.json"
-    path.write_text(json.dumps(mercure))
-
-    report = asyncio.run(import_mercure_config(path))
+    )
 
     assert report.imported == {"remote_sftp": "sftp", "archive": "rsync", "untyped_sftp": "sftp"}
     assert not report.skipped
     assert not report.ignored_fields
     assert "s3cret" not in json.dumps(report.as_dict())
-    forget_cached_targets()
-    sftp = asyncio.run(aload_target("remote_sftp"))
+    sftp = env.load_target("remote_sftp")
     assert isinstance(sftp, SftpTarget)
     assert sftp.password is not None
     assert sftp.password.get_secret_value() == "s3cret"
@@ -259,7 +151,7 @@ def test_import_config_imports_sftp_and_rsync_targets(env: DispatchEnv, tmp_path
         False,
     )
     assert "s3cret" not in repr(sftp)
-    rsync = asyncio.run(aload_target("archive"))
+    rsync = env.load_target("archive")
     assert isinstance(rsync, RsyncTarget)
     assert rsync.run_on_complete
     assert rsync.port == 2222

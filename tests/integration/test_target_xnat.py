@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,10 +142,7 @@ def test_missing_study_date_is_a_permanent_clear_error(tmp_path: Path, xnat: Xna
     assert xnat.requests == []
 
 
-def test_mercure_json_xnat_target_imports(env: DispatchEnv, tmp_path: Path) -> None:
-    from blocks.registry import aload_target, forget_cached_targets
-    from deployments.importer import import_mercure_config
-
+def test_mercure_json_xnat_target_imports(env: DispatchEnv) -> None:
     spec = {
         "target_type": "xnat",
         "project_id": "RESEARCH",
@@ -158,13 +153,7 @@ def test_mercure_json_xnat_target_imports(env: DispatchEnv, tmp_path: Path) -> N
         "comment": "",
         "direction": "push",
     }
-    path = tmp_path / "mercure.json"
-    path.write_text(json.dumps({"targets": {"XNAT_Research": spec}}))
-    report = asyncio.run(import_mercure_config(path))
-    assert report.imported == {"XNAT_Research": "xnat"}
-    assert report.ignored_fields == {}
-    forget_cached_targets()
-    block = asyncio.run(aload_target("XNAT_Research"))
+    block = env.import_one_target("XNAT_Research", spec)
     assert isinstance(block, XnatTarget)
     assert isinstance(block.password, SecretStr)
     assert block.password.get_secret_value() == "xnat-secret"

@@ -16,10 +16,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
-import pytest
-
+from tests.peers.base import Peer, missing
 from tests.peers.net import free_port, stop_process, wait_for_port
 
 __all__ = ["StoreSCP", "dcmtk_binary", "free_port", "wait_for_port"]
@@ -37,10 +35,7 @@ def dcmtk_binary(name: str) -> str:
     found = shutil.which(name, path=path)
     if found and Path(found).parent != Path(venv_bin):
         return found
-    message = f"DCMTK binary {name!r} not found (install the Debian package 'dcmtk')"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    missing(f"DCMTK binary {name!r} not found (install the Debian package 'dcmtk')")
 
 
 _PROFILE_TEMPLATE = """\
@@ -60,7 +55,7 @@ PresentationContexts = Only
 """
 
 
-class StoreSCP:
+class StoreSCP(Peer):
     """DCMTK storescp on a free 127.0.0.1 port, started and always killed by ``with``.
 
     ``refuse=True`` rejects every association (A-ASSOCIATE-RJ, permanent). ``accept_only``
@@ -141,12 +136,7 @@ class StoreSCP:
         wait_for_port(self.port, proc=self._proc)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         stop_process(self._proc, grace=0)
 
     def log(self) -> str:

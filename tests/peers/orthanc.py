@@ -15,17 +15,16 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.peers.base import Peer, missing, serve_http, stop_http
 from tests.peers.net import free_port, stop_process
 
 __all__ = ["Orthanc", "StowRecorder", "orthanc_binary", "orthanc_dicomweb_plugin"]
@@ -37,12 +36,6 @@ PLUGIN_CANDIDATES = (
 )
 
 
-def _missing(message: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def orthanc_binary() -> str:
     """Absolute path of the ``Orthanc`` server binary (Debian package ``orthanc``)."""
     for candidate in ORTHANC_CANDIDATES:
@@ -51,8 +44,7 @@ def orthanc_binary() -> str:
     found = shutil.which("Orthanc")
     if found:
         return found
-    _missing("Orthanc not found (install the Debian packages 'orthanc' and 'orthanc-dicomweb')")
-    raise AssertionError("unreachable")
+    missing("Orthanc not found (install the Debian packages 'orthanc' and 'orthanc-dicomweb')")
 
 
 def orthanc_dicomweb_plugin() -> str:
@@ -69,11 +61,10 @@ def orthanc_dicomweb_plugin() -> str:
     for path in listed:
         if path.endswith(".so") and "DicomWeb" in path:
             return path
-    _missing("Orthanc's DICOMweb plugin not found (install the Debian package 'orthanc-dicomweb')")
-    raise AssertionError("unreachable")
+    missing("Orthanc's DICOMweb plugin not found (install the Debian package 'orthanc-dicomweb')")
 
 
-class Orthanc:
+class Orthanc(Peer):
     """Orthanc + DICOMweb on free 127.0.0.1 ports, started and always stopped by ``with``.
 
     ``users`` (name → password) turns on HTTP basic authentication for the REST API and
@@ -149,7 +140,7 @@ class Orthanc:
                 )
             if self._wait_ready():
                 return self
-            self._stop()  # a port was taken meanwhile, or Orthanc is slow: try new ports
+            self.stop()  # a port was taken meanwhile, or Orthanc is slow: try new ports
         pytest.fail(f"Orthanc did not start; log:\n{self.log()[-2000:]}")
 
     def _wait_ready(self, timeout: float = 20.0) -> bool:
@@ -166,16 +157,8 @@ class Orthanc:
                 time.sleep(0.05)
         return False
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         stop_process(self._proc)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop()
 
     def log(self) -> str:
         return self._log.read_text(errors="replace") if self._log.exists() else ""
@@ -219,7 +202,7 @@ class StowRequest:
 
 
 @dataclass
-class StowRecorder:
+class StowRecorder(Peer):
     """A minimal STOW-RS (and QIDO ``/studies``) server on 127.0.0.1 that records every request.
 
     It parses each multipart body, answers with a DICOM JSON Store Instances Response that
@@ -232,7 +215,6 @@ class StowRecorder:
     requests: list[StowRequest] = field(default_factory=list)
     port: int = 0
     _server: ThreadingHTTPServer | None = None
-    _thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -298,16 +280,12 @@ class StowRecorder:
                         return bytes(data)
                     data += chunk[:-2]
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = serve_http(Handler, "stow-recorder")
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+    def stop(self) -> None:
+        stop_http(self._server)
 
 
 def _multipart_sop_uids(content_type: str, body: bytes) -> list[str]:

@@ -10,16 +10,13 @@ so Orthanc answers its C-FIND/C-GET/C-MOVE and knows where to send C-MOVE result
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import subprocess
 from dataclasses import dataclass, field
 
-from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.dicomfiles import make_ct_instance
+from tests.dicomfiles import make_ct_series, pixel_digest
 from tests.peers.orthanc import Orthanc, orthanc_binary
 
 __all__ = [
@@ -68,43 +65,39 @@ def load_study(
     """Generate one study and upload it: ``series`` = ``[(modality, description, count), ...]``."""
     spec = series or [("CT", "generated series", 3)]
     study = LoadedStudy(accession, generate_uid(), patient_id or f"PID-{accession}")
-    scratch = orthanc.folder / "upload.dcm"
+    scratch = orthanc.folder / "upload"
     with orthanc.client() as client:
         for number, (modality, description, count) in enumerate(spec, 1):
             series_uid = generate_uid()
             study.series[series_uid] = []
             study.descriptions[series_uid] = description
             study.modalities[series_uid] = modality
-            for index in range(1, count + 1):
-                sop_uid = generate_uid()
-                make_ct_instance(
-                    scratch,
-                    study_uid=study.study_uid,
-                    series_uid=series_uid,
-                    sop_uid=sop_uid,
-                    index=index,
-                    rows=rows,
-                    cols=cols,
-                    accession=accession,
-                    patient_id=study.patient_id,
-                    seed=seed + number,
-                )
-                ds = dcmread(scratch)
-                ds.Modality = modality
-                ds.SeriesDescription = description
-                ds.SeriesNumber = number
-                buffer = io.BytesIO()
-                ds.save_as(buffer, enforce_file_format=True)
+            paths = make_ct_series(
+                scratch,
+                count,
+                rows=rows,
+                cols=cols,
+                accession=accession,
+                patient_id=study.patient_id,
+                study_uid=study.study_uid,
+                series_uid=series_uid,
+                seed=seed + number,
+                modality=modality,
+                series_description=description,
+                series_number=number,
+            )
+            for path in paths:
+                sop_uid, digest = pixel_digest(path)
                 answer = client.post(
                     "/instances",
-                    content=buffer.getvalue(),
+                    content=path.read_bytes(),
                     headers={"Content-Type": "application/dicom"},
                 )
                 answer.raise_for_status()
+                path.unlink()
                 study.series[series_uid].append(sop_uid)
-                study.digests[sop_uid] = hashlib.sha256(bytes(ds.PixelData)).hexdigest()
+                study.digests[sop_uid] = digest
                 study.orthanc_ids[sop_uid] = str(answer.json()["ID"])
-    scratch.unlink(missing_ok=True)
     return study
 
 
@@ -126,7 +119,7 @@ def allow_modality(orthanc: Orthanc, aet: str, port: int, name: str = "dispatch"
 
 def stop(orthanc: Orthanc) -> None:
     """Stop Orthanc (its ports and storage are kept for ``restart``)."""
-    orthanc._stop()
+    orthanc.stop()
 
 
 def restart(orthanc: Orthanc) -> None:

@@ -14,11 +14,9 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-import pytest
-
+from tests.peers.base import Peer, missing
 from tests.peers.net import free_port, stop_process, wait_for_port
 
 __all__ = ["MotoS3"]
@@ -34,13 +32,10 @@ def _moto_server() -> str:
     binary = Path(sys.prefix) / "bin" / "moto_server"
     if binary.is_file():
         return str(binary)
-    message = "moto_server not found (pip install 'moto[server]')"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    missing("moto_server not found (pip install 'moto[server]')")
 
 
-class MotoS3:
+class MotoS3(Peer):
     """``moto_server`` on a free loopback port, started and always killed by ``with``.
 
     ``access_key_id``/``secret_access_key`` are the only accepted credentials once it runs.
@@ -74,16 +69,11 @@ class MotoS3:
             self._make_user()
             self._post("/moto-api/reset-auth", b"0")  # authentication on from now on
         except BaseException:
-            self.__exit__(None, None, None)
+            self.stop()
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         stop_process(self._proc, grace=0)
 
     def _post(self, path: str, body: bytes) -> dict[str, Any]:

@@ -24,10 +24,10 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
+from tests.peers.base import Peer, require_program
 from tests.peers.net import free_port, wait_for_port
 
 __all__ = ["SshServer", "password_logins_possible"]
@@ -35,15 +35,6 @@ __all__ = ["SshServer", "password_logins_possible"]
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 _OPEN_FOR_WRITE = re.compile(r'^open "(?P<path>.*)" flags \S*WRITE')
-
-
-def _require(path: str, package: str) -> str:
-    if Path(path).is_file() and os.access(path, os.X_OK):
-        return path
-    message = f"{path} not found (install the Debian package {package!r})"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def password_logins_possible() -> bool:
@@ -60,7 +51,7 @@ def _keygen(path: Path, comment: str) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
-class SshServer:
+class SshServer(Peer):
     """``sshd`` on a free 127.0.0.1 port, started and always stopped by ``with``.
 
     The remote side is this machine, so tests look at what arrived directly on disk.
@@ -80,8 +71,8 @@ class SshServer:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> SshServer:
-        sshd = _require(SSHD, "openssh-server")
-        _require(SFTP_SERVER, "openssh-server")
+        sshd = require_program(SSHD, "openssh-server")
+        require_program(SFTP_SERVER, "openssh-server")
         if self.password is not None and not password_logins_possible():
             pytest.skip("password logins need root and unshare (a private shadow file for sshd)")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -146,14 +137,6 @@ class SshServer:
         shadow.chmod(0o600)
         script = f"mount --bind {shlex.quote(str(shadow))} /etc/shadow && exec {shlex.join(args)}"
         return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script]
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def stop(self) -> None:
         """Stop the listener and every session it started (they share its process group)."""

@@ -23,8 +23,9 @@ import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import parse_qsl, urlsplit
+
+from tests.peers.base import Peer, serve_http, stop_http
 
 __all__ = ["XnatFake", "XnatUpload"]
 
@@ -47,7 +48,7 @@ class XnatUpload:
 
 
 @dataclass
-class XnatFake:
+class XnatFake(Peer):
     """The fake XNAT, started and always stopped by ``with``; ``url`` is its base URL."""
 
     folder: Path
@@ -59,7 +60,6 @@ class XnatFake:
     port: int = 0
     _received: int = 0
     _server: ThreadingHTTPServer | None = None
-    _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -73,26 +73,12 @@ class XnatFake:
         class Handler(_Handler):
             owner = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = serve_http(Handler, "xnat-fake")
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="xnat-fake", daemon=True
-        )
-        self._thread.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+    def stop(self) -> None:
+        stop_http(self._server)
 
     def authorized(self, header: str | None) -> str | None:
         """The user name if ``header`` is valid basic auth for this fake, else None."""

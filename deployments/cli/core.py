@@ -221,6 +221,9 @@ class ProgressBar:
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
                 console=Console(stderr=True),
+                # Lines printed while a bar shows go above it, but only when stdout is the
+                # terminal too: piped stdout must receive them itself.
+                redirect_stdout=sys.stdout.isatty(),
             )
             self._progress.start()
         return self

@@ -197,3 +197,41 @@ def test_plain_output_when_not_a_terminal(env: DispatchEnv, tmp_path: Path) -> N
     assert swept.stdout == "dispatched 1, succeeded 1\n"
     assert swept.stderr == ""
     assert (env.success / case.name).is_dir()
+
+
+def test_sweep_shows_progress_on_a_terminal(env: DispatchEnv, tmp_path: Path) -> None:
+    """stderr a terminal: a bar of cases done there; stdout (piped) reads as without one."""
+    import pty
+    import threading
+
+    env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
+    cases = [make_case(env.outgoing, ["share"]) for _ in range(2)]
+    master, slave = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the terminal closed with the last process holding it
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        done = subprocess.run(
+            [*CLI, "sweep"], stdout=subprocess.PIPE, stderr=slave, text=True, timeout=120
+        )
+    finally:
+        os.close(slave)
+    reader.join(10)
+    os.close(master)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert done.returncode == 0, terminal
+    assert done.stdout == "dispatched 2, succeeded 2\n"
+    assert "sweep" in terminal
+    assert "2/2" in terminal, terminal
+    assert all((env.success / c.name).is_dir() for c in cases)

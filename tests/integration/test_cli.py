@@ -199,13 +199,11 @@ def test_plain_output_when_not_a_terminal(env: DispatchEnv, tmp_path: Path) -> N
     assert (env.success / case.name).is_dir()
 
 
-def test_sweep_shows_progress_on_a_terminal(env: DispatchEnv, tmp_path: Path) -> None:
-    """stderr a terminal: a bar of cases done there; stdout (piped) reads as without one."""
+def run_on_terminal(*args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run with stderr on a pseudo-terminal and stdout piped; also what the terminal showed."""
     import pty
     import threading
 
-    env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
-    cases = [make_case(env.outgoing, ["share"]) for _ in range(2)]
     master, slave = pty.openpty()
     chunks: list[bytes] = []
 
@@ -223,15 +221,29 @@ def test_sweep_shows_progress_on_a_terminal(env: DispatchEnv, tmp_path: Path) ->
     reader.start()
     try:
         done = subprocess.run(
-            [*CLI, "sweep"], stdout=subprocess.PIPE, stderr=slave, text=True, timeout=120
+            [*CLI, *args], stdout=subprocess.PIPE, stderr=slave, text=True, timeout=120
         )
     finally:
         os.close(slave)
     reader.join(10)
     os.close(master)
-    terminal = b"".join(chunks).decode(errors="replace")
-    assert done.returncode == 0, terminal
-    assert done.stdout == "dispatched 2, succeeded 2\n"
+    return done, b"".join(chunks).decode(errors="replace")
+
+
+def test_sweep_and_dispatch_show_progress_on_a_terminal(env: DispatchEnv, tmp_path: Path) -> None:
+    """stderr a terminal: a bar of cases (targets) done there; piped stdout reads as without."""
+    env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
+    cases = [make_case(env.outgoing, ["share"]) for _ in range(2)]
+    swept, terminal = run_on_terminal("sweep")
+    assert swept.returncode == 0, terminal
+    assert swept.stdout == "dispatched 2, succeeded 2\n"
     assert "sweep" in terminal
     assert "2/2" in terminal, terminal
     assert all((env.success / c.name).is_dir() for c in cases)
+
+    case = make_case(env.outgoing, ["share"])
+    dispatched, terminal = run_on_terminal("dispatch", case.name)
+    assert dispatched.returncode == 0, terminal
+    assert dispatched.stdout.startswith(f"{case.name}: success ")
+    assert f"case {case.name}" in terminal, terminal
+    assert "1/1" in terminal, terminal

@@ -31,7 +31,7 @@ from tests import jobs_fixtures
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 REPO = Path(__file__).resolve().parents[2]
-JOBS_CLI = [sys.executable, "-m", "deployments.jobs_cli"]
+JOBS_CLI = [sys.executable, "-m", "deployments.cli", "jobs"]
 FIXTURES = "tests.jobs_fixtures"
 
 

@@ -145,3 +145,105 @@ def test_dispatch_sweep_halt_and_status(env: DispatchEnv, tmp_path: Path) -> Non
     assert run_cli("unhalt").returncode == 0
     assert run_cli("sweep", "--until-empty").returncode == 0
     assert (env.success / held.name).is_dir()
+
+
+def test_version_is_the_installed_package_version(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    env = {**os.environ, "DICOM_DISPATCH_HOME": str(tmp_path / "home")}
+    done = subprocess.run([*CLI, "--version"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"dicom-dispatch {version('dicom-dispatch')}"
+    assert not (tmp_path / "home" / "postgres").exists(), "--version must not start a database"
+
+
+def test_unreachable_api_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    dead_api = "http://127.0.0.1:9/api"  # port 9 (discard): nothing listens on loopback
+    env = {**os.environ, "DICOM_DISPATCH_HOME": str(tmp_path / "home"), "PREFECT_API_URL": dead_api}
+    for argv in (["targets", "list"], ["status", "--json"], ["jobs", "list"]):
+        done = subprocess.run([*CLI, *argv], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 1, (argv, done.stderr)
+        assert "Traceback" not in done.stderr, argv
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("dicom-dispatch: cannot reach the Prefect API"), done.stderr
+        assert dead_api in done.stderr
+        assert done.stdout == ""
+
+
+def test_halt_and_unhalt_json(env: DispatchEnv) -> None:
+    halted = run_cli("halt", "--json")
+    assert halted.returncode == 0, halted.stderr
+    assert json.loads(halted.stdout) == {"halted": True, "file": str(env.outgoing / "HALT")}
+    assert (env.outgoing / "HALT").exists()
+
+    resumed = run_cli("unhalt", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout) == {"halted": False, "file": str(env.outgoing / "HALT")}
+    assert not (env.outgoing / "HALT").exists()
+
+
+def test_plain_output_when_not_a_terminal(env: DispatchEnv, tmp_path: Path) -> None:
+    """Piped output stays plain, space-aligned columns, and no progress bar reaches stderr."""
+    env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
+    listed = run_cli("targets", "list")
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["NAME", "TYPE", "BLOCK", "DIRECTION"]
+    assert ["share", "folder", "share", "push"] in [r.split() for r in rows]
+
+    case = make_case(env.outgoing, ["share"])
+    swept = run_cli("sweep")
+    assert swept.returncode == 0, swept.stderr
+    assert swept.stdout == "dispatched 1, succeeded 1\n"
+    assert swept.stderr == ""
+    assert (env.success / case.name).is_dir()
+
+
+def run_on_terminal(*args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run with stderr on a pseudo-terminal and stdout piped; also what the terminal showed."""
+    import pty
+    import threading
+
+    master, slave = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the terminal closed with the last process holding it
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        done = subprocess.run(
+            [*CLI, *args], stdout=subprocess.PIPE, stderr=slave, text=True, timeout=120
+        )
+    finally:
+        os.close(slave)
+    reader.join(10)
+    os.close(master)
+    return done, b"".join(chunks).decode(errors="replace")
+
+
+def test_sweep_and_dispatch_show_progress_on_a_terminal(env: DispatchEnv, tmp_path: Path) -> None:
+    """stderr a terminal: a bar of cases (targets) done there; piped stdout reads as without."""
+    env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
+    cases = [make_case(env.outgoing, ["share"]) for _ in range(2)]
+    swept, terminal = run_on_terminal("sweep")
+    assert swept.returncode == 0, terminal
+    assert swept.stdout == "dispatched 2, succeeded 2\n"
+    assert "sweep" in terminal
+    assert "2/2" in terminal, terminal
+    assert all((env.success / c.name).is_dir() for c in cases)
+
+    case = make_case(env.outgoing, ["share"])
+    dispatched, terminal = run_on_terminal("dispatch", case.name)
+    assert dispatched.returncode == 0, terminal
+    assert dispatched.stdout.startswith(f"{case.name}: success ")
+    assert f"case {case.name}" in terminal, terminal
+    assert "1/1" in terminal, terminal

@@ -3,7 +3,6 @@ the CLI commands, and batches of ``retrieve`` deployment runs served by a real r
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import json
@@ -153,12 +152,9 @@ def expected(study: LoadedStudy, *descriptions: str) -> dict[str, str]:
 
 def cli(*argv: str) -> int:
     """Run one of our commands in this process, as ``dicom-dispatch`` parses and calls it."""
-    from deployments.query_cli import add_query_parsers
+    from deployments.cli import main
 
-    parser = argparse.ArgumentParser(prog="dicom-dispatch")
-    add_query_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(asyncio.run(args.handler(args, Path("."))))
+    return main(argv)
 
 
 def batch(batch_id: str) -> Any:

@@ -1,4 +1,4 @@
-"""The query/retrieve commands of ``dicom-dispatch`` (architecture §4.5)::
+"""The query/retrieve commands::
 
     query TARGET --accession A [--filter KEY=VALUE]... [--level study|series] [--json]
     retrieve TARGET --accession A (--dest DIR | --to-outgoing --targets T[,T...]) [--filter ...]
@@ -9,20 +9,29 @@
 ``query`` and ``retrieve`` run in this process (no runner needed). ``retrieve-batch`` runs the
 check step here and starts one run of the ``retrieve`` deployment per accession, so a service
 (``dicom-dispatch serve``) must be serving the deployments; it prints the batch id and returns
-(``--wait`` follows it to the end). Usage errors exit 2, failures 1, with one line on stderr.
+(``--wait`` follows it to the end).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_query_parsers"]
+from deployments.cli.core import (
+    CommandFailed,
+    ProgressBar,
+    UsageError,
+    add_command,
+    listening,
+    print_json,
+    table,
+)
+
+__all__ = ["add_query_parsers", "filter_arg"]
 
 STUDY_COLUMNS = (
     "AccessionNumber",
@@ -42,30 +51,8 @@ SERIES_COLUMNS = (
     "NumberOfSeriesRelatedInstances",
     "SeriesInstanceUID",
 )
+BATCH_COLUMNS = ("accession", "state", "scheduled", "flow_run")
 WAIT_POLL_SECONDS = 2.0
-
-
-def _usage(message: str) -> int:
-    print(f"dicom-dispatch: {message}", file=sys.stderr)
-    return 2
-
-
-def _fail(message: str) -> int:
-    print(f"dicom-dispatch: {message}", file=sys.stderr)
-    return 1
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
-
-
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    cells = [list(columns)] + [
-        ["" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def filter_arg(text: str) -> tuple[str, str]:
@@ -89,21 +76,22 @@ def _filters(pairs: Sequence[tuple[str, str]] | None) -> dict[str, list[str]]:
     return out
 
 
-def _destination(args: argparse.Namespace) -> tuple[str, list[str]] | str:
-    """(destination, targets), or a usage error message."""
+def _destination(args: argparse.Namespace) -> tuple[str, list[str] | None]:
+    """(destination, targets of the new cases or ``None``) from --dest / --to-outgoing."""
     from flows.query import OUTGOING, parse_accessions
 
     targets = parse_accessions(args.targets) if args.targets else []
     if args.to_outgoing:
         if not targets:
-            return "--to-outgoing needs --targets T[,T...]"
+            raise UsageError("--to-outgoing needs --targets T[,T...]")
         return OUTGOING, targets
     if targets:
-        return "--targets only goes with --to-outgoing"
-    return str(Path(args.dest).expanduser().resolve()), []
+        raise UsageError("--targets only goes with --to-outgoing")
+    return str(Path(args.dest).expanduser().resolve()), None
 
 
-# --------------------------------------------------------------------------- handlers
+def _rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[list[Any]]:
+    return [[r.get(c) for c in columns] for r in rows]
 
 
 async def cmd_query(args: argparse.Namespace, home: Path) -> int:
@@ -111,49 +99,25 @@ async def cmd_query(args: argparse.Namespace, home: Path) -> int:
 
     rows = await query(args.target, args.accession, _filters(args.filter), args.level)
     if args.json:
-        _print_json(rows)
+        print_json(rows)
     elif rows:
-        _table(rows, STUDY_COLUMNS if args.level == "study" else SERIES_COLUMNS)
+        columns = STUDY_COLUMNS if args.level == "study" else SERIES_COLUMNS
+        table(_rows(rows, columns), columns)
     if not rows:
-        return _fail(f"nothing found for accession {args.accession} on {args.target}")
+        raise CommandFailed(f"nothing found for accession {args.accession} on {args.target}")
     return 0
-
-
-def _progress_bar() -> Any:
-    width = 30
-
-    def show(received: int, expected: int | None) -> None:
-        if expected:
-            done = min(width, width * received // expected)
-            bar = "#" * done + "-" * (width - done)
-            sys.stderr.write(f"\r[{bar}] {received}/{expected}")
-        else:
-            sys.stderr.write(f"\r{received} received")
-        sys.stderr.flush()
-
-    return show
 
 
 async def cmd_retrieve(args: argparse.Namespace, home: Path) -> int:
     from flows.query import PROGRESS_LISTENERS, retrieve
 
-    where = _destination(args)
-    if isinstance(where, str):
-        return _usage(where)
-    destination, targets = where
-    bar = _progress_bar() if sys.stderr.isatty() and not args.json else None
-    if bar is not None:
-        PROGRESS_LISTENERS.append(bar)
-    try:
+    destination, targets = _destination(args)
+    with ProgressBar(args.json) as bar, listening(PROGRESS_LISTENERS, bar, args.accession):
         result = await retrieve(
-            args.target, args.accession, _filters(args.filter), destination, targets or None
+            args.target, args.accession, _filters(args.filter), destination, targets
         )
-    finally:
-        if bar is not None:
-            PROGRESS_LISTENERS.remove(bar)
-            sys.stderr.write("\n")
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         print(
             f"{result['accession']}: {result['instances']} instance(s) -> {result['destination']}"
@@ -161,68 +125,76 @@ async def cmd_retrieve(args: argparse.Namespace, home: Path) -> int:
     return 0
 
 
-def _read_accessions(path: str) -> list[str] | str:
+def _read_accessions(path: str) -> list[str]:
     from flows.query import parse_accessions
 
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        return f"cannot read {path}: {exc.strerror}"
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     numbers = parse_accessions(text)
-    return numbers or f"no accession numbers in {path}"
+    if not numbers:
+        raise UsageError(f"no accession numbers in {path}")
+    return numbers
 
 
-async def cmd_retrieve_batch(args: argparse.Namespace, home: Path) -> int:
+async def _require_retrieve_deployment() -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from flows.query import RETRIEVE_DEPLOYMENT, retrieve_batch
+    from flows.query import RETRIEVE_DEPLOYMENT
 
-    where = _destination(args)
-    if isinstance(where, str):
-        return _usage(where)
-    numbers = _read_accessions(args.accessions_file)
-    if isinstance(numbers, str):
-        return _usage(numbers)
-    destination, targets = where
     async with get_client() as client:
         try:
             await client.read_deployment_by_name(RETRIEVE_DEPLOYMENT)
         except ObjectNotFound:
-            return _fail(
+            raise CommandFailed(
                 "no 'retrieve' deployment is served: start 'dicom-dispatch serve' first "
                 "(it runs the retrievals)"
-            )
+            ) from None
+
+
+async def cmd_retrieve_batch(args: argparse.Namespace, home: Path) -> int:
+    from flows.query import retrieve_batch
+
+    destination, targets = _destination(args)
+    numbers = _read_accessions(args.accessions_file)
+    await _require_retrieve_deployment()
     result = await retrieve_batch(
-        args.target, numbers, _filters(args.filter), destination, targets or None, args.offpeak
+        args.target, numbers, _filters(args.filter), destination, targets, args.offpeak
     )
-    if not args.wait:
-        if args.json:
-            _print_json(result)
-        else:
-            print(
-                f"batch {result['batch_id']}: {result['total']} retrieval(s) scheduled for "
-                f"{result['scheduled_for']}"
-            )
-        return 0
-    return await _follow(result["batch_id"], args.json)
+    if args.wait:
+        return await _follow(result["batch_id"], args.json)
+    if args.json:
+        print_json(result)
+    else:
+        print(
+            f"batch {result['batch_id']}: {result['total']} retrieval(s) scheduled for "
+            f"{result['scheduled_for']}"
+        )
+    return 0
 
 
 async def _follow(batch_id: str, as_json: bool) -> int:
+    """Poll the batch to its end: a line per change (stdout), a bar (stderr, on a terminal)."""
     from flows.query import batch_status
 
     last = ""
-    while True:
-        status = await batch_status(batch_id)
-        line = f"batch {batch_id}: {status.state}, {status.completed}/{status.total} retrieved"
-        if line != last and not as_json:
-            print(line, flush=True)
-            last = line
-        if status.state in ("Completed", "Failed"):
-            if as_json:
-                _print_json(status.as_dict())
-            return 0 if status.state == "Completed" else 1
-        await asyncio.sleep(WAIT_POLL_SECONDS)
+    with ProgressBar(as_json) as bar:
+        progress = bar.add(f"batch {batch_id[:8]}")
+        while True:
+            status = await batch_status(batch_id)
+            bar.update(progress, status.completed, status.total)
+            line = f"batch {batch_id}: {status.state}, {status.completed}/{status.total} retrieved"
+            if line != last and not as_json:
+                print(line, flush=True)
+                last = line
+            if status.state in ("Completed", "Failed"):
+                break
+            await asyncio.sleep(WAIT_POLL_SECONDS)
+    if as_json:
+        print_json(status.as_dict())
+    return 0 if status.state == "Completed" else 1
 
 
 async def cmd_batch(args: argparse.Namespace, home: Path) -> int:
@@ -232,19 +204,19 @@ async def cmd_batch(args: argparse.Namespace, home: Path) -> int:
     if action == "status":
         status = await batch_status(args.run_id)
         if args.json:
-            _print_json(status.as_dict())
-        else:
-            counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(status.counts.items()))
-            print(f"batch {status.batch_id}: {status.state} ({counts or 'no runs'})")
-            if status.message:
-                print(f"  {status.message}")
-            _table(status.children, ("accession", "state", "scheduled", "flow_run"))
+            print_json(status.as_dict())
+            return 0
+        counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(status.counts.items()))
+        print(f"batch {status.batch_id}: {status.state} ({counts or 'no runs'})")
+        if status.message:
+            print(f"  {status.message}")
+        table(_rows(status.children, BATCH_COLUMNS), BATCH_COLUMNS)
         return 0
     operation = {"pause": pause_batch, "resume": resume_batch, "retry": retry_batch}[action]
     count = await operation(args.run_id)
     verb = {"pause": "paused", "resume": "resumed", "retry": "retried"}[action]
     if args.json:
-        _print_json({"batch_id": args.run_id, verb: count})
+        print_json({"batch_id": args.run_id, verb: count})
     else:
         print(f"batch {args.run_id}: {count} retrieval(s) {verb}")
     return 0
@@ -271,26 +243,25 @@ def _add_destination(p: argparse.ArgumentParser) -> None:
         "--to-outgoing", action="store_true", help="a new case in the outgoing queue"
     )
     p.add_argument("--targets", metavar="T[,T...]", help="targets of the new case(s)")
-    p.add_argument("--json", action="store_true")
 
 
-def add_query_parsers(subparsers: Any) -> None:
-    """Add ``query``, ``retrieve``, ``retrieve-batch`` and ``batch`` to ``dicom-dispatch``."""
-    p = subparsers.add_parser("query", help="find studies/series by accession number")
+def add_query_parsers(sub: Any) -> None:
+    """``query``, ``retrieve``, ``retrieve-batch`` and ``batch``."""
+    p = add_command(sub, "query", cmd_query, "find studies/series by accession number")
     _add_source(p)
     p.add_argument("--accession", required=True, metavar="A")
     p.add_argument("--level", choices=("study", "series"), default="series")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_query)
 
-    p = subparsers.add_parser("retrieve", help="fetch one accession into a folder or outgoing/")
+    p = add_command(sub, "retrieve", cmd_retrieve, "fetch one accession into a folder or outgoing/")
     _add_source(p)
     p.add_argument("--accession", required=True, metavar="A")
     _add_destination(p)
-    p.set_defaults(handler=cmd_retrieve)
 
-    p = subparsers.add_parser(
-        "retrieve-batch", help="fetch a list of accessions as one batch of retrieve runs"
+    p = add_command(
+        sub,
+        "retrieve-batch",
+        cmd_retrieve_batch,
+        "fetch a list of accessions as one batch of retrieve runs",
     )
     _add_source(p)
     p.add_argument(
@@ -302,9 +273,8 @@ def add_query_parsers(subparsers: Any) -> None:
     _add_destination(p)
     p.add_argument("--offpeak", action="store_true", help="run in the off-peak window")
     p.add_argument("--wait", action="store_true", help="follow the batch to its end")
-    p.set_defaults(handler=cmd_retrieve_batch)
 
-    batch = subparsers.add_parser("batch", help="pause, resume, retry or show a retrieve batch")
+    batch = sub.add_parser("batch", help="pause, resume, retry or show a retrieve batch")
     bsub = batch.add_subparsers(dest="batch_command", required=True, metavar="ACTION")
     for action, text in (
         ("pause", "queued retrievals don't start (running ones finish)"),
@@ -312,7 +282,5 @@ def add_query_parsers(subparsers: Any) -> None:
         ("retry", "failed or cancelled retrievals run again"),
         ("status", "state of the batch and of each retrieval"),
     ):
-        p = bsub.add_parser(action, help=text)
+        p = add_command(bsub, action, cmd_batch, text)
         p.add_argument("run_id", metavar="RUN_ID", help="the batch's flow run id")
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(handler=cmd_batch)

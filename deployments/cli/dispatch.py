@@ -1,0 +1,315 @@
+"""The dispatcher's commands: import-config, targets, dispatch, sweep, status, halt, unhalt, serve.
+
+Prefect is imported only inside the handlers, after ``main`` chose the data directory and the
+API, so building the parser (``--help``) stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from blocks.errors import DispatchError
+from deployments.cli.core import (
+    ProgressBar,
+    UsageError,
+    add_command,
+    poll_while,
+    print_json,
+    table,
+)
+from deployments.environment import read_service_record
+from tasks import casefolder as cf
+from tasks.taskjson import TASKFILE, read_task, target_names
+
+if TYPE_CHECKING:
+    from blocks.settings import DispatcherSettings
+
+__all__ = ["add_dispatch_parsers", "add_serve_parser"]
+
+Look = Callable[[], tuple[int, int | None]]
+
+
+async def cmd_import_config(args: argparse.Namespace, home: Path) -> int:
+    from blocks.registry import aregister_block_types
+    from deployments.importer import import_mercure_config
+
+    await aregister_block_types()
+    report = await import_mercure_config(Path(args.mercure_json))
+    if args.json:
+        print_json(report.as_dict())
+        return 0
+    for name, kind in report.imported.items():
+        print(f"imported  {name} ({kind})")
+    for name, why in report.skipped.items():
+        print(f"skipped   {name}: {why}")
+    for name, keys in report.ignored_fields.items():
+        print(f"note      {name}: fields not used: {', '.join(keys)}")
+    print("settings  updated (DispatcherSettings 'default')")
+    return 0
+
+
+async def cmd_targets_list(args: argparse.Namespace, home: Path) -> int:
+    from blocks.registry import alist_targets
+
+    header = ("name", "type", "block", "direction")
+    rows = [
+        (
+            t.target_name or t._block_document_name,
+            t.target_type,
+            t._block_document_name,
+            t.direction,
+        )
+        for t in await alist_targets()
+    ]
+    if args.json:
+        print_json([dict(zip(header, r, strict=True)) for r in rows])
+    else:
+        table(rows, [h.upper() for h in header])
+    return 0
+
+
+async def cmd_targets_test(args: argparse.Namespace, home: Path) -> int:
+    """The result is JSON with or without ``--json`` (it is a checklist of named checks)."""
+    from blocks.registry import aload_target
+
+    target = await aload_target(args.name)
+    result = await asyncio.to_thread(target.test_connection)
+    print_json(result)
+    return 0 if target.connection_ok(result) else 1
+
+
+def _case_progress(outgoing: Path, case: str) -> Look:
+    """Targets sent of the case being dispatched, read from its task.json in outgoing/."""
+    folder = outgoing / Path(case).name
+    seen: list[int] = []
+
+    def look() -> tuple[int, int | None]:
+        try:
+            _, task = read_task(folder)
+        except (OSError, DispatchError):
+            # Not there yet (a case in error/ is first moved back), or gone to success/error.
+            return (seen[0], seen[0]) if seen else (0, None)
+        names = target_names(task)
+        status = task.dispatch.status if task.dispatch else {}
+        seen[:] = [len(names)]
+        return sum(1 for n in names if n in status and status[n].state == "complete"), len(names)
+
+    return look
+
+
+async def cmd_dispatch(args: argparse.Namespace, home: Path) -> int:
+    from blocks.registry import aload_settings
+    from flows.dispatch import run_dispatch
+
+    with ProgressBar(args.json) as bar:
+        look = (
+            _case_progress((await aload_settings()).folders()[0], args.case)
+            if bar.enabled
+            else None
+        )
+        work = run_dispatch(args.case)
+        result = await (
+            poll_while(work, bar, f"case {Path(args.case).name}", look) if look else work
+        )
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{result['case_id']}: {result['location']} ({result['path']})")
+        if result.get("reason"):
+            print(f"  reason: {result['reason']}")
+    return 0 if result["location"] == "success" else 1
+
+
+def _attempted(case_dir: Path, since: float) -> bool:
+    """The case left outgoing/, or its attempt ended there (claim gone, task.json rewritten)."""
+    if not case_dir.is_dir():
+        return True
+    if (case_dir / cf.PROCESSING).exists():
+        return False
+    return (case_dir / TASKFILE).stat().st_mtime > since
+
+
+def _sweep_progress(settings: DispatcherSettings) -> Look:
+    """Cases of this pass whose attempt ended, of those ready when it started."""
+    since = time.time()
+    scan = cf.scan_outgoing(
+        settings.folders()[0], rule_priorities=settings.rule_priorities, invalid_grace=1e18
+    )
+    ready = [c.path for c in scan.ready]
+    return lambda: (sum(1 for p in ready if _attempted(p, since)), len(ready))
+
+
+async def cmd_sweep(args: argparse.Namespace, home: Path) -> int:
+    from blocks.registry import aload_settings
+    from flows.sweep import sweep_outgoing
+
+    ok = True
+    total = 0
+    with ProgressBar(args.json) as bar:
+        while True:
+            if bar.enabled:
+                look = _sweep_progress(await aload_settings())
+                result = await poll_while(sweep_outgoing(), bar, "sweep", look)
+            else:
+                result = await sweep_outgoing()
+            total += result["dispatched"]
+            ok = ok and result["dispatched"] == result["succeeded"]
+            if not args.json:
+                print(
+                    f"dispatched {result['dispatched']}, succeeded {result['succeeded']}"
+                    + (" (HALT)" if result["halted"] else "")
+                )
+            if not args.until_empty or result["halted"]:
+                break
+            if result["dispatched"]:
+                continue
+            if not result["waiting_for_retry"]:
+                break
+            wait = max(0.0, (result["next_retry_at"] or time.time()) - time.time())
+            if not args.json:
+                print(f"waiting {wait:.0f} s for the next retry")
+            await asyncio.sleep(wait + 0.05)
+    if args.json:
+        print_json({"dispatched": total, "all_succeeded": ok})
+    return 0 if ok else 1
+
+
+def _count_cases(folder: Path) -> int:
+    return sum(1 for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else 0
+
+
+async def cmd_status(args: argparse.Namespace, home: Path) -> int:
+    from blocks.registry import aload_settings
+
+    settings = await aload_settings()
+    outgoing, success, error = settings.folders()
+    scan = cf.scan_outgoing(outgoing, rule_priorities=settings.rule_priorities, invalid_grace=1e18)
+    record = read_service_record(home)
+    status: dict[str, Any] = {
+        "halted": scan.halted,
+        "outgoing": {
+            "folder": str(outgoing),
+            "ready": len(scan.ready),
+            "waiting_for_retry": len(scan.not_due),
+            "running": [p.name for p in scan.claimed],
+            "locked": len(scan.busy),
+            "invalid": len(scan.invalid),
+        },
+        "success": {"folder": str(success), "cases": _count_cases(success)},
+        "error": {"folder": str(error), "cases": _count_cases(error)},
+        "service": record or None,
+        "api_url": os.environ.get("PREFECT_API_URL") or "ephemeral",
+    }
+    if args.json:
+        print_json(status)
+        return 0
+    print(f"dispatching: {'HALTED' if scan.halted else 'on'}")
+    counts = (
+        f"ready {len(scan.ready)}, waiting {len(scan.not_due)}, running {len(scan.claimed)}, "
+        f"locked {len(scan.busy)}, invalid {len(scan.invalid)}"
+    )
+    print(f"outgoing:    {outgoing}  {counts}")
+    print(f"success:     {success}  {status['success']['cases']} case(s)")
+    print(f"error:       {error}  {status['error']['cases']} case(s)")
+    print(f"service:     {record['ui_url'] if record else 'not running'}")
+    return 0
+
+
+async def _set_halt(on: bool, as_json: bool) -> int:
+    from blocks.registry import aload_settings
+
+    outgoing = (await aload_settings()).folders()[0]
+    outgoing.mkdir(parents=True, exist_ok=True)
+    (cf.halt if on else cf.unhalt)(outgoing)
+    if as_json:
+        print_json({"halted": cf.is_halted(outgoing), "file": str(outgoing / cf.HALT)})
+    else:
+        print(f"dispatching {'halted' if on else 'resumed'} ({outgoing / cf.HALT})")
+    return 0
+
+
+async def cmd_halt(args: argparse.Namespace, home: Path) -> int:
+    return await _set_halt(True, args.json)
+
+
+async def cmd_unhalt(args: argparse.Namespace, home: Path) -> int:
+    return await _set_halt(False, args.json)
+
+
+def cmd_serve(args: argparse.Namespace, home: Path) -> int:
+    """Run the service in a worker thread; the main thread only turns signals into a stop.
+
+    Prefect's flow engine swaps its own SIGTERM handler in and out around every flow run it
+    runs in the main thread; with many concurrent in-process case runs that would race with
+    ours. Off the main thread the engine leaves signals alone.
+    """
+    from deployments.serve import is_loopback, serve
+
+    if not is_loopback(args.host) and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
+        raise UsageError(
+            f"refusing to serve on {args.host}: block secrets would be readable through the API; "
+            "set PREFECT_SERVER_API_AUTH_STRING or bind to 127.0.0.1"
+        )
+    stop = threading.Event()
+    outcome: list[int] = []
+
+    def service() -> None:
+        outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop)))
+
+    worker = threading.Thread(target=service, name="dicom-dispatch-service")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)
+    return outcome[0] if outcome else 1
+
+
+def add_dispatch_parsers(sub: Any) -> None:
+    """import-config, targets, dispatch, sweep, status, halt and unhalt."""
+    p = add_command(
+        sub, "import-config", cmd_import_config, "mercure.json targets/settings -> blocks"
+    )
+    p.add_argument("mercure_json", metavar="MERCURE_JSON")
+
+    targets = sub.add_parser("targets", help="list or test targets")
+    tsub = targets.add_subparsers(dest="targets_command", required=True, metavar="ACTION")
+    add_command(tsub, "list", cmd_targets_list, "list the target blocks")
+    p = add_command(tsub, "test", cmd_targets_test, "test a target's connection (exit 0 if usable)")
+    p.add_argument("name", metavar="NAME")
+
+    p = add_command(sub, "dispatch", cmd_dispatch, "one attempt for one case now")
+    p.add_argument("case", metavar="CASE")
+
+    p = add_command(sub, "sweep", cmd_sweep, "dispatch every ready case now and wait")
+    p.add_argument(
+        "--until-empty",
+        action="store_true",
+        help="repeat, waiting for retries, until nothing is ready or due",
+    )
+
+    add_command(sub, "status", cmd_status, "cases per folder, HALT, running cases, service URL")
+    add_command(sub, "halt", cmd_halt, "create outgoing/HALT")
+    add_command(sub, "unhalt", cmd_unhalt, "remove outgoing/HALT")
+
+
+def add_serve_parser(sub: Any) -> None:
+    """``serve`` picks its own API (it may start one), so ``main`` must not choose it first."""
+    p = sub.add_parser("serve", help="run the service (Prefect server + UI, dispatcher loop)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4200)
+    p.add_argument(
+        "--db",
+        choices=("postgres", "sqlite"),
+        default="postgres",
+        help="database of the embedded Prefect server (default: postgres)",
+    )
+    p.set_defaults(handler=cmd_serve, needs_api=False)

@@ -24,6 +24,7 @@ the Runner of ``serve`` (or a worker), which dispatches the case again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 from uuid import UUID
@@ -99,14 +100,16 @@ class CaseDeployment:
     def __init__(self) -> None:
         self._id: UUID | None = None
         self._checked_at = float("-inf")
+        self._lookup = asyncio.Lock()  # cases starting together wait for one look-up
 
     async def deployment_id(self, client: PrefectClient, now: float) -> UUID | None:
-        if self._id is None and now - self._checked_at >= DEPLOYMENT_RECHECK_SECONDS:
-            self._checked_at = now
-            try:
-                self._id = (await client.read_deployment_by_name(CASE_DEPLOYMENT)).id
-            except ObjectNotFound:
-                self._id = None
+        async with self._lookup:
+            if self._id is None and now - self._checked_at >= DEPLOYMENT_RECHECK_SECONDS:
+                try:
+                    self._id = (await client.read_deployment_by_name(CASE_DEPLOYMENT)).id
+                except ObjectNotFound:
+                    self._id = None
+                self._checked_at = now
         return self._id
 
     def forget(self) -> None:

@@ -24,7 +24,7 @@ from blocks.folder import FolderTarget
 from flows.case_states import ALREADY_SENT, RETRY_PENDING, SKIPPED
 from tests.cases import make_case
 from tests.integration.conftest import DispatchEnv
-from tests.integration.test_serve import CLI, stop, wait_for
+from tests.integration.test_serve import start_serve, stop, wait_for
 
 
 def case_runs(case_id: str) -> list[FlowRun]:
@@ -144,14 +144,7 @@ def test_ui_retry_dispatches_the_case_again(env: DispatchEnv, tmp_path: Path) ->
     env.save_settings(retry_max=1)
     target, blocker = blocked_folder(tmp_path)
     env.save_target(target, "share")
-    log = tmp_path / "serve.log"
-    proc_env = {
-        **os.environ,
-        "DICOM_DISPATCH_HOME": str(tmp_path / "home"),
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-    }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*CLI, "serve"], env=proc_env, stdout=out, stderr=subprocess.STDOUT)
+    proc, log = start_serve(tmp_path)
     try:
         case = make_case(env.outgoing, ["share"])
         wait_for(lambda: (env.error / case.name).is_dir(), 90, "the case to reach error/")
@@ -180,20 +173,14 @@ def test_ui_retry_dispatches_the_case_again(env: DispatchEnv, tmp_path: Path) ->
 def test_serve_creates_the_zombie_run_automation(env: DispatchEnv, tmp_path: Path) -> None:
     from deployments.automations import ZOMBIE_AUTOMATION, ZOMBIE_WINDOW_SECONDS
 
-    log = tmp_path / "serve.log"
-    proc_env = {**os.environ, "DICOM_DISPATCH_HOME": str(tmp_path / "home")}
-
     async def automations() -> list[Any]:
         async with get_client() as client:
             return list(await client.read_automations_by_name(ZOMBIE_AUTOMATION))
 
     for _ in range(2):  # a second start finds it and creates no second one
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [*CLI, "serve"], env=proc_env, stdout=out, stderr=subprocess.STDOUT
-            )
+        proc, log = start_serve(tmp_path)
         try:
-            wait_for(lambda: b"dispatching from" in log.read_bytes(), 120, "serve to start")
+            wait_for(lambda log=log: b"dispatching from" in log.read_bytes(), 120, "serve to start")
         finally:
             stop(proc, log)
     (automation,) = asyncio.run(automations())
@@ -238,10 +225,7 @@ def test_a_killed_service_leaves_no_running_ghost(env: DispatchEnv, tmp_path: Pa
     port = silent.getsockname()[1]
     env.save_target(DicomTarget(ip="127.0.0.1", port=port, acse_timeout=600), "silent")
 
-    log = tmp_path / "serve.log"
-    proc_env = {**os.environ, "DICOM_DISPATCH_HOME": str(tmp_path / "home")}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*CLI, "serve"], env=proc_env, stdout=out, stderr=subprocess.STDOUT)
+    proc, _ = start_serve(tmp_path)
     try:
         case = make_case(env.outgoing, ["silent"])
         wait_for(lambda: bool(case_runs(case.name)), 90, "the case's run")

@@ -29,6 +29,25 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def start_serve(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """``dicom-dispatch serve`` on the session's Prefect server, its own data dir and log.
+
+    The Runner polls every second, so a deployment run starts at once.
+    """
+    log = tmp_path / "serve.log"
+    proc_env = {
+        **os.environ,
+        "DICOM_DISPATCH_HOME": str(tmp_path / "home"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        **env,
+    }
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*CLI, "serve", *args], env=proc_env, stdout=out, stderr=subprocess.STDOUT
+        )
+    return proc, log
+
+
 def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -41,14 +60,7 @@ def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
 
 def test_serve_dispatches_and_serves_deployments(env: DispatchEnv, tmp_path: Path) -> None:
     env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
-    log = tmp_path / "serve.log"
-    proc_env = {
-        **os.environ,
-        "DICOM_DISPATCH_HOME": str(tmp_path / "home"),
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-    }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*CLI, "serve"], env=proc_env, stdout=out, stderr=subprocess.STDOUT)
+    proc, log = start_serve(tmp_path)
     try:
         case = make_case(env.outgoing, ["share"])
         wait_for(lambda: (env.success / case.name).is_dir(), 90, "the loop to dispatch a case")

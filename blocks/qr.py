@@ -3,7 +3,8 @@
 Filters, the accession check, result rows, the two-level find both protocols run, what to
 retrieve and what a retrieve received: the flows and the CLI speak these, whichever protocol the
 source target uses; ``blocks._dimse_qr`` and ``blocks._dicomweb_qr`` plug their searches into
-:func:`find_rows`. Prefect-free.
+:func:`find_rows`. Prefect-free. One module of about 400 lines on purpose: it is the
+whole vocabulary both protocols must agree on, read as one.
 
 * **Find** is hierarchical, so strict PACS answer it: a study-level search by accession number
   with the study-level filters, then, when series are wanted or series-level filters are given,

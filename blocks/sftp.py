@@ -1,5 +1,8 @@
 """mercure's SFTP target, sent with paramiko, and the SSH settings it shares with rsync.
 
+(Over 400 lines because the SSH base, host-key policy included, lives with its first user;
+``blocks/rsync.py`` builds on it.)
+
 Remote layout as mercure's: ``<folder>/<case folder name>/`` with every file of the case and an
 empty ``.complete`` written last. Fixes over mercure (architecture §4.1):
 

@@ -6,6 +6,10 @@ and reasoned about on its own. The behaviour is mercure's dispatcher (``status.p
 the 2:1 interleave falls back to the other list, priority is the highest triggered rule,
 invalid folders are moved to ``error/`` after a grace period with a reason, and a claim whose
 owner is provably gone is released.
+
+One module (about 500 lines) on purpose: the markers, claims, statuses and moves refer to each
+other and are checked against mercure's rules together; the tests are split by topic
+(``tests/unit/test_casefolder_*.py``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """OpenREM's background-job API against a real Prefect server and a running executor.
 
+(One file of over 500 lines: its tests share one executor process, started once.)
+
 The executor is ``python -m deployments.background_service`` (what ``dicom-dispatch serve``
 runs), as a subprocess; jobs are functions of ``tests.jobs_fixtures`` that write their start and
 end times into files, so concurrency is measured from what really ran. Every test uses its own

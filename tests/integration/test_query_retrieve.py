@@ -1,5 +1,8 @@
 """Query and retrieve against a real Orthanc (DICOM and DICOMweb), through the blocks, the flows,
-the CLI commands, and batches of ``retrieve`` deployment runs served by a real runner."""
+the CLI commands, and batches of ``retrieve`` deployment runs served by a real runner.
+
+One file (over 500 lines) because its tests share one Orthanc with its studies loaded and one
+runner process, which take most of a minute to start."""
 
 from __future__ import annotations
 

@@ -25,9 +25,15 @@ from typing import cast
 from uuid import UUID
 
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.sorting import AutomationSort
 from prefect.events.actions import SendNotification
-from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+from prefect.events.schemas.automations import (
+    Automation,
+    AutomationCore,
+    EventTrigger,
+    Posture,
+)
 from prefect.events.schemas.events import ResourceSpecification
 
 from blocks.base import target_slug
@@ -46,6 +52,7 @@ __all__ = [
     "RULE_AUTOMATION_PREFIX",
     "RULE_BLOCK_PREFIX",
     "automation_name",
+    "read_rule_automations",
     "rule_automation",
     "sync_rule_notifications",
 ]
@@ -54,6 +61,7 @@ LOGGER = logging.getLogger("dicom_dispatch.import")
 
 RULE_AUTOMATION_PREFIX = "dicom-dispatch: rule "
 RULE_BLOCK_PREFIX = "mercure-rule-"
+_PAGE = 200
 #: channel → (resource label that says it has something to send, action templates).
 _CHANNELS: dict[str, tuple[str, str, str]] = {
     "webhook": (WEBHOOK_LABEL, "Rule {{ event.payload.rule }}", "{{ event.payload.webhook_body }}"),
@@ -136,6 +144,18 @@ async def _save_blocks(
     return saved
 
 
+async def read_rule_automations(client: PrefectClient) -> list[Automation]:
+    """Every automation an import made (by name), one page at a time."""
+    found: list[Automation] = []
+    while True:
+        page = await client.read_automations(
+            sort=AutomationSort.NAME_ASC, limit=_PAGE, offset=len(found)
+        )
+        found.extend(page)
+        if len(page) < _PAGE:
+            return [a for a in found if a.name.startswith(RULE_AUTOMATION_PREFIX)]
+
+
 async def sync_rule_notifications(
     rules: list[RuleNotification], sender: str | None = None
 ) -> dict[str, list[str]]:
@@ -155,8 +175,8 @@ async def sync_rule_notifications(
     async with get_client() as c:
         for automation in wanted.values():
             await ensure_automation(c, automation)
-        for current in await c.read_automations():
-            if current.name.startswith(RULE_AUTOMATION_PREFIX) and current.name not in wanted:
+        for current in await read_rule_automations(c):
+            if current.name not in wanted:
                 await c.delete_automation(current.id)
                 LOGGER.info("deleted the automation %r", current.name)
         for slug in _BLOCK_TYPES.values():

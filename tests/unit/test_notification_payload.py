@@ -203,7 +203,8 @@ def test_a_broken_channel_is_left_out_and_the_other_still_goes() -> None:
     assert note is not None
     assert note.webhook_body is None
     assert note.email_body == "hi"
-    assert note.problems and "webhook payload" in note.problems[0]
+    assert note.problems
+    assert "webhook payload" in note.problems[0]
 
 
 def test_rule_fields_round_trip_with_mercures_names() -> None:

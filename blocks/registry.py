@@ -22,6 +22,7 @@ from blocks.dicomweb import DicomWebTarget
 from blocks.dummy import DummyTarget
 from blocks.errors import ConfigError
 from blocks.folder import FolderTarget
+from blocks.notifications import SmtpEmailNotification, SmtpServer
 from blocks.rsync import RsyncTarget
 from blocks.s3 import S3Target
 from blocks.settings import DEFAULT_SETTINGS_NAME, DispatcherSettings
@@ -59,7 +60,12 @@ _BY_SLUG: dict[str, type[DispatchTarget]] = {
 }
 #: mercure target types this version cannot send to yet (reported, never a crash).
 NOT_YET_SUPPORTED: set[str] = set()
-ALL_BLOCK_TYPES: tuple[type[Any], ...] = (*TARGET_TYPES.values(), DispatcherSettings)
+ALL_BLOCK_TYPES: tuple[type[Any], ...] = (
+    *TARGET_TYPES.values(),
+    DispatcherSettings,
+    SmtpServer,
+    SmtpEmailNotification,
+)
 
 CACHE_SECONDS = 2.0
 _cache: dict[str, tuple[float, DispatchTarget]] = {}

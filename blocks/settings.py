@@ -1,4 +1,4 @@
-"""``DispatcherSettings``: the folders, retry rules, off-peak window, rule priorities and limits.
+"""``DispatcherSettings``: folders, retries, off-peak window, rule priorities and notifications.
 
 One document (default name ``default``) replaces the dispatcher part of mercure.json. Without a
 document the defaults apply, with the folders under the data directory, so a fresh install needs
@@ -8,7 +8,7 @@ no configuration.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect.blocks.core import Block
 from pydantic import Field
@@ -56,6 +56,17 @@ class DispatcherSettings(Block):
     offpeak_end: str = Field(default="06:00", description="Off-peak window end, HH:MM local.")
     rule_priorities: dict[str, Priority] = Field(
         default_factory=dict, description="Priority of each mercure rule by name."
+    )
+    rule_notifications: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description=(
+            "mercure's notification_* fields per rule that has a webhook or e-mail "
+            "(import-config; the automations 'dicom-dispatch: rule ...' send them)."
+        ),
+    )
+    phi_notifications: bool = Field(
+        default=False,
+        description="Notifications may carry accession, MRN and patient name (mercure).",
     )
     num_proc: int = Field(
         default=8, ge=0, description="At most this many sends at once in total (0: no limit)."

@@ -30,6 +30,7 @@ __all__ = [
     "HEARTBEAT_SECONDS",
     "ZOMBIE_AUTOMATION",
     "ZOMBIE_WINDOW_SECONDS",
+    "ensure_automation",
     "ensure_zombie_automation",
     "zombie_automation",
 ]
@@ -68,16 +69,23 @@ async def ensure_zombie_automation(client: PrefectClient) -> str:
 
     Returns ``"created"``, ``"updated"`` or ``"unchanged"``.
     """
-    wanted = zombie_automation()
-    existing = await client.read_automations_by_name(ZOMBIE_AUTOMATION)
+    return await ensure_automation(client, zombie_automation())
+
+
+async def ensure_automation(client: PrefectClient, wanted: AutomationCore) -> str:
+    """Create ``wanted``, or bring the automation of its name up to date; what was done.
+
+    Returns ``"created"``, ``"updated"`` or ``"unchanged"``.
+    """
+    existing = await client.read_automations_by_name(wanted.name)
     if not existing:
         await client.create_automation(wanted)
-        LOGGER.info("created the automation %r", ZOMBIE_AUTOMATION)
+        LOGGER.info("created the automation %r", wanted.name)
         return "created"
     current = existing[0]
     fields = {"description", "enabled", "trigger", "actions"}
     if current.model_dump(include=fields) == wanted.model_dump(include=fields):
         return "unchanged"
     await client.update_automation(current.id, wanted)
-    LOGGER.info("updated the automation %r", ZOMBIE_AUTOMATION)
+    LOGGER.info("updated the automation %r", wanted.name)
     return "updated"

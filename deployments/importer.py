@@ -2,7 +2,9 @@
 
 Targets keep mercure's names (stored under their slug, the original name in ``target_name``) and
 field names, so the import is one to one. A target type this version cannot send to yet is
-reported and skipped; two names that would share a block document name are refused.
+reported and skipped; two names that would share a block document name are refused. Rules with
+a webhook or e-mail become notification blocks and automations (``deployments.rule_automations``);
+those are the only things an import deletes (a rule's, when it is gone from mercure.json).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from blocks.base import target_slug
 from blocks.errors import ConfigError
 from blocks.registry import NOT_YET_SUPPORTED, TARGET_TYPES, aload_settings, aremove_other_types
 from blocks.settings import DEFAULT_SETTINGS_NAME
+from deployments.rule_automations import sync_rule_notifications
+from tasks.notification_payload import RuleNotification
 
 __all__ = ["ImportReport", "import_mercure_config", "infer_target_type"]
 
@@ -40,6 +44,7 @@ class ImportReport:
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why
     ignored_fields: dict[str, list[str]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    notifications: dict[str, list[str]] = field(default_factory=dict)  # rule -> automations
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +52,7 @@ class ImportReport:
             "skipped": self.skipped,
             "ignored_fields": self.ignored_fields,
             "settings": self.settings,
+            "notifications": self.notifications,
         }
 
 
@@ -75,23 +81,37 @@ def read_mercure_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _check_slugs(names: list[str]) -> None:
+def _check_slugs(names: list[str], what: str = "target") -> None:
     by_slug: dict[str, list[str]] = defaultdict(list)
     for name in names:
         by_slug[target_slug(name)].append(name)
     clashes = {slug: group for slug, group in by_slug.items() if len(group) > 1}
     if clashes:
         text = "; ".join(f"{', '.join(g)} -> {s}" for s, g in clashes.items())
-        raise ConfigError(f"target names that would share a block name: {text}; rename one")
+        raise ConfigError(f"{what} names that would share a block name: {text}; rename one")
+
+
+def notification_rules(rules: dict[str, Any]) -> list[RuleNotification]:
+    """The rules that announce something (a webhook URL or e-mail addresses)."""
+    found = [
+        RuleNotification.from_mercure(name, spec)
+        for name, spec in rules.items()
+        if isinstance(spec, dict)
+    ]
+    announcing = [rule for rule in found if rule.announces]
+    _check_slugs([rule.rule for rule in announcing], "rule")
+    return announcing
 
 
 async def import_mercure_config(path: Path) -> ImportReport:
-    """Create or update blocks from ``path``; nothing is deleted."""
+    """Create or update blocks and rule automations from ``path``."""
     data = read_mercure_json(path)
     targets = data.get("targets") or {}
     if not isinstance(targets, dict):
         raise ConfigError(f"{path}: 'targets' must be an object")
     _check_slugs(list(targets))
+    rules = data.get("rules") or {}
+    announcing = notification_rules(rules) if isinstance(rules, dict) else []
     report = ImportReport()
     for name, spec in targets.items():
         if not isinstance(spec, dict):
@@ -126,7 +146,6 @@ async def import_mercure_config(path: Path) -> ImportReport:
     for key in SETTINGS_KEYS:
         if data.get(key) not in (None, ""):
             setattr(settings, key, data[key])
-    rules = data.get("rules") or {}
     if isinstance(rules, dict):
         settings.rule_priorities = {
             rule: spec.get("priority", "normal")
@@ -134,6 +153,12 @@ async def import_mercure_config(path: Path) -> ImportReport:
             if isinstance(spec, dict)
             and spec.get("priority", "normal") in ("normal", "urgent", "offpeak")
         }
+    settings.rule_notifications = {rule.rule: rule.as_mercure() for rule in announcing}
+    settings.phi_notifications = bool(data.get("phi_notifications", False))
     await settings.save(DEFAULT_SETTINGS_NAME, overwrite=True)
+    sender = data.get("email_notification_from")
+    report.notifications = await sync_rule_notifications(
+        announcing, str(sender) if sender else None
+    )
     report.settings = settings.model_dump(mode="json", exclude={"block_type_slug"})
     return report

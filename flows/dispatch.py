@@ -29,6 +29,7 @@ from blocks.errors import CaseError, ConfigError, describe_error
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
 from flows._loop_context import loop_settings, set_loop_settings
+from flows.case_events import announce_outcome
 from flows.case_states import (
     CaseDeployment,
     already_sent,
@@ -214,6 +215,7 @@ async def dispatch_case(case: str) -> Any:
             _fail_attempt(case_dir, settings, "the attempt ended unexpectedly")
         raise
     await _publish(outcome)
+    await announce_outcome(outcome, settings)  # mercure's notifications: success/ or error/
     result = outcome.as_result()
     if outcome.location == "success":
         return result

@@ -106,7 +106,9 @@ class DicomTarget(QueryTarget):
         description="Port our Storage SCP listens on during a C-MOVE (the node must know it).",
     )
     move_listen_address: str = Field(
-        default="", description="Address our C-MOVE Storage SCP binds to (empty: all)."
+        default="",
+        description="Address our C-MOVE Storage SCP binds to (empty: our address on the route "
+        "to the node).",
     )
     retrieve_backend: Literal["pynetdicom", "dcmtk"] = Field(
         default="pynetdicom",

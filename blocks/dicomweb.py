@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import socket
 import sqlite3
+import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,14 @@ import httpx
 from pydantic import Field, SecretStr, field_validator
 
 from blocks import _stow
-from blocks.base import CaseOrigin, QueryTarget, SendContext, SendResult, dicom_files
+from blocks.base import (
+    CaseOrigin,
+    QueryTarget,
+    SendContext,
+    SendResult,
+    ca_bundle_verify,
+    dicom_files,
+)
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError, one_line
 from blocks.qr import Progress, check_pull
 
@@ -125,6 +133,11 @@ class DicomWebTarget(QueryTarget):
         gt=0,
         description="Longest wait for the server to accept data or answer a request, seconds.",
     )
+    ca_bundle: str = Field(
+        default="",
+        description="CA certificates file (PEM) an https server's certificate must chain to "
+        "(empty: the system's CA store). Certificates are always verified.",
+    )
 
     @field_validator("qido_url_prefix", "wado_url_prefix", "stow_url_prefix", "http_user")
     @classmethod
@@ -166,7 +179,8 @@ class DicomWebTarget(QueryTarget):
         """An HTTP client with this target's credentials, timeouts and ``TCP_NODELAY``."""
         auth, headers = self._auth()
         transport = httpx.HTTPTransport(
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            verify=_ssl_context(ca_bundle_verify(self.ca_bundle, f"DICOMweb target {self.url}")),
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         return httpx.Client(
             auth=auth,
@@ -437,6 +451,11 @@ class DicomWebTarget(QueryTarget):
         except TargetError as exc:
             result["Reason"] = str(exc)
         return result
+
+
+def _ssl_context(verify: str | bool) -> ssl.SSLContext:
+    """httpx's verify: an SSL context of the system store, or of the CA bundle file."""
+    return ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
 
 
 def _status_error(where: str, action: str, response: httpx.Response) -> TargetError:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr
 
-from blocks.base import DispatchTarget, SendContext, SendResult, dicom_files
+from blocks.base import DispatchTarget, SendContext, SendResult, ca_bundle_verify, dicom_files
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError, one_line
 
 if TYPE_CHECKING:
@@ -90,6 +90,11 @@ class XnatTarget(DispatchTarget):
         description="Timeout waiting for XNAT's answer, seconds (the import answers after "
         "archiving the session).",
     )
+    ca_bundle: str = Field(
+        default="",
+        description="CA certificates file (PEM) an https XNAT's certificate must chain to "
+        "(empty: the system's CA store). Certificates are always verified.",
+    )
 
     def where(self) -> str:
         return f"XNAT target {self.target_name or self.project_id} ({self.base_url()})"
@@ -112,6 +117,7 @@ class XnatTarget(DispatchTarget):
             server=self.base_url(),
             user=self.user,
             password=self.password.get_secret_value(),
+            verify=ca_bundle_verify(self.ca_bundle, self.where()),
         )
         adapter = _timeout_adapter((self.connect_timeout, self.read_timeout))
         interface._http.mount("http://", adapter)
@@ -184,7 +190,10 @@ class XnatTarget(DispatchTarget):
                 f"{self.base_url()}/data/auth",
                 auth=(self.user, self.password.get_secret_value()),
                 timeout=(self.connect_timeout, min(self.read_timeout, 30)),
+                verify=ca_bundle_verify(self.ca_bundle, self.where()),
             )
+        except TargetError as exc:
+            return {"ping": ping, "loggedin": False, "err": str(exc)}
         except requests.RequestException as exc:
             why = f"cannot reach {self.base_url()}/data/auth ({type(exc).__name__})"
             return {"ping": ping, "loggedin": False, "err": why}

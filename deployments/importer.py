@@ -40,6 +40,7 @@ class ImportReport:
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why
     ignored_fields: dict[str, list[str]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    warnings: dict[str, list[str]] = field(default_factory=dict)  # name -> what will now fail
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +48,7 @@ class ImportReport:
             "skipped": self.skipped,
             "ignored_fields": self.ignored_fields,
             "settings": self.settings,
+            "warnings": self.warnings,
         }
 
 
@@ -85,6 +87,15 @@ def _check_slugs(names: list[str]) -> None:
         raise ConfigError(f"target names that would share a block name: {text}; rename one")
 
 
+def job_modules(data: dict[str, Any], current: list[str]) -> list[str]:
+    """``current`` plus the modules of the file's ``jobs_modules`` (our key, not mercure's: the
+    modules whose functions background jobs may run, e.g. ``["remapp"]`` for OpenREM)."""
+    extra = data.get("jobs_modules") or []
+    if not isinstance(extra, list) or not all(isinstance(m, str) and m for m in extra):
+        raise ConfigError("'jobs_modules' must be a list of module names")
+    return [*current, *(m for m in extra if m not in current)]
+
+
 async def import_mercure_config(path: Path) -> ImportReport:
     """Create or update blocks from ``path``; nothing is deleted."""
     data = read_mercure_json(path)
@@ -92,6 +103,7 @@ async def import_mercure_config(path: Path) -> ImportReport:
     if not isinstance(targets, dict):
         raise ConfigError(f"{path}: 'targets' must be an object")
     _check_slugs(list(targets))
+    job_modules(data, [])  # a bad jobs_modules is refused before anything changes
     report = ImportReport()
     for name, spec in targets.items():
         if not isinstance(spec, dict):
@@ -121,6 +133,8 @@ async def import_mercure_config(path: Path) -> ImportReport:
         await aremove_other_types(target_slug(name), cls)
         await block.save(target_slug(name), overwrite=True)
         report.imported[name] = cls.target_type
+        if block.import_warnings():
+            report.warnings[name] = block.import_warnings()
 
     settings = await aload_settings()
     for key in SETTINGS_KEYS:
@@ -134,6 +148,7 @@ async def import_mercure_config(path: Path) -> ImportReport:
             if isinstance(spec, dict)
             and spec.get("priority", "normal") in ("normal", "urgent", "offpeak")
         }
+    settings.jobs_modules = job_modules(data, settings.jobs_modules)
     await settings.save(DEFAULT_SETTINGS_NAME, overwrite=True)
     report.settings = settings.model_dump(mode="json", exclude={"block_type_slug"})
     return report

@@ -52,6 +52,9 @@ async def cmd_import_config(args: argparse.Namespace, home: Path) -> int:
         print(f"skipped   {name}: {why}")
     for name, keys in report.ignored_fields.items():
         print(f"note      {name}: fields not used: {', '.join(keys)}")
+    for name, warnings in report.warnings.items():
+        for warning in warnings:
+            print(f"warning   {name}: {warning}")
     print("settings  updated (DispatcherSettings 'default')")
     return 0
 

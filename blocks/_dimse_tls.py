@@ -42,9 +42,7 @@ class TLSOptions:
 
     def verification(self) -> str:
         """What a handshake verifies, in words (``targets test`` shows it)."""
-        chain = (
-            f"chain to ca_cert {self.ca_cert}" if self.ca_cert else "chain to the system CA store"
-        )
+        chain = f"ca_cert {self.ca_cert}" if self.ca_cert else "the system CA store"
         host = "host name checked" if self.hostname_checked else "host name not checked"
         return f"certificate verified against {chain}, {host}"
 

@@ -23,6 +23,8 @@ and ``blocks._dicomweb_qr``.
 from __future__ import annotations
 
 import errno
+import functools
+import os
 import socket
 import sqlite3
 import ssl
@@ -136,7 +138,7 @@ class DicomWebTarget(QueryTarget):
     ca_bundle: str = Field(
         default="",
         description="CA certificates file (PEM) an https server's certificate must chain to "
-        "(empty: the system's CA store). Certificates are always verified.",
+        "(empty: the HTTP client's default CA bundle). Certificates are always verified.",
     )
 
     @field_validator("qido_url_prefix", "wado_url_prefix", "stow_url_prefix", "http_user")
@@ -179,7 +181,7 @@ class DicomWebTarget(QueryTarget):
         """An HTTP client with this target's credentials, timeouts and ``TCP_NODELAY``."""
         auth, headers = self._auth()
         transport = httpx.HTTPTransport(
-            verify=_ssl_context(ca_bundle_verify(self.ca_bundle, f"DICOMweb target {self.url}")),
+            verify=_httpx_verify(self.ca_bundle, f"DICOMweb target {self.url}"),
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         return httpx.Client(
@@ -453,9 +455,18 @@ class DicomWebTarget(QueryTarget):
         return result
 
 
-def _ssl_context(verify: str | bool) -> ssl.SSLContext:
-    """httpx's verify: an SSL context of the system store, or of the CA bundle file."""
-    return ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+def _httpx_verify(ca_bundle: str, where: str) -> ssl.SSLContext | bool:
+    """httpx's verify: its default (True), or an SSL context of the CA bundle file."""
+    verify = ca_bundle_verify(ca_bundle, where)
+    if not isinstance(verify, str):
+        return True
+    return _bundle_context(verify, os.stat(verify).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _bundle_context(path: str, mtime_ns: int) -> ssl.SSLContext:
+    """Made once per version of the file: loading certificates costs milliseconds."""
+    return ssl.create_default_context(cafile=path)
 
 
 def _status_error(where: str, action: str, response: httpx.Response) -> TargetError:

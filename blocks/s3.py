@@ -111,7 +111,7 @@ class S3Target(DispatchTarget):
     ca_bundle: str = Field(
         default="",
         description="CA certificates file (PEM) an https endpoint's certificate must chain to "
-        "(empty: the system's CA store). Certificates are always verified.",
+        "(empty: the HTTP client's default CA bundle). Certificates are always verified.",
     )
 
     def where(self) -> str:

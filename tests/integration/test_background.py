@@ -429,6 +429,26 @@ def test_executor_runs_only_allowed_modules(executor: Executor, tmp_path: Path) 
     assert "refused" in executor.text()
 
 
+def test_import_config_adds_job_modules(prefect_server: str, tmp_path: Path) -> None:
+    """A site lets its own modules run as jobs with ``jobs_modules`` in the imported JSON."""
+    import asyncio
+
+    from blocks.errors import ConfigError
+    from blocks.registry import aload_settings
+    from blocks.settings import DEFAULT_JOB_MODULES
+    from deployments.importer import import_mercure_config
+
+    config = tmp_path / "mercure.json"
+    config.write_text(json.dumps({"targets": {}, "jobs_modules": ["remapp"]}))
+    asyncio.run(import_mercure_config(config))
+    modules = asyncio.run(aload_settings()).jobs_modules
+    assert set(DEFAULT_JOB_MODULES) | {"remapp"} <= set(modules)
+
+    config.write_text(json.dumps({"targets": {}, "jobs_modules": "remapp"}))
+    with pytest.raises(ConfigError, match="jobs_modules"):
+        asyncio.run(import_mercure_config(config))
+
+
 def _nested() -> Callable[[], None]:
     def inner() -> None:
         return None

@@ -1,6 +1,8 @@
 """DICOM+TLS: the client context of a peer and the translation of failed handshakes.
 
-The peer's certificate is verified against the CA file, our client certificate is presented,
+The peer's certificate is verified against the CA file, or, without one, against the system's
+CA store *and* for the host name we connect to (any publicly trusted certificate would pass
+otherwise); our client certificate is presented,
 and a failed handshake is reported with OpenSSL's reason (expired, unknown issuer, ...), never
 as a refused connection: pynetdicom only logs the handshake error and reports "not connected",
 so the context records it for :func:`tls_failure`. Prefect-free.
@@ -22,9 +24,10 @@ class TLSOptions:
     """TLS settings of a DICOM+TLS peer, as file paths (picklable for the worker processes).
 
     ``ca_cert``: CA certificate(s) the peer's certificate must chain to (PEM; empty: the system
-    store). ``cert``/``key``: our client certificate and its unencrypted private key (PEM; empty:
-    none). ``check_hostname``: also require the certificate to name the host we connect to
-    (DCMTK, and so mercure, does not check it).
+    store, and then the host name is always checked). ``cert``/``key``: our client certificate
+    and its unencrypted private key (PEM; empty: none). ``check_hostname``: with a ``ca_cert``,
+    also require the certificate to name the host we connect to (DCMTK, and so mercure, does
+    not check it).
     """
 
     ca_cert: str = ""
@@ -32,10 +35,21 @@ class TLSOptions:
     key: str = ""
     check_hostname: bool = False
 
+    @property
+    def hostname_checked(self) -> bool:
+        """Whether the peer's certificate must name its host: always with the system store."""
+        return self.check_hostname or not self.ca_cert
+
+    def verification(self) -> str:
+        """What a handshake verifies, in words (``targets test`` shows it)."""
+        chain = f"ca_cert {self.ca_cert}" if self.ca_cert else "the system CA store"
+        host = "host name checked" if self.hostname_checked else "host name not checked"
+        return f"certificate verified against {chain}, {host}"
+
     def context(self) -> TLSContext:
         """A client context; ``PermanentTargetError`` when a file is missing or unusable."""
         context = TLSContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = self.check_hostname
+        context.check_hostname = self.hostname_checked
         context.verify_mode = ssl.CERT_REQUIRED
         step = "ca_cert"
         try:
@@ -84,7 +98,10 @@ def tls_failure(error: OSError | None, where: str) -> TargetError | None:
         if "expired" in why or "not yet valid" in why:
             hint = "the peer's certificate must be renewed"
         elif "hostname" in why.lower():
-            hint = "the certificate does not name this host: see tls_check_hostname"
+            hint = (
+                "the certificate does not name this host: connect by a name it holds, or set "
+                "ca_cert (the host name is always checked against the system store)"
+            )
         else:
             hint = "is it signed by a CA in ca_cert?"
         return PermanentTargetError(

@@ -3,8 +3,9 @@
 Shared by every retrieve (C-GET, C-MOVE, the DCMTK tools, WADO-RS). The bytes must parse as
 DICOM, the SOP Instance UID in the data set must be the one of the C-STORE request and a valid
 UID, and the instance must belong to a requested study. They are written as
-``<SOPInstanceUID>.dcm`` through a temporary file in the same folder and a rename (atomic),
-exactly as the peer sent them (no decoding, no re-encoding). Prefect-free.
+``<SOPInstanceUID>.dcm`` through a new temporary file in the same folder (created exclusively,
+never through a link) and a rename (atomic, and over a link it replaces the link), exactly as
+the peer sent them (no decoding, no re-encoding). Prefect-free.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pynetdicom.dsutils import encode_file_meta
 
 from blocks.errors import PermanentTargetError, TransientTargetError, first_line
 from blocks.qr import Progress, RetrieveItem, RetrieveResult, expected_total
+from tasks.safefiles import open_new
 
 __all__ = ["Receiver", "check_result"]
 
@@ -100,7 +102,7 @@ class Receiver:
         """Write ``data`` (a DICOM file's bytes, or its pieces) and :meth:`adopt` it."""
         tmp = self.folder / f".{uuid.uuid4().hex}.partial"
         try:
-            with open(tmp, "wb", buffering=0) as fh:
+            with open_new(tmp, buffering=0) as fh:
                 for piece in [data] if isinstance(data, bytes) else data:
                     view = memoryview(piece)
                     # 64 KiB writes: measured 3-5x faster here than one 0.5 MB write.

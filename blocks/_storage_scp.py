@@ -1,7 +1,11 @@
 """Our Storage SCP for C-MOVE: the AE a PACS sends the moved objects to.
 
-For the duration of one retrieve it listens with our AE title on the configured address and
-port; every received object goes through the retrieve's :class:`~blocks._receiver.Receiver`.
+For the duration of one retrieve it listens with our AE title on the configured address (by
+default the local address of the route to the PACS, not every interface) and port; every
+received object goes through the retrieve's :class:`~blocks._receiver.Receiver`. It accepts
+associations only from the PACS (its addresses, its AE title as calling AE when it has one),
+at most :data:`MOVE_MAX_ASSOCIATIONS` at once, with PDUs of at most :data:`MOVE_MAX_PDU` bytes:
+a port open during a retrieve is no open door for anyone else.
 Also the storage SOP classes and transfer syntaxes we accept as a receiver, which C-GET
 proposes too. Prefect-free.
 """
@@ -10,9 +14,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from pydicom.uid import (
     JPEG2000,
@@ -38,6 +43,8 @@ from blocks.errors import TransientTargetError
 
 __all__ = [
     "MOVE_DRAIN_SECONDS",
+    "MOVE_MAX_ASSOCIATIONS",
+    "MOVE_MAX_PDU",
     "MOVE_PORT_WAIT_SECONDS",
     "RECEIVE_SYNTAXES",
     "STORAGE_CLASSES",
@@ -50,6 +57,12 @@ LOGGER = logging.getLogger(__name__)
 MOVE_DRAIN_SECONDS = 10.0
 #: Seconds a retrieve waits for the C-MOVE port while another retrieve holds it.
 MOVE_PORT_WAIT_SECONDS = 600.0
+#: Largest PDU our Storage SCP receives (what one connection can make us buffer at once).
+MOVE_MAX_PDU = 1024 * 1024
+#: Sub-associations accepted at once (a PACS opens one or a few per C-MOVE).
+MOVE_MAX_ASSOCIATIONS = 4
+#: Called AE titles that mean "whoever answers": no calling AE title to require of the PACS.
+_ANY_AET = {"", "ANY-SCP"}
 
 #: Transfer syntaxes we accept for received objects: uncompressed first (a peer that picks the
 #: first it supports sends uncompressed data uncompressed), then the common compressed ones so
@@ -73,11 +86,48 @@ RECEIVE_SYNTAXES: list[str | UID] = [
 STORAGE_CLASSES = [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
 
 
+def route_address(host: str, port: int) -> str:
+    """Our local address on the route to ``host`` (no packet is sent: a UDP "connect" only
+    picks the route)."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+            return str(probe.getsockname()[0])
+    except OSError as exc:
+        raise TransientTargetError(
+            f"cannot find our address on the route to {host}: {exc.strerror or exc}"
+        ) from exc
+
+
+def peer_addresses(host: str) -> frozenset[str]:
+    """Every address ``host`` resolves to (where the PACS's sub-associations come from)."""
+    try:
+        return frozenset(str(info[4][0]) for info in socket.getaddrinfo(host, None))
+    except OSError as exc:
+        raise TransientTargetError(f"cannot resolve {host}: {exc.strerror or exc}") from exc
+
+
+class _PeerOnlyServer(ThreadedAssociationServer):
+    """Closes any connection that does not come from one of ``allowed`` (before a PDU is read)."""
+
+    allowed: frozenset[str] = frozenset()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        address = client_address[0] if isinstance(client_address, tuple) else client_address
+        if str(address) in self.allowed:
+            return True
+        LOGGER.warning("C-MOVE receiver: connection from %s refused (not the PACS)", address)
+        return False
+
+
 class MoveSCP:
     """Our Storage SCP for C-MOVE: ``aet`` on ``host:port`` while the ``with`` block runs.
 
-    Only associations addressed to ``aet`` are accepted. If the port is taken (another
-    retrieve of this host uses it), waits up to ``port_wait`` seconds for it.
+    ``host`` empty: the local address of the route to the PACS. Only associations addressed to
+    ``aet``, from the PACS's addresses, with the PACS's AE title as
+    calling AE title (when it has one) are accepted. If the port is taken (another retrieve of
+    this host uses it), waits up to ``port_wait`` seconds for it.
     """
 
     def __init__(
@@ -91,16 +141,21 @@ class MoveSCP:
         port_wait: float = MOVE_PORT_WAIT_SECONDS,
     ) -> None:
         self.aet = aet
-        self.host = host
+        self.host = host or route_address(peer.host, peer.port)
         self.port = port
         self.receiver = receiver
         self.peer = peer
         self.port_wait = port_wait
+        self.allowed = peer_addresses(peer.host)
         self._server: Any = None
 
     def __enter__(self) -> MoveSCP:
         ae = make_ae(self.peer, self.aet)
         ae.require_called_aet = True
+        if self.peer.called_aet not in _ANY_AET:
+            ae.require_calling_aet = [self.peer.called_aet]
+        ae.maximum_pdu_size = MOVE_MAX_PDU
+        ae.maximum_associations = MOVE_MAX_ASSOCIATIONS
         for uid in STORAGE_CLASSES:
             ae.add_supported_context(uid, RECEIVE_SYNTAXES)
         handlers: list[Any] = [
@@ -114,7 +169,7 @@ class MoveSCP:
                 server = ae.make_server(
                     (self.host, self.port),
                     evt_handlers=handlers,
-                    server_class=ThreadedAssociationServer,
+                    server_class=_PeerOnlyServer,
                 )
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
@@ -126,6 +181,7 @@ class MoveSCP:
                     logged = True
                 time.sleep(0.5)
                 continue
+            cast(_PeerOnlyServer, server).allowed = self.allowed
             # Our own serving thread: pynetdicom's polls for shutdown every 0.5 s.
             thread = threading.Thread(
                 target=server.serve_forever,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from prefect.blocks.core import Block
 from pydantic import Field
 
+from blocks.errors import PermanentTargetError
 from tasks.taskjson import Task
 
 if TYPE_CHECKING:
@@ -28,10 +29,22 @@ __all__ = [
     "QueryTarget",
     "SendContext",
     "SendResult",
+    "ca_bundle_verify",
     "target_slug",
 ]
 
 _SLUG_JUNK = re.compile(r"[^a-z0-9]+")
+
+
+def ca_bundle_verify(ca_bundle: str, where: str) -> str | bool:
+    """What an HTTPS client's ``verify`` gets for a target's ``ca_bundle`` setting: the file
+    (checked now, so a wrong path is a clear error, not a TLS failure later) or ``True`` (the
+    system's CA store). Never ``False``: no target runs with verification off."""
+    if not ca_bundle:
+        return True
+    if not Path(ca_bundle).is_file():
+        raise PermanentTargetError(f"{where}: ca_bundle {ca_bundle} is not a readable file")
+    return ca_bundle
 
 
 def target_slug(name: str) -> str:
@@ -104,6 +117,10 @@ class DispatchTarget(Block, ABC):
     @abstractmethod
     def test_connection(self) -> dict[str, Any]:
         """Probe the target; returns mercure's keys for this type (all true = usable)."""
+
+    def import_warnings(self) -> list[str]:
+        """What ``import-config`` warns about this target (settings that now fail, ...)."""
+        return []
 
     @staticmethod
     def connection_ok(result: dict[str, Any]) -> bool:

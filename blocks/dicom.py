@@ -17,6 +17,7 @@ recursive, writes the report and checks every instance's status, as the DICOM ta
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -106,7 +107,9 @@ class DicomTarget(QueryTarget):
         description="Port our Storage SCP listens on during a C-MOVE (the node must know it).",
     )
     move_listen_address: str = Field(
-        default="", description="Address our C-MOVE Storage SCP binds to (empty: all)."
+        default="",
+        description="Address our C-MOVE Storage SCP binds to (empty: our address on the route "
+        "to the node).",
     )
     retrieve_backend: Literal["pynetdicom", "dcmtk"] = Field(
         default="pynetdicom",
@@ -328,12 +331,12 @@ class DicomTLSTarget(DicomTarget):
     ca_cert: str = Field(
         default="",
         description="CA certificate file (PEM) the peer's certificate must chain to "
-        "(empty: the system's CA store).",
+        "(empty: the system's CA store, and the certificate must name the host in ip).",
     )
     tls_check_hostname: bool = Field(
         default=False,
-        description="Also require the peer's certificate to name the host in ip (DCMTK, and so "
-        "mercure, does not check it).",
+        description="With ca_cert, also require the peer's certificate to name the host in ip "
+        "(DCMTK, and so mercure, does not check it; without ca_cert it is always checked).",
     )
 
     def tls_options(self) -> TLSOptions:
@@ -355,15 +358,41 @@ class DicomTLSTarget(DicomTarget):
     def test_connection(self) -> dict[str, Any]:
         """mercure's keys ``ping`` (here: TCP connect) and ``c-echo`` (over TLS), and ``err``.
 
-        ``err`` says why the C-ECHO failed (certificate not accepted, refused, ...), or is empty.
+        ``err`` says why the C-ECHO failed (certificate not accepted, refused, ...), or is empty;
+        ``tls_verify`` what the handshake verifies (CA, and whether the host name is checked).
         """
+        verify = {"tls_verify": self.tls_options().verification()}
         if self.ip == "sender":
-            return {"ping": False, "c-echo": False, "loopback_mode": True}
+            return {"ping": False, "c-echo": False, "loopback_mode": True, **verify}
         peer = self.get_peer()
         if not tcp_reachable(peer.host, peer.port, timeout=min(self.connect_timeout, 5)):
-            return {"ping": False, "c-echo": False, "err": f"{peer.address} is not reachable"}
+            return {
+                "ping": False,
+                "c-echo": False,
+                "err": f"{peer.address} is not reachable",
+                **verify,
+            }
         echo = _dimse.echo(peer, timeout=5)
-        return {"ping": True, "c-echo": echo.ok, "err": "" if echo.ok else echo.detail}
+        return {"ping": True, "c-echo": echo.ok, "err": "" if echo.ok else echo.detail, **verify}
+
+    def import_warnings(self) -> list[str]:
+        """Addressed by IP with no ``ca_cert``: the system store's certificates name hosts, so
+        the host name check (always on without ``ca_cert``) will refuse the peer."""
+        if self.ca_cert or self.ip == "sender" or not _is_ip_address(self.ip):
+            return []
+        return [
+            f"addressed by IP ({self.ip}) with no ca_cert: the peer's certificate is now checked "
+            "for that host name against the system CA store and will most likely be refused; "
+            "set ca_cert to the CA that signed it (or use a host name it holds)"
+        ]
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _route(peer: DicomPeer) -> str:

@@ -23,8 +23,11 @@ and ``blocks._dicomweb_qr``.
 from __future__ import annotations
 
 import errno
+import functools
+import os
 import socket
 import sqlite3
+import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +38,14 @@ import httpx
 from pydantic import Field, SecretStr, field_validator
 
 from blocks import _stow
-from blocks.base import CaseOrigin, QueryTarget, SendContext, SendResult, dicom_files
+from blocks.base import (
+    CaseOrigin,
+    QueryTarget,
+    SendContext,
+    SendResult,
+    ca_bundle_verify,
+    dicom_files,
+)
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError, one_line
 from blocks.qr import Progress, check_pull
 
@@ -125,6 +135,11 @@ class DicomWebTarget(QueryTarget):
         gt=0,
         description="Longest wait for the server to accept data or answer a request, seconds.",
     )
+    ca_bundle: str = Field(
+        default="",
+        description="CA certificates file (PEM) an https server's certificate must chain to "
+        "(empty: the HTTP client's default CA bundle). Certificates are always verified.",
+    )
 
     @field_validator("qido_url_prefix", "wado_url_prefix", "stow_url_prefix", "http_user")
     @classmethod
@@ -166,7 +181,8 @@ class DicomWebTarget(QueryTarget):
         """An HTTP client with this target's credentials, timeouts and ``TCP_NODELAY``."""
         auth, headers = self._auth()
         transport = httpx.HTTPTransport(
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            verify=_httpx_verify(self.ca_bundle, f"DICOMweb target {self.url}"),
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         return httpx.Client(
             auth=auth,
@@ -437,6 +453,20 @@ class DicomWebTarget(QueryTarget):
         except TargetError as exc:
             result["Reason"] = str(exc)
         return result
+
+
+def _httpx_verify(ca_bundle: str, where: str) -> ssl.SSLContext | bool:
+    """httpx's verify: its default (True), or an SSL context of the CA bundle file."""
+    verify = ca_bundle_verify(ca_bundle, where)
+    if not isinstance(verify, str):
+        return True
+    return _bundle_context(verify, os.stat(verify).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _bundle_context(path: str, mtime_ns: int) -> ssl.SSLContext:
+    """Made once per version of the file: loading certificates costs milliseconds."""
+    return ssl.create_default_context(cafile=path)
 
 
 def _status_error(where: str, action: str, response: httpx.Response) -> TargetError:

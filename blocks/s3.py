@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr
 
-from blocks.base import DispatchTarget, SendContext, SendResult, dicom_files
+from blocks.base import DispatchTarget, SendContext, SendResult, ca_bundle_verify, dicom_files
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError, one_line
 
 if TYPE_CHECKING:
@@ -108,6 +108,11 @@ class S3Target(DispatchTarget):
         le=512,
         description="Files larger than this (MB) are sent in multipart parts of this size.",
     )
+    ca_bundle: str = Field(
+        default="",
+        description="CA certificates file (PEM) an https endpoint's certificate must chain to "
+        "(empty: the HTTP client's default CA bundle). Certificates are always verified.",
+    )
 
     def where(self) -> str:
         """``s3 bucket 'b' at <endpoint>`` for messages (never a credential)."""
@@ -138,6 +143,7 @@ class S3Target(DispatchTarget):
             aws_access_key_id=self.access_key_id or None,
             aws_secret_access_key=secret or None,
             config=config,
+            verify=ca_bundle_verify(self.ca_bundle, self.where()),
         )
         return client
 

@@ -15,12 +15,14 @@ from pydantic import Field
 
 from blocks.host import DEPRECATED_OVERRIDES, data_dir, deprecated_override
 
-__all__ = ["DEFAULT_SETTINGS_NAME", "DispatcherSettings", "data_dir"]
+__all__ = ["DEFAULT_JOB_MODULES", "DEFAULT_SETTINGS_NAME", "DispatcherSettings", "data_dir"]
 
 DEFAULT_SETTINGS_NAME = "default"
 #: Seconds before each quick retry of a transient send failure within one attempt.
 DEFAULT_QUICK_RETRY_DELAYS: tuple[float, ...] = (2.0, 10.0)
 Priority = Literal["normal", "urgent", "offpeak"]
+#: Packages whose functions background jobs may run when a site added none (our own).
+DEFAULT_JOB_MODULES: tuple[str, ...] = ("blocks", "tasks", "flows", "deployments")
 
 
 class DispatcherSettings(Block):
@@ -102,6 +104,18 @@ class DispatcherSettings(Block):
     )
     jobs_max_processes: int = Field(
         default=16, ge=1, description="At most this many job processes per executor (host)."
+    )
+
+    # Issue 11 (hardened by default): what background jobs may run, which links a case may hold.
+    jobs_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_JOB_MODULES),
+        description="Background jobs run only functions of these modules and their submodules "
+        "(e.g. add 'remapp' for OpenREM); any other job ends Failed without running.",
+    )
+    case_links_inside: bool = Field(
+        default=False,
+        description="Send symbolic links in a case folder that lead to a file inside it "
+        "(any other link sends the case to error/).",
     )
 
     def with_overrides(self) -> DispatcherSettings:

@@ -6,6 +6,12 @@ zipped as ``0.dcm``, ``1.dcm``, ... and POSTed with pyxnat to ``/data/services/i
 ``PROJECT_ID``, ``SUBJECT_ID``, ``EXPT_LABEL``, ``rename=true``, ``overwrite=delete``,
 ``inbody=true``; then pyxnat's ``disconnect()`` closes the XNAT session.
 
+Except ``overwrite``: mercure's ``delete`` replaced an existing session of the same label (a
+second study of the patient that day) and so deleted data. By default we import with XNAT's
+``none`` after looking whether the session exists (``blocks._xnat_session``): one holding
+exactly the case's instances counts as sent, any other is a clear failure and nothing is
+changed. ``overwrite="delete"`` restores mercure's behaviour, explicitly.
+
 Differences: the zip is written to a temporary file and streamed from it (never held in memory);
 the header comes from the first file in the case's sorted file list, sub-folders included (mercure
 looked at the top level only and failed when it had no file); every HTTP request pyxnat makes has
@@ -21,12 +27,19 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr
 
-from blocks.base import DispatchTarget, SendContext, SendResult, dicom_files
+from blocks._xnat_session import (
+    UnexpectedAnswer,
+    case_instances,
+    compare_instances,
+    session_exists,
+    session_instances,
+)
+from blocks.base import DispatchTarget, SendContext, SendResult, ca_bundle_verify, dicom_files
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError, one_line
 
 if TYPE_CHECKING:
@@ -90,6 +103,17 @@ class XnatTarget(DispatchTarget):
         description="Timeout waiting for XNAT's answer, seconds (the import answers after "
         "archiving the session).",
     )
+    ca_bundle: str = Field(
+        default="",
+        description="CA certificates file (PEM) an https XNAT's certificate must chain to "
+        "(empty: the HTTP client's default CA bundle). Certificates are always verified.",
+    )
+    overwrite: Literal["none", "append", "delete"] = Field(
+        default="none",
+        description="XNAT's import overwrite mode for a session label that exists: none (a "
+        "session with exactly the case's instances counts as sent, any other is an error; "
+        "nothing is changed), append, or delete (mercure's: replaces the existing session).",
+    )
 
     def where(self) -> str:
         return f"XNAT target {self.target_name or self.project_id} ({self.base_url()})"
@@ -112,6 +136,7 @@ class XnatTarget(DispatchTarget):
             server=self.base_url(),
             user=self.user,
             password=self.password.get_secret_value(),
+            verify=ca_bundle_verify(self.ca_bundle, self.where()),
         )
         adapter = _timeout_adapter((self.connect_timeout, self.read_timeout))
         interface._http.mount("http://", adapter)
@@ -131,10 +156,18 @@ class XnatTarget(DispatchTarget):
             "SUBJECT_ID": subject,
             "EXPT_LABEL": label,
             "rename": "true",
-            "overwrite": "delete",
+            "overwrite": self.overwrite,
             "inbody": "true",
         }
-        with tempfile.TemporaryDirectory(prefix="dicom-dispatch-xnat-") as tmp:
+        with (
+            self._errors(),
+            self._session() as session,
+            tempfile.TemporaryDirectory(prefix="dicom-dispatch-xnat-") as tmp,
+        ):
+            if self.overwrite == "none":
+                there = self._already_there(session, subject, label, files)
+                if there is not None:
+                    return there
             archive = Path(tmp) / "dicom.zip"
             try:
                 _write_zip(archive, files)
@@ -143,7 +176,7 @@ class XnatTarget(DispatchTarget):
                     f"{self.where()}: cannot build the zip: {exc.strerror or exc}"
                 ) from None
             size = archive.stat().st_size
-            with self._errors(), self._session() as session, archive.open("rb") as body:
+            with archive.open("rb") as body:
                 response = session.post(
                     uri=IMPORT_SERVICE,
                     params=params,
@@ -151,15 +184,41 @@ class XnatTarget(DispatchTarget):
                     data=body,
                     timeout=(self.connect_timeout, self.read_timeout),
                 )
-                if response.status_code != 200:
-                    raise _status_error(self.where(), response)
-                answer = " ".join(response.text.split())[:200]
+            if response.status_code != 200:
+                raise _status_error(self.where(), response)
+            answer = " ".join(response.text.split())[:200]
         return SendResult(
             files=len(files),
             bytes=sum(p.stat().st_size for p in files),
             detail=f"{len(files)} files ({size} bytes zipped) to project {self.project_id}, "
             f"subject {subject}, session {label}",
             extra={"xnat": answer},
+        )
+
+    def _already_there(
+        self, session: Any, subject: str, label: str, files: list[Path]
+    ) -> SendResult | None:
+        """None when the session does not exist yet; the case as sent when it holds exactly
+        its instances; else the ``PermanentTargetError`` that says what differs."""
+        where = f"{self.where()}: session {label} of subject {subject}"
+        try:
+            if not session_exists(session, self.project_id, subject, label):
+                return None
+            theirs = session_instances(session, self.project_id, subject, label)
+        except UnexpectedAnswer as exc:
+            raise _status_error(self.where(), exc.response, "looking at the session") from None
+        ours = case_instances(files)
+        differs = compare_instances(ours, theirs)
+        if differs is not None:
+            raise PermanentTargetError(
+                f"{where} already exists and is another study ({differs}); nothing was sent "
+                "or changed: import it under another label by hand, or set overwrite"
+            )
+        return SendResult(
+            files=0,
+            bytes=0,
+            detail=f"session {label} already holds the case's {len(ours)} instances "
+            f"(project {self.project_id}, subject {subject}): not sent again",
         )
 
     def test_connection(self) -> dict[str, Any]:
@@ -184,7 +243,10 @@ class XnatTarget(DispatchTarget):
                 f"{self.base_url()}/data/auth",
                 auth=(self.user, self.password.get_secret_value()),
                 timeout=(self.connect_timeout, min(self.read_timeout, 30)),
+                verify=ca_bundle_verify(self.ca_bundle, self.where()),
             )
+        except TargetError as exc:
+            return {"ping": ping, "loggedin": False, "err": str(exc)}
         except requests.RequestException as exc:
             why = f"cannot reach {self.base_url()}/data/auth ({type(exc).__name__})"
             return {"ping": ping, "loggedin": False, "err": why}
@@ -238,7 +300,7 @@ def _write_zip(archive: Path, files: list[Path]) -> None:
             zf.write(path, f"{number}.dcm")
 
 
-def _status_error(where: str, response: Any) -> TargetError:
+def _status_error(where: str, response: Any, action: str = "the import") -> TargetError:
     status = int(response.status_code)
     text = one_line(response.text, 200, "no details")
     if status in (401, 403):
@@ -250,7 +312,7 @@ def _status_error(where: str, response: Any) -> TargetError:
             f"{where}: no import service at {IMPORT_SERVICE} (HTTP 404): is host the XNAT URL?"
         )
     kind = TransientTargetError if status >= 500 or status in (408, 429) else PermanentTargetError
-    return kind(f"{where}: the import failed (HTTP {status}): {text}")
+    return kind(f"{where}: {action} failed (HTTP {status}): {text}")
 
 
 def _timeout_adapter(timeout: tuple[float, float]) -> Any:

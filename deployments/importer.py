@@ -45,6 +45,7 @@ class ImportReport:
     ignored_fields: dict[str, list[str]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     notifications: dict[str, list[str]] = field(default_factory=dict)  # rule -> automations
+    warnings: dict[str, list[str]] = field(default_factory=dict)  # name -> what will now fail
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +54,7 @@ class ImportReport:
             "ignored_fields": self.ignored_fields,
             "settings": self.settings,
             "notifications": self.notifications,
+            "warnings": self.warnings,
         }
 
 
@@ -103,6 +105,15 @@ def notification_rules(rules: dict[str, Any]) -> list[RuleNotification]:
     return announcing
 
 
+def job_modules(data: dict[str, Any], current: list[str]) -> list[str]:
+    """``current`` plus the modules of the file's ``jobs_modules`` (our key, not mercure's: the
+    modules whose functions background jobs may run, e.g. ``["remapp"]`` for OpenREM)."""
+    extra = data.get("jobs_modules") or []
+    if not isinstance(extra, list) or not all(isinstance(m, str) and m for m in extra):
+        raise ConfigError("'jobs_modules' must be a list of module names")
+    return [*current, *(m for m in extra if m not in current)]
+
+
 async def import_mercure_config(path: Path) -> ImportReport:
     """Create or update blocks and rule automations from ``path``."""
     data = read_mercure_json(path)
@@ -112,6 +123,7 @@ async def import_mercure_config(path: Path) -> ImportReport:
     _check_slugs(list(targets))
     rules = data.get("rules") or {}
     announcing = notification_rules(rules) if isinstance(rules, dict) else []
+    job_modules(data, [])  # a bad jobs_modules is refused before anything changes
     report = ImportReport()
     for name, spec in targets.items():
         if not isinstance(spec, dict):
@@ -141,6 +153,8 @@ async def import_mercure_config(path: Path) -> ImportReport:
         await aremove_other_types(target_slug(name), cls)
         await block.save(target_slug(name), overwrite=True)
         report.imported[name] = cls.target_type
+        if block.import_warnings():
+            report.warnings[name] = block.import_warnings()
 
     settings = await aload_settings()
     for key in SETTINGS_KEYS:
@@ -155,6 +169,7 @@ async def import_mercure_config(path: Path) -> ImportReport:
         }
     settings.rule_notifications = {rule.rule: rule.as_mercure() for rule in announcing}
     settings.phi_notifications = bool(data.get("phi_notifications", False))
+    settings.jobs_modules = job_modules(data, settings.jobs_modules)
     await settings.save(DEFAULT_SETTINGS_NAME, overwrite=True)
     sender = data.get("email_notification_from")
     report.notifications = await sync_rule_notifications(

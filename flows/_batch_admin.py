@@ -32,6 +32,7 @@ from blocks.registry import aload_settings
 from flows._batch import AGAIN, BATCH_TAG, next_offpeak_start, now, progress_key, set_state
 from tasks import casefolder as cf
 from tasks.retrieve import OUTGOING, accession_folder_name, parse_accessions
+from tasks.safefiles import ensure_marker
 
 LOGGER = logging.getLogger(__name__)
 #: Runs that have not been picked up yet (a Pending run is already starting: it may finish).
@@ -207,7 +208,7 @@ async def after_child(batch_id: str, destination: str) -> None:
                 job_dir = Path(destination).expanduser() / batch_id
                 here = {p.name for p in job_dir.iterdir() if p.is_dir()}
                 if all(accession_folder_name(a) in here for a in _expected(parent)):
-                    (job_dir / cf.COMPLETE).touch()
+                    ensure_marker(job_dir / cf.COMPLETE)
                     logger.info("batch %s is complete: %s", batch_id, job_dir / cf.COMPLETE)
             logger.info("batch %s: %s", batch_id, json.dumps(status.counts))
     except Exception as exc:  # bookkeeping must not fail a retrieval that succeeded

@@ -41,6 +41,7 @@ from flows.case_states import (
 from tasks import casefolder as cf
 from tasks.admission import shared_admission
 from tasks.retry import quick_retries
+from tasks.safefiles import case_links_problem
 from tasks.send import send_tags, send_to_target
 from tasks.taskjson import Task, TaskFileError, read_task, read_task_raw, target_names
 
@@ -250,6 +251,9 @@ async def _dispatch_claimed(case_dir: Path, settings: DispatcherSettings) -> Cas
         return _to_error(case_dir, settings, str(exc))
     targets = target_names(task)
     await _add_run_tags(case_tags(case_dir, task))
+    refused = case_links_problem(case_dir, allow_inside=settings.case_links_inside)
+    if refused:
+        return _to_error(case_dir, settings, f"{refused}. Unable to dispatch job {task.id}")
     if not targets:
         return _to_error(
             case_dir, settings, f"No targets provided. Unable to dispatch job {task.id}"

@@ -30,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from tasks.safefiles import create_new, ensure_marker, replace_file
 from tasks.taskjson import (
     TASKFILE,
     Task,
@@ -301,11 +302,9 @@ def _process_started(pid: int) -> float | None:
 def claim_case(case_dir: Path, flow_run_id: str | None = None) -> bool:
     """Create ``.processing`` exclusively; False when someone else holds the case."""
     try:
-        fd = os.open(case_dir / PROCESSING, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        create_new(case_dir / PROCESSING, json.dumps(asdict(ClaimOwner.me(flow_run_id))).encode())
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as fh:
-        json.dump(asdict(ClaimOwner.me(flow_run_id)), fh)
     return True
 
 
@@ -323,9 +322,8 @@ def record_claim_run(case_dir: Path, flow_run_id: str) -> None:
     owner = read_claim(case_dir)
     if owner is None or not owner.is_this_process():
         return
-    tmp = case_dir / f"{PROCESSING}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({**asdict(owner), "flow_run_id": flow_run_id}))
-    os.replace(tmp, case_dir / PROCESSING)
+    claim = {**asdict(owner), "flow_run_id": flow_run_id}
+    replace_file(case_dir / PROCESSING, json.dumps(claim).encode())
 
 
 def release_claim(case_dir: Path) -> None:
@@ -428,7 +426,7 @@ def move_case(
             raise
         shutil.move(str(case_dir), str(dest))
     if reason:
-        (dest / REASON_FILE).write_text(reason.rstrip() + "\n", encoding="utf-8")
+        replace_file(dest / REASON_FILE, (reason.rstrip() + "\n").encode("utf-8"))
     if fail_stage:
         with contextlib.suppress(TaskFileError):
             update_task(dest, lambda raw: _set_fail(raw, fail_stage, reason))
@@ -465,7 +463,7 @@ def restart_case(case_dir: Path, outgoing: Path) -> Path:
     dest = outgoing / case_dir.name
     if dest.exists():
         raise TaskFileError(f"cannot restart {case_dir.name}: {dest} already exists")
-    (case_dir / LOCK).touch()
+    ensure_marker(case_dir / LOCK)
 
     def change(raw: dict[str, Any]) -> None:
         dispatch = raw.setdefault("dispatch", {})

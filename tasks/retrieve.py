@@ -39,6 +39,7 @@ from blocks.registry import aload_target
 from blocks.settings import DispatcherSettings
 from tasks import casefolder as cf
 from tasks.retry import peer_task, quick_retries
+from tasks.safefiles import ensure_marker
 from tasks.taskjson import new_task, parse_task, write_task
 
 __all__ = [
@@ -255,7 +256,7 @@ async def retrieve_to_folder(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if whole_job:
-        (job_dir / cf.COMPLETE).touch()
+        ensure_marker(job_dir / cf.COMPLETE)
     return {"destination": str(final), **result}
 
 
@@ -283,7 +284,7 @@ async def retrieve_to_outgoing(
             return {"destination": str(done), "case_id": case_id, "already_there": True}
     shutil.rmtree(case_dir, ignore_errors=True)  # what a crashed attempt left under .lock
     case_dir.mkdir()
-    (case_dir / cf.LOCK).touch()  # mercure's "being written": the dispatcher keeps away
+    ensure_marker(case_dir / cf.LOCK)  # mercure's "being written": the dispatcher keeps away
     try:
         result = await _fetch(settings, target, accession, filters, case_dir)
         write_task(case_dir, _case_task(case_id, case_dir, accession, source, names))
@@ -333,7 +334,7 @@ def _count(folder: Path) -> int:
 def _fsync_folder(folder: Path) -> None:
     """Flush the received files and the folder entry before they are announced as complete."""
     for path in folder.iterdir():
-        if path.is_file():
+        if path.is_file() and not path.is_symlink():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
     fd = os.open(folder, os.O_RDONLY)

@@ -3,14 +3,15 @@
 The file is the contract with mercure's router and processor, its web UI and users' scripts, so it
 is edited as a plain dict (unknown keys, top-level or nested, survive every rewrite) and only
 *validated* through the pydantic models below. Writes go to a temporary file in the same folder
-and are renamed over ``task.json``, so a crash never leaves half a file. This module has no
-Prefect dependency.
+and are renamed over ``task.json``, so a crash never leaves half a file; the temporary name is
+random and created exclusively, and ``task.json`` is read without following a link
+(``tasks.safefiles``). This module has no Prefect dependency.
 """
 
 from __future__ import annotations
 
+import errno
 import json
-import os
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from blocks.errors import CaseError
+from tasks.safefiles import read_regular, replace_file
 
 __all__ = [
     "TASKFILE",
@@ -162,11 +164,15 @@ def read_task_raw(case_dir: Path) -> dict[str, Any]:
     """The parsed JSON of ``task.json`` (a dict), or :class:`TaskFileError`."""
     path = case_dir / TASKFILE
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path).decode("utf-8")
     except FileNotFoundError:
         raise TaskFileError(f"{path.name} is missing") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TaskFileError(f"{path.name} is a symbolic link, not a file") from None
         raise TaskFileError(f"{path.name} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise TaskFileError(f"{path.name} is not valid JSON: {exc}") from None
     try:
         raw = json.loads(text)
     except ValueError as exc:
@@ -195,17 +201,8 @@ def read_task(case_dir: Path) -> tuple[dict[str, Any], Task]:
 
 
 def write_task(case_dir: Path, raw: dict[str, Any]) -> None:
-    """Replace ``task.json`` atomically (temp file in the same folder, fsync, rename)."""
-    tmp = case_dir / f"{TMP_PREFIX}{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
-    data = json.dumps(raw).encode("utf-8")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, case_dir / TASKFILE)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Replace ``task.json`` atomically (a new random temp file beside it, fsync, rename)."""
+    replace_file(case_dir / TASKFILE, json.dumps(raw).encode("utf-8"), fsync=True)
 
 
 _update_lock = threading.Lock()

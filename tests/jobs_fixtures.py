@@ -15,12 +15,28 @@ from typing import Any
 
 from prefect import flow
 
+from blocks.settings import DEFAULT_JOB_MODULES
 from flows.background import (
     get_current_task,
     get_or_generate_task_uuid,
     record_task_error_exit,
     record_task_info,
 )
+
+#: What the test suite lets background jobs run: the project's modules and this one.
+JOB_MODULES = [*DEFAULT_JOB_MODULES, __name__]
+
+
+def allow_test_jobs() -> None:
+    """Add this module to the saved settings' ``jobs_modules`` (as a site adds its own)."""
+    import asyncio
+
+    from blocks.registry import aload_settings
+
+    settings = asyncio.run(aload_settings())
+    if __name__ not in settings.jobs_modules:
+        settings.jobs_modules = [*settings.jobs_modules, __name__]
+        settings.save("default", overwrite=True)
 
 
 def _write(out: str, name: str, data: dict[str, Any]) -> None:

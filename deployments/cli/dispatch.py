@@ -55,6 +55,9 @@ async def cmd_import_config(args: argparse.Namespace, home: Path) -> int:
     for names in report.notifications.values():
         for automation in names:
             print(f"automation {automation}")
+    for name, warnings in report.warnings.items():
+        for warning in warnings:
+            print(f"warning   {name}: {warning}")
     print("settings  updated (DispatcherSettings 'default')")
     return 0
 

@@ -21,7 +21,9 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Cancelling, Scheduled
 
 from blocks.errors import JobNotFoundError, JobNotQueuedError
+from blocks.settings import DEFAULT_JOB_MODULES, DEFAULT_SETTINGS_NAME, DispatcherSettings
 from flows.background.checks import (
+    check_allowed,
     check_limits,
     check_priority,
     check_type,
@@ -64,6 +66,9 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger(__name__)
+#: Seconds the caller trusts its last read of ``jobs_modules`` (a web view may queue many jobs).
+JOB_MODULES_TTL = 10.0
+_job_modules_read: tuple[float, tuple[str, ...]] | None = None
 
 
 # --------------------------------------------------------------------------- queueing
@@ -93,8 +98,8 @@ def run_in_background_with_limits(
         The job's ``BackgroundTask`` (state ``AwaitingConcurrencySlot``); ``.id`` is the task id.
 
     Raises:
-        JobRefusedError: a lambda/nested/non-importable ``func``, non-JSON arguments, a bad type
-            or limit; nothing was queued.
+        JobRefusedError: a lambda/nested/non-importable ``func``, one outside the settings'
+            ``jobs_modules``, non-JSON arguments, a bad type or limit; nothing was queued.
     """
     priority = check_priority(kwargs.pop("priority", 0))
     ref = func_ref(func)
@@ -111,6 +116,7 @@ def run_in_background_with_limits(
         "priority": priority,
     }
     with get_client(sync_client=True) as client:
+        check_allowed(ref, _job_modules(client))
         try:
             run = _create_run(client, parameters)
         except ObjectNotFound:  # the deployment was deleted since we looked it up
@@ -118,6 +124,23 @@ def run_in_background_with_limits(
             run = _create_run(client, parameters)
     LOGGER.info("queued background job %s (%s %s)", run.id, task_type, ref)
     return record_of(run)
+
+
+def _job_modules(client: SyncPrefectClient) -> tuple[str, ...]:
+    """The settings' ``jobs_modules`` (the executor decides; this is for an early error)."""
+    global _job_modules_read
+    now = time.monotonic()
+    if _job_modules_read is not None and now - _job_modules_read[0] < JOB_MODULES_TTL:
+        return _job_modules_read[1]
+    try:
+        doc = client.read_block_document_by_name(
+            DEFAULT_SETTINGS_NAME, DispatcherSettings.get_block_type_slug()
+        )
+        modules = tuple(doc.data.get("jobs_modules", DEFAULT_JOB_MODULES))
+    except ObjectNotFound:
+        modules = DEFAULT_JOB_MODULES
+    _job_modules_read = (now, modules)
+    return modules
 
 
 def _create_run(client: SyncPrefectClient, parameters: dict[str, Any]) -> FlowRun:

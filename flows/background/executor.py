@@ -7,7 +7,9 @@ against the same Prefect API. Each executor, in a loop (every ``jobs_poll_second
 1. takes the admission lock on the server (``queue.try_admission_lock``);
 2. reads the queued ``background_job`` runs (``queue.queue_order``) and the counts of active
    jobs on every host (``queue.active_counts``);
-3. for each queued job whose ``num_proc`` / ``num_of_task_type`` allow it
+3. ends Failed, without starting anything, each queued job whose ``func`` is outside
+   ``jobs_modules`` (``checks.refused_func``: anyone who can create a run names its ``func``);
+   for each other queued job whose ``num_proc`` / ``num_of_task_type`` allow it
    (``JobLimits.admissible``): takes one slot of the total and of its type's counter with a
    lease (``queue.take_slots``) and moves the run to Pending (``BackgroundExecutor.admit``);
 4. releases the lock and forks each admitted job's process (``process.start_job_process``).
@@ -43,12 +45,13 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
-from prefect.states import Cancelled, Crashed, Pending
+from prefect.states import Cancelled, Crashed, Failed, Pending
 
 from blocks.errors import one_line
+from flows.background.checks import refused_func
 from flows.background.process import (
     job_process_context,
     kill_process_group,
@@ -236,6 +239,8 @@ class BackgroundExecutor:
                     break
                 if run.id in self._jobs:  # retried while its last process is still exiting
                     continue
+                if await self._refused(run):
+                    continue
                 limits = JobLimits.of(run)
                 if not limits.admissible(total, per_type):
                     continue
@@ -258,10 +263,21 @@ class BackgroundExecutor:
         for job in admitted:
             await self._start(job)
 
+    async def _refused(self, run: FlowRun) -> bool:
+        """End a job Failed (nothing imported, nothing run) if its ``func`` may not run."""
+        reason = refused_func(run.parameters.get("func"), self.settings.job_modules)
+        if reason is None:
+            return False
+        LOGGER.warning("job %s refused: %s", run.id, reason)
+        await self.client.set_flow_run_state(run.id, Failed(message=reason), force=True)
+        return True
+
     async def _start(self, job: _Job) -> None:
         assert self._ctx is not None
         try:
-            process = await asyncio.to_thread(start_job_process, self._ctx, job.run_id)
+            process = await asyncio.to_thread(
+                start_job_process, self._ctx, job.run_id, self.settings.job_modules
+            )
         except Exception as exc:  # noqa: BLE001
             LOGGER.exception("could not start the process of job %s", job.run_id)
             self._jobs.pop(job.run_id, None)

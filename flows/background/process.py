@@ -14,10 +14,13 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from uuid import UUID
 
+from blocks.settings import DEFAULT_JOB_MODULES
+from flows.background.checks import refused_func
 from flows.background.flow import background_job
 
 __all__ = [
@@ -61,10 +64,15 @@ def job_process_context() -> BaseContext:
     return ctx
 
 
-def start_job_process(ctx: BaseContext, run_id: UUID) -> BaseProcess:
-    """Start the process of an admitted job (it runs the flow run to its end)."""
+def start_job_process(
+    ctx: BaseContext, run_id: UUID, job_modules: Sequence[str] = DEFAULT_JOB_MODULES
+) -> BaseProcess:
+    """Start the process of an admitted job (it runs the flow run to its end, if its ``func``
+    is in ``job_modules``)."""
     process: BaseProcess = ctx.Process(  # type: ignore[attr-defined]
-        target=run_job_process, args=(str(run_id),), name=f"background-job-{run_id}"
+        target=run_job_process,
+        args=(str(run_id), list(job_modules)),
+        name=f"background-job-{run_id}",
     )
     process.start()
     return process
@@ -120,8 +128,12 @@ def _leave_fork_server() -> None:
         server._forkserver_alive_fd = None  # type: ignore[union-attr]
 
 
-def run_job_process(flow_run_id: str) -> None:
-    """The body of a job's process (forked by the executor): run the flow run to its end."""
+def run_job_process(flow_run_id: str, job_modules: Sequence[str] = DEFAULT_JOB_MODULES) -> None:
+    """The body of a job's process (forked by the executor): run the flow run to its end.
+
+    ``func`` is checked against ``job_modules`` once more, as the run is now (it could have
+    been changed since it was admitted), before anything of the job's is imported.
+    """
     os.setsid()  # its own process group: terminating the job stops its children too
     _leave_fork_server()
     _die_with_parent()
@@ -132,6 +144,10 @@ def run_job_process(flow_run_id: str) -> None:
     from prefect.logging.handlers import APILogWorker
 
     run = load_flow_run(UUID(flow_run_id))
+    refused = refused_func(run.parameters.get("func"), job_modules)
+    if refused is not None:
+        _refuse(run.id, refused)
+        return
     try:
         with handle_engine_signals(run.id):
             outcome = run_flow(background_job, flow_run=run, return_type="state")
@@ -141,3 +157,11 @@ def run_job_process(flow_run_id: str) -> None:
         # A forked process ends with os._exit (no atexit hooks): ship the run's logs now.
         APILogWorker.drain_all(timeout=10)
         EventsWorker.drain_all(timeout=10)
+
+
+def _refuse(run_id: UUID, reason: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Failed(message=reason), force=True)

@@ -1,4 +1,4 @@
-"""The executor's tuning: the ``jobs_*`` fields of ``DispatcherSettings``, as one host uses them.
+"""The executor's tuning and allow-list: the ``jobs_*`` fields of ``DispatcherSettings``.
 
 Read from the settings block (editable in the UI, the same for every host), with the deprecated
 ``DICOM_DISPATCH_JOBS_*`` variables still applied over it (with a warning) so an existing unit
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from blocks.registry import aload_settings
-from blocks.settings import DispatcherSettings
+from blocks.settings import DEFAULT_JOB_MODULES, DispatcherSettings
 from flows.background.queue import MIN_LEASE_SECONDS
 
 __all__ = ["ExecutorSettings"]
@@ -26,6 +26,8 @@ class ExecutorSettings:
     lease_seconds: float = MIN_LEASE_SECONDS
     #: At most this many jobs run in this executor's processes (host protection, not a limit).
     max_processes: int = 16
+    #: Jobs run only functions of these modules (and submodules): ``jobs_modules``.
+    job_modules: tuple[str, ...] = DEFAULT_JOB_MODULES
 
     @classmethod
     def of(cls, settings: DispatcherSettings) -> ExecutorSettings:
@@ -35,6 +37,7 @@ class ExecutorSettings:
             poll_seconds=max(0.05, float(settings.jobs_poll_seconds)),
             lease_seconds=max(MIN_LEASE_SECONDS, float(settings.jobs_lease_seconds)),
             max_processes=max(1, int(settings.jobs_max_processes)),
+            job_modules=tuple(settings.jobs_modules),
         )
 
     @classmethod

@@ -108,6 +108,7 @@ class Executor:
 @pytest.fixture(scope="module")
 def executor(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Executor]:
     base = tmp_path_factory.mktemp("executor")
+    jobs_fixtures.allow_test_jobs()
     ex = Executor(prefect_server, base / "home", base / "executor.log")
     try:
         yield ex
@@ -403,6 +404,53 @@ def test_retry_from_the_ui_runs_the_job_again(executor: Executor) -> None:
     assert record.error == "the job called sys.exit(3)"
 
 
+def test_executor_runs_only_allowed_modules(executor: Executor, tmp_path: Path) -> None:
+    """A run created on the API (not through our API's checks) naming ``os:system`` ends
+    Failed with the reason, and nothing ran; an allowed one next to it still runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    from flows.background import get_task, wait_task
+    from flows.background.queue import ensure_deployment
+
+    planted = tmp_path / "planted"
+    t = f"S-{kinds()}"
+    with get_client(sync_client=True) as client:
+        deployment_id = ensure_deployment(client)
+        assert deployment_id is not None
+        run = client.create_flow_run_from_deployment(
+            deployment_id,
+            parameters={"func": "os:system", "args": [f"touch {planted}"], "task_type": t},
+            state=Scheduled(),
+            tags=["background-job", f"task-type:{t}"],
+        )
+    record = wait_task(get_task(run.id), timeout=60)
+    assert record.state == "Failed"
+    assert "'os' is not allowed to run as a background job" in (record.error or "")
+    assert not planted.exists(), "the refused job's function ran"
+    assert "refused" in executor.text()
+
+
+def test_import_config_adds_job_modules(prefect_server: str, tmp_path: Path) -> None:
+    """A site lets its own modules run as jobs with ``jobs_modules`` in the imported JSON."""
+    import asyncio
+
+    from blocks.errors import ConfigError
+    from blocks.registry import aload_settings
+    from blocks.settings import DEFAULT_JOB_MODULES
+    from deployments.importer import import_mercure_config
+
+    config = tmp_path / "mercure.json"
+    config.write_text(json.dumps({"targets": {}, "jobs_modules": ["remapp"]}))
+    asyncio.run(import_mercure_config(config))
+    modules = asyncio.run(aload_settings()).jobs_modules
+    assert set(DEFAULT_JOB_MODULES) | {"remapp"} <= set(modules)
+
+    config.write_text(json.dumps({"targets": {}, "jobs_modules": "remapp"}))
+    with pytest.raises(ConfigError, match="jobs_modules"):
+        asyncio.run(import_mercure_config(config))
+
+
 def _nested() -> Callable[[], None]:
     def inner() -> None:
         return None
@@ -421,6 +469,8 @@ def _nested() -> Callable[[], None]:
         (jobs_fixtures.quick, (object(),), {}, "JSON"),
         (jobs_fixtures.quick, (), {"when": dt.datetime.now()}, "JSON"),
         (jobs_fixtures.quick, ([1, (2, 3)],), {}, "round trip"),
+        ("os:system", ("true",), {}, "not allowed to run as a background job"),
+        ("subprocess:run", (["true"],), {}, "not allowed to run as a background job"),
     ],
 )
 def test_refused_before_anything_is_queued(

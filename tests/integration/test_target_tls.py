@@ -39,6 +39,7 @@ class PKI:
     ca: Path  # the CA everybody trusts
     other_ca: Path  # a CA nobody here uses
     server: Pair  # storescp, for 127.0.0.1 and localhost
+    elsewhere_server: Pair  # signed by ca, but for another host name only
     expired_server: Pair
     client: Pair  # ours, signed by ca
     rogue_client: Pair  # signed by other_ca: storescp refuses it
@@ -99,7 +100,15 @@ def _ca(folder: Path, stem: str) -> tuple[Issuer, Path]:
     return (key, cert), _write(folder, stem, key, cert).cert
 
 
-def _leaf(folder: Path, stem: str, issuer: Issuer, *, server: bool, expired: bool = False) -> Pair:
+def _leaf(
+    folder: Path,
+    stem: str,
+    issuer: Issuer,
+    *,
+    server: bool,
+    expired: bool = False,
+    names: list[x509.GeneralName] | None = None,
+) -> Pair:
     issuer_key, issuer_cert = issuer
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
@@ -123,7 +132,10 @@ def _leaf(folder: Path, stem: str, issuer: Issuer, *, server: bool, expired: boo
         )
     )
     if server:
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        names = names or [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return _write(folder, stem, key, builder.sign(issuer_key, hashes.SHA256()))
 
@@ -137,6 +149,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
         ca=ca_file,
         other_ca=other_file,
         server=_leaf(folder, "server", ca, server=True),
+        elsewhere_server=_leaf(
+            folder, "elsewhere", ca, server=True, names=[x509.DNSName("pacs.elsewhere.example")]
+        ),
         expired_server=_leaf(folder, "expired-server", ca, server=True, expired=True),
         client=_leaf(folder, "client", ca, server=False),
         rogue_client=_leaf(folder, "rogue-client", other, server=False),
@@ -165,7 +180,12 @@ def test_case_arrives_over_tls_recursively_with_report(
 ) -> None:
     with StoreSCP(tmp_path / "pacs", tls=pki.scp()) as scp:
         target = tls_target(pki, scp.port, tls_check_hostname=True)
-        assert target.test_connection() == {"ping": True, "c-echo": True, "err": ""}
+        assert target.test_connection() == {
+            "ping": True,
+            "c-echo": True,
+            "err": "",
+            "tls_verify": f"certificate verified against ca_cert {pki.ca}, host name checked",
+        }
         env.save_target(target, "PACS_TLS")
         case = make_case(env.outgoing, ["PACS_TLS"], files=5, rows=64, cols=64)
         nested = case / "series2"
@@ -217,6 +237,46 @@ def test_wrong_ca_and_expired_certificate_fail_with_clear_reasons(
     assert echo["c-echo"] is False
     assert "certificate" in echo["err"]
     assert not DicomTLSTarget.connection_ok(echo)
+
+
+def test_a_certificate_for_another_host_is_refused(
+    pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the system CA store (here: SSL_CERT_FILE naming our CA, as a public CA would be
+    trusted) the host name is always checked; with ca_cert only when tls_check_hostname."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    with (
+        StoreSCP(tmp_path / "right", tls=pki.scp()) as right,
+        StoreSCP(tmp_path / "wrong", tls=pki.scp(pki.elsewhere_server)) as wrong,
+    ):
+        system_store = tls_target(pki, wrong.port, ca_cert="")
+        refused = system_store.test_connection()
+        assert refused["c-echo"] is False
+        assert "certificate not accepted" in refused["err"]
+        assert "127.0.0.1" in refused["err"] or "hostname" in refused["err"].lower()
+        assert refused["tls_verify"] == (
+            "certificate verified against the system CA store, host name checked"
+        )
+        checked = tls_target(pki, wrong.port, tls_check_hostname=True).test_connection()
+        assert checked["c-echo"] is False
+        assert "certificate not accepted" in checked["err"]
+        assert wrong.received() == {}
+
+        accepted = tls_target(pki, right.port, ca_cert="").test_connection()
+        assert accepted["c-echo"] is True, accepted
+        dcmtk_like = tls_target(pki, wrong.port).test_connection()  # ca_cert, no host check
+        assert dcmtk_like["c-echo"] is True, dcmtk_like
+        assert dcmtk_like["tls_verify"].endswith("host name not checked")
+
+
+def test_import_warns_of_a_target_tls_now_refuses(env: DispatchEnv) -> None:
+    spec = {"target_type": "dicomtls", "ip": "10.1.2.3", "port": "2762", "aet_target": "PACS"}
+    report = env.import_mercure_targets(
+        {"by_ip": spec, "with_ca": {**spec, "ca_cert": "/etc/ca.pem"}}
+    )
+    assert set(report.imported) == {"by_ip", "with_ca"}
+    assert list(report.warnings) == ["by_ip"]
+    assert "no ca_cert" in report.warnings["by_ip"][0]
 
 
 def test_peer_down_fails_quickly_and_keeps_the_case(env: DispatchEnv, pki: PKI) -> None:

@@ -38,7 +38,7 @@ def xnat_target(fake: XnatFake, **fields: object) -> XnatTarget:
 
 
 def test_case_arrives_as_one_zip_with_mercures_parameters(env: DispatchEnv, xnat: XnatFake) -> None:
-    target = xnat_target(xnat)
+    target = xnat_target(xnat, overwrite="delete")  # mercure's behaviour, now explicit
     assert target.test_connection() == {"ping": True, "loggedin": True, "err": ""}
     env.save_target(target, "xnat")
     case = make_case(env.outgoing, ["xnat"], files=4)
@@ -72,6 +72,36 @@ def test_case_arrives_as_one_zip_with_mercures_parameters(env: DispatchEnv, xnat
         ("DELETE", "/data/JSESSION"),
     ], "one upload, then pyxnat's disconnect"
     assert env.task(env.success / case.name)["dispatch"]["status"]["xnat"]["state"] == "complete"
+
+
+def test_a_second_study_with_the_same_label_deletes_nothing(
+    env: DispatchEnv, xnat: XnatFake
+) -> None:
+    """Same patient, same day: mercure's label clashes. The first session stays whole, the
+    second case fails with the reason; a re-send of the first (after a crash) is sent."""
+    env.save_settings(retry_max=1, retry_delay=0.0)
+    env.save_target(xnat_target(xnat), "xnat")
+    first = make_case(env.outgoing, ["xnat"], files=3)
+    _, task = read_task(first)
+    assert env.dispatch(first)["location"] == "success"
+    stored = dict(xnat.sessions)
+    [upload] = xnat.uploads
+    assert upload.params["overwrite"] == "none"
+
+    again = xnat_target(xnat).send(SendContext(env.success / first.name, task))
+    assert "not sent again" in again.detail
+    assert len(xnat.uploads) == 1, "a session with the case's instances is the case, sent"
+
+    second = make_case(env.outgoing, ["xnat"], files=2)
+    result = env.dispatch(second)
+
+    assert result["location"] == "error"
+    assert "already exists and is another study" in result["reason"]
+    assert "3 instance(s), this case 2, 0 in common" in result["reason"]
+    assert len(xnat.uploads) == 1
+    assert xnat.deleted == 0
+    assert xnat.sessions == stored, "the first study's session is unchanged"
+    assert ("DELETE", "/data/services/import") not in xnat.requests
 
 
 def test_server_down_or_failing_keeps_the_case_with_reasons(

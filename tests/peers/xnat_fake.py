@@ -9,6 +9,15 @@ small HTTP server answers the calls an XNAT target makes, checking HTTP basic au
 * ``DELETE /data/JSESSION``: the session closed by ``disconnect()``;
 * ``POST /data/services/import``: the Image Session Import service; the body (a zip) is written to
   a file and, with the query parameters, the content type and the user, kept in ``uploads``.
+  The session ``PROJECT_ID``/``SUBJECT_ID``/``EXPT_LABEL`` is archived with the zip's files, by
+  XNAT's documented ``overwrite`` values: ``none`` (the default: "do not overwrite existing xml
+  or files"; the fake leaves the session as it is and answers 409, a status XNAT's page does not
+  name), ``append`` (files added, none replaced) and ``delete`` (the existing files replaced;
+  counted in ``deleted``);
+* ``GET /data/projects/{p}/subjects/{s}/experiments/{label}``: the session (200, XNAT's JSON
+  ``items`` form with its ``data_fields``) or 404 (Image Session Experiments API);
+* ``GET /data/projects/{p}/subjects/{s}/experiments/{label}/scans/ALL/files?format=zip``: every
+  file of the session as one zip (Image Session Scans API), 404 without the session.
 
 Everything else is 404. ``import_status`` makes the import answer with another status (e.g.
 500) to simulate a failing XNAT. ``requests`` lists ``(method, path)`` of every request.
@@ -17,13 +26,15 @@ Everything else is 404. ``import_status`` makes the import answer with another s
 from __future__ import annotations
 
 import base64
+import io
+import json
 import secrets
 import threading
 import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tests.peers.base import Peer, serve_http, stop_http
 
@@ -57,6 +68,10 @@ class XnatFake(Peer):
     import_status: int = 200
     uploads: list[XnatUpload] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    #: (project, subject, label) -> file name -> bytes: the archived sessions.
+    sessions: dict[tuple[str, str, str], dict[str, bytes]] = field(default_factory=dict)
+    #: Files of existing sessions an ``overwrite=delete`` import replaced.
+    deleted: int = 0
     port: int = 0
     _received: int = 0
     _server: ThreadingHTTPServer | None = None
@@ -101,6 +116,36 @@ class XnatFake(Peer):
         with self._lock:
             self.uploads.append(upload)
 
+    def archive(self, upload: XnatUpload) -> int:
+        """Archive an accepted upload into its session by ``overwrite``; the HTTP status."""
+        p = upload.params
+        key = (p.get("PROJECT_ID", ""), p.get("SUBJECT_ID", ""), p.get("EXPT_LABEL", ""))
+        mode = p.get("overwrite", "none")
+        files = upload.members()
+        with self._lock:
+            existing = self.sessions.get(key)
+            if existing is None:
+                self.sessions[key] = files
+            elif mode == "delete":
+                self.deleted += len(existing)
+                self.sessions[key] = files
+            elif mode == "append":
+                self.sessions[key] = {**files, **existing}
+            else:
+                return 409
+        return 200
+
+    def session_zip(self, key: tuple[str, str, str]) -> bytes | None:
+        with self._lock:
+            files = self.sessions.get(key)
+            if files is None:
+                return None
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w") as zf:
+                for name, data in files.items():
+                    zf.writestr(f"{key[2]}/scans/1/resources/DICOM/files/{name}", data)
+            return buffer.getvalue()
+
     def next_zip(self) -> Path:
         with self._lock:
             self._received += 1
@@ -144,8 +189,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(401, body, {"WWW-Authenticate": 'Basic realm="XNAT"'})
 
     def do_GET(self) -> None:
-        path, _params, user = self._begin()
-        if path not in ("/data/auth", "/data/JSESSION"):
+        path, params, user = self._begin()
+        session = _session_key(path)
+        if session is not None and user is not None:
+            self._session(session, params)
+        elif session is None and path not in ("/data/auth", "/data/JSESSION"):
             self._reply(404, b"not found")
         elif user is None:
             self._unauthorized()
@@ -154,6 +202,24 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             session = secrets.token_hex(16).upper()
             self._reply(200, session.encode(), {"Set-Cookie": f"JSESSIONID={session}; Path=/"})
+
+    def _session(self, session: tuple[tuple[str, str, str], str], params: dict[str, str]) -> None:
+        key, rest = session
+        if rest == "":
+            if key not in self.owner.sessions:
+                self._reply(404, b"not found")
+                return
+            fields = {"project": key[0], "subject_ID": key[1], "label": key[2]}
+            body = json.dumps({"items": [{"data_fields": fields, "children": []}]})
+            self._reply(200, body.encode(), {"Content-Type": "application/json"})
+        elif rest == "/scans/ALL/files" and params.get("format") == "zip":
+            data = self.owner.session_zip(key)
+            if data is None:
+                self._reply(404, b"not found")
+            else:
+                self._reply(200, data, {"Content-Type": "application/zip"})
+        else:
+            self._reply(404, b"not found")
 
     def do_DELETE(self) -> None:
         path, _params, user = self._begin()
@@ -186,7 +252,24 @@ class _Handler(BaseHTTPRequestHandler):
         if self.owner.import_status != 200:
             self._reply(self.owner.import_status, b"The import failed: simulated error")
             return
-        self.owner.store(XnatUpload(params, self.headers.get("Content-Type", ""), user, target))
+        upload = XnatUpload(params, self.headers.get("Content-Type", ""), user, target)
+        if self.owner.archive(upload) != 200:
+            self._reply(409, b"The session already exists (overwrite=none)")
+            return
+        self.owner.store(upload)
         label = params.get("EXPT_LABEL", "session")
         project = params.get("PROJECT_ID", "project")
         self._reply(200, f"/data/archive/projects/{project}/experiments/{label}\r\n".encode())
+
+
+def _session_key(path: str) -> tuple[tuple[str, str, str], str] | None:
+    """``((project, subject, label), rest)`` of a session URI, or None."""
+    parts = path.split("/")
+    # "", "data", "projects", p, "subjects", s, "experiments", label, *rest
+    if len(parts) < 8 or parts[1:3] != ["data", "projects"]:
+        return None
+    if parts[4] != "subjects" or parts[6] != "experiments":
+        return None
+    key = (unquote(parts[3]), unquote(parts[5]), unquote(parts[7]))
+    rest = "/".join(parts[8:])
+    return key, f"/{rest}" if rest else ""

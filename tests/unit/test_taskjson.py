@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from blocks.errors import CaseError
-from tasks import taskjson
+from tasks import safefiles
 from tasks.taskjson import (
     TaskFileError,
     now_str,
@@ -322,7 +322,7 @@ def test_failed_rename_leaves_the_old_file_and_no_temp_file(make_case, monkeypat
         assert Path(src).exists()  # the new content was fully written before the rename
         raise OSError("rename failed")
 
-    monkeypatch.setattr(taskjson.os, "replace", broken_replace)
+    monkeypatch.setattr(safefiles.os, "replace", broken_replace)
 
     with pytest.raises(OSError, match="rename failed"):
         update_task(case, lambda raw: raw["dispatch"].update(retries=1))

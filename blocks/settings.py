@@ -37,7 +37,7 @@ class DispatcherSettings(Block):
     _block_type_name = "Dispatcher Settings"
     _block_type_slug = "dispatcher-settings"
     _description = (
-        "Folders, retries, off-peak window, rule priorities and limits of the dispatcher."
+        "Folders, retries, off-peak window, rule priorities, limits and retention of the dispatcher."
     )
 
     outgoing_folder: str = Field(
@@ -91,6 +91,25 @@ class DispatcherSettings(Block):
     )
     jobs_max_processes: int = Field(
         default=16, ge=1, description="At most this many job processes per executor (host)."
+    )
+
+    cleaner_enabled: bool = Field(
+        default=False,
+        description="Remove old cases from success/ (off: mercure's own cleaner may run).",
+    )
+    retention: float = Field(
+        default=259200,
+        ge=0,
+        description="Seconds a case stays in success/ before the off-peak clean removes it.",
+    )
+    emergency_clean_percentage: float = Field(
+        default=90,
+        gt=0,
+        le=100,
+        description="Disk use (%) of success/'s volume above which the oldest cases go at once.",
+    )
+    cleaner_scan_interval: float = Field(
+        default=60, gt=0, description="Seconds between the cleaner's looks at success/."
     )
 
     def with_overrides(self) -> DispatcherSettings:

@@ -61,6 +61,7 @@ async def cmd_import_config(args: argparse.Namespace, home: Path) -> int:
         for name, keys in report.ignored_fields.items():
             print(f"note      {name}: fields not used: {', '.join(keys)}")
         print("settings  updated (DispatcherSettings 'default')")
+        print(f"cleaning  {report.cleaning['summary']}")
     return 0
 
 

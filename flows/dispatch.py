@@ -29,6 +29,7 @@ from blocks.errors import CaseError, ConfigError, describe_error
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
 from flows._loop_context import loop_settings, set_loop_settings
+from flows.metrics import case_ready_at, record_case_outcome
 from flows.case_states import (
     CaseDeployment,
     already_sent,
@@ -202,6 +203,7 @@ async def dispatch_case(case: str) -> Any:
         return skipped(
             reason, CaseOutcome(case_dir.name, "skipped", str(case_dir), reason).as_result()
         )
+    ready_at = case_ready_at(case_dir)  # metrics: ready -> success (flows/metrics.py)
     try:
         outcome = await _dispatch_claimed(case_dir, settings)
     except (asyncio.CancelledError, KeyboardInterrupt):
@@ -213,6 +215,7 @@ async def dispatch_case(case: str) -> Any:
         if case_dir.exists():
             _fail_attempt(case_dir, settings, "the attempt ended unexpectedly")
         raise
+    record_case_outcome(outcome, ready_at)  # metrics (flows/metrics.py)
     await _publish(outcome)
     result = outcome.as_result()
     if outcome.location == "success":

@@ -2,8 +2,10 @@
 
 Everything a site tunes lives in :class:`~blocks.settings.DispatcherSettings` (a block, editable in
 the Prefect UI, the same for every host). The environment only says where this host keeps its
-data (``DICOM_DISPATCH_HOME``) and, for compatibility, carries the deprecated overrides that
-earlier releases documented before those values moved into the settings block. Prefect's own
+data (``DICOM_DISPATCH_HOME``), where it exposes metrics (``DICOM_DISPATCH_METRICS_*``), how much
+run history the server it starts keeps (``DICOM_DISPATCH_HISTORY_RETENTION``: read before any
+block can be loaded) and, for compatibility, carries the deprecated overrides that earlier
+releases documented before those values moved into the settings block. Prefect's own
 variables (``PREFECT_*``) are Prefect's business and are handled in ``deployments.environment``.
 
 No Prefect here: the folder protocol and the blocks import it.

@@ -36,9 +36,7 @@ class DispatcherSettings(Block):
 
     _block_type_name = "Dispatcher Settings"
     _block_type_slug = "dispatcher-settings"
-    _description = (
-        "Folders, retries, off-peak window, rule priorities, limits and retention of the dispatcher."
-    )
+    _description = "Folders, retries, off-peak, priorities, limits and retention of the dispatcher."
 
     outgoing_folder: str = Field(
         default="", description="Queue of cases (empty: <data dir>/outgoing)."

@@ -1,4 +1,4 @@
-"""The service's cleaner: every ``cleaner_scan_interval`` one pass of ``tasks.cleaner`` over success/.
+"""The service's cleaner: a pass of ``tasks.cleaner`` over success/ per ``cleaner_scan_interval``.
 
 Off unless ``DispatcherSettings.cleaner_enabled`` (a site may keep mercure's own cleaner). The
 settings are read on every pass, so switching it on in the UI takes effect within a refresh.

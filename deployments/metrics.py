@@ -84,7 +84,7 @@ class MetricsEndpoint:
     def __init__(self, settings: Callable[[], DispatcherSettings]) -> None:
         self.registry = CollectorRegistry()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            MultiProcessCollector(self.registry)
+            MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
         else:
             from prometheus_client import REGISTRY
 
@@ -121,7 +121,8 @@ async def sample_forever(stop: asyncio.Event) -> None:
                 await asyncio.wait_for(stop.wait(), SAMPLE_SECONDS)
     finally:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            mark_process_dead(os.getpid())  # this process's live gauges leave the sums
+            # This process's live gauges leave the sums.
+            mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
 async def _sample_prefect() -> None:

@@ -29,7 +29,6 @@ from blocks.errors import CaseError, ConfigError, describe_error
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
 from flows._loop_context import loop_settings, set_loop_settings
-from flows.metrics import case_ready_at, record_case_outcome
 from flows.case_states import (
     CaseDeployment,
     already_sent,
@@ -38,6 +37,7 @@ from flows.case_states import (
     retry_pending,
     skipped,
 )
+from flows.metrics import case_ready_at, record_case_outcome
 from tasks import casefolder as cf
 from tasks.admission import shared_admission
 from tasks.retry import quick_retries

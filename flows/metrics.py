@@ -65,7 +65,7 @@ def use_multiprocess_dir(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     os.environ[MULTIPROC_ENV] = str(directory)
     if _metrics is None:
-        values.ValueClass = values.get_value_class()
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 def _get() -> _Metrics:
@@ -151,7 +151,9 @@ def record_case_outcome(outcome: CaseOutcome, ready_at: float | None = None) -> 
             m.sent_bytes.labels(target).inc(_number(result.get("bytes")))
             m.sent_files.labels(target).inc(_number(result.get("files")))
         else:
-            m.target_cases.labels(target, RETRIED if outcome.location == "outgoing" else FAILED).inc()
+            m.target_cases.labels(
+                target, RETRIED if outcome.location == "outgoing" else FAILED
+            ).inc()
     if outcome.location == "success" and ready_at is not None:
         m.ready_to_success.observe(max(0.0, time.time() - ready_at))
 

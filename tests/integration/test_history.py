@@ -74,7 +74,8 @@ def test_runs_older_than_the_retention_are_vacuumed(prefect_server: str) -> None
 
     old = history_probe("old", return_state=True).state_details.flow_run_id
     young = history_probe("young", return_state=True).state_details.flow_run_id
-    assert old is not None and young is not None
+    assert old is not None
+    assert young is not None
     APILogWorker.drain_all(timeout=10)
 
     async def unfinished() -> UUID:
@@ -85,7 +86,8 @@ def test_runs_older_than_the_retention_are_vacuumed(prefect_server: str) -> None
 
     running = asyncio.run(unfinished())
     logs, artifacts = asyncio.run(_children(old))
-    assert logs >= 1 and artifacts == 1
+    assert logs >= 1
+    assert artifacts == 1
     days = DEFAULT_HISTORY_RETENTION / 86400 + 10
     asyncio.run(_backdate([old, running], days))
 

@@ -58,8 +58,10 @@ def test_metrics_count_a_known_run_of_cases(env: DispatchEnv, tmp_path: Path) ->
         assert before[("dicom_dispatch_queue_depth", (("folder", "outgoing"),))] == 4
         (env.outgoing / "HALT").unlink()
         wait_for(
-            lambda: all((env.success / c.name).is_dir() for c in sent)
-            and (env.error / failing.name).is_dir(),
+            lambda: (
+                all((env.success / c.name).is_dir() for c in sent)
+                and (env.error / failing.name).is_dir()
+            ),
             120,
             "the cases to finish",
         )
@@ -67,7 +69,9 @@ def test_metrics_count_a_known_run_of_cases(env: DispatchEnv, tmp_path: Path) ->
         retries = int(attempts["dispatch"]["retries"] or 0)  # attempts sent back to the queue
 
         def counted() -> float:
-            return sum(v for (name, _), v in scrape(port).items() if name.endswith("attempts_total"))
+            return sum(
+                v for (name, _), v in scrape(port).items() if name.endswith("attempts_total")
+            )
 
         # The last attempt is counted just after its folder moved.
         wait_for(lambda: counted() >= 3 + retries + 1, 10, "the last attempt to be counted")
@@ -85,7 +89,11 @@ def test_metrics_count_a_known_run_of_cases(env: DispatchEnv, tmp_path: Path) ->
         f.stat().st_size for f in arrived
     )
     assert value("dicom_dispatch_target_cases_total", target="broken", outcome="failed") == 1
-    assert value("dicom_dispatch_target_cases_total", target="broken", outcome="retried") == retries >= 1
+    assert (
+        value("dicom_dispatch_target_cases_total", target="broken", outcome="retried")
+        == retries
+        >= 1
+    )
     assert value("dicom_dispatch_case_attempts_total", location="success") == 3
     assert value("dicom_dispatch_case_attempts_total", location="error") == 1
     assert value("dicom_dispatch_case_attempts_total", location="outgoing") == retries

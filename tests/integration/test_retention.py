@@ -118,7 +118,8 @@ def test_emergency_clean_on_a_full_volume_removes_oldest_sent_cases_only(
     # The oldest went, and no more than needed: keeping the youngest removed case would not do.
     assert removed == [f"sent-{i}" for i in range(len(removed))]
     assert after * 100 + CASE_BYTES / shutil.disk_usage(small_volume).total * 100 > threshold
-    assert snapshot(error) == kept_error and snapshot(outgoing) == kept_outgoing
+    assert snapshot(error) == kept_error
+    assert snapshot(outgoing) == kept_outgoing
 
 
 def test_the_service_task_cleans_old_cases_off_peak_only_when_switched_on(
@@ -171,7 +172,8 @@ def test_import_config_takes_mercures_retention_and_says_cleaning_is_off(
     assert report["cleaning"]["summary"].startswith("off:")
     saved = asyncio.run(aload_settings())
     assert (saved.retention, saved.emergency_clean_percentage) == (86400, 80)
-    assert saved.cleaner_scan_interval == 120 and not saved.cleaner_enabled
+    assert saved.cleaner_scan_interval == 120
+    assert not saved.cleaner_enabled
 
     saved.cleaner_enabled = True  # a site switches it on; a later import keeps it and says so
     saved.save("default", overwrite=True)

@@ -39,16 +39,26 @@ def test_only_cases_older_than_the_retention_go_and_only_off_peak(tmp_path: Path
     sent_case(success, "young", 1 * DAY)
 
     peak = clean_success(
-        success, retention=3 * DAY, emergency_percentage=90, offpeak_now=False, now=NOW,
+        success,
+        retention=3 * DAY,
+        emergency_percentage=90,
+        offpeak_now=False,
+        now=NOW,
         usage=roomy,
     )
-    assert peak.removed == [] and names(success) == {"old", "edge", "young"}
+    assert peak.removed == []
+    assert names(success) == {"old", "edge", "young"}
 
     offpeak = clean_success(
-        success, retention=3 * DAY, emergency_percentage=90, offpeak_now=True, now=NOW,
+        success,
+        retention=3 * DAY,
+        emergency_percentage=90,
+        offpeak_now=True,
+        now=NOW,
         usage=roomy,
     )
-    assert offpeak.removed == ["id-old"] and not offpeak.emergency
+    assert offpeak.removed == ["id-old"]
+    assert not offpeak.emergency
     assert names(success) == {"edge", "young"}
 
 
@@ -84,7 +94,11 @@ def test_emergency_clean_runs_outside_the_window_and_leaves_young_cases(tmp_path
         return DiskUsage(total=100, used=95)  # 5 units over 90 %
 
     report = clean_success(
-        success, retention=DAY, emergency_percentage=90, offpeak_now=False, now=time.time(),
+        success,
+        retention=DAY,
+        emergency_percentage=90,
+        offpeak_now=False,
+        now=time.time(),
         usage=usage,
     )
     assert report.emergency

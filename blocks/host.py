@@ -2,8 +2,10 @@
 
 Everything a site tunes lives in :class:`~blocks.settings.DispatcherSettings` (a block, editable in
 the Prefect UI, the same for every host). The environment only says where this host keeps its
-data (``DICOM_DISPATCH_HOME``) and, for compatibility, carries the deprecated overrides that
-earlier releases documented before those values moved into the settings block. Prefect's own
+data (``DICOM_DISPATCH_HOME``), where it exposes metrics (``DICOM_DISPATCH_METRICS_*``), how much
+run history the server it starts keeps (``DICOM_DISPATCH_HISTORY_RETENTION``: read before any
+block can be loaded) and, for compatibility, carries the deprecated overrides that earlier
+releases documented before those values moved into the settings block. Prefect's own
 variables (``PREFECT_*``) are Prefect's business and are handled in ``deployments.environment``.
 
 No Prefect here: the folder protocol and the blocks import it.
@@ -15,12 +17,36 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["DEPRECATED_OVERRIDES", "HOME_ENV", "data_dir", "deprecated_override"]
+__all__ = [
+    "DEPRECATED_OVERRIDES",
+    "HISTORY_RETENTION_ENV",
+    "HOME_ENV",
+    "METRICS_ADDRESS_ENV",
+    "METRICS_PORT_ENV",
+    "data_dir",
+    "deprecated_override",
+    "history_retention_seconds",
+    "metrics_address",
+]
 
 LOGGER = logging.getLogger(__name__)
 
 #: The data directory's variable; default ``~/.dicom-dispatch``.
 HOME_ENV = "DICOM_DISPATCH_HOME"
+
+#: Seconds of Prefect run history the embedded server keeps (``0``: keep everything). Host-level
+#: because the server reads it when it starts, before any block can be loaded from it.
+HISTORY_RETENTION_ENV = "DICOM_DISPATCH_HISTORY_RETENTION"
+DEFAULT_HISTORY_RETENTION = 30 * 86400.0
+#: Prefect's vacuum refuses a retention of one hour or less.
+MIN_HISTORY_RETENTION = 3601.0
+
+#: Where ``serve`` exposes Prometheus metrics: a property of the machine (which interface, which
+#: free port), like the UI's ``--host``/``--port``; unauthenticated, hence loopback by default.
+METRICS_ADDRESS_ENV = "DICOM_DISPATCH_METRICS_ADDRESS"
+METRICS_PORT_ENV = "DICOM_DISPATCH_METRICS_PORT"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+DEFAULT_METRICS_PORT = 9464
 
 #: ``DispatcherSettings`` field → the environment variable that used to set it. Still honoured,
 #: with a warning, so a site's unit file keeps working while it moves the value into the block.
@@ -62,6 +88,50 @@ def deprecated_override(field: str, value: float) -> float:
         f"{name} is deprecated: set DispatcherSettings.{field} instead (using {number:g})",
     )
     return number
+
+
+def history_retention_seconds() -> float:
+    """``$DICOM_DISPATCH_HISTORY_RETENTION`` in seconds (0: no vacuum), at least Prefect's minimum.
+
+    A value Prefect would refuse (one hour or less, not a number) must not stop the server from
+    starting: it is raised to the minimum, or the default is used, with a warning.
+    """
+    text = os.environ.get(HISTORY_RETENTION_ENV, "").strip()
+    if not text:
+        return DEFAULT_HISTORY_RETENTION
+    try:
+        seconds = float(text)
+    except ValueError:
+        _warn_once(
+            HISTORY_RETENTION_ENV,
+            f"{HISTORY_RETENTION_ENV}={text!r} is not a number of seconds; "
+            f"keeping {DEFAULT_HISTORY_RETENTION:g} s of run history",
+        )
+        return DEFAULT_HISTORY_RETENTION
+    if seconds <= 0:
+        return 0.0
+    if seconds < MIN_HISTORY_RETENTION:
+        _warn_once(
+            HISTORY_RETENTION_ENV,
+            f"{HISTORY_RETENTION_ENV}={text}: Prefect keeps at least {MIN_HISTORY_RETENTION:g} s",
+        )
+        return MIN_HISTORY_RETENTION
+    return seconds
+
+
+def metrics_address() -> tuple[str, int] | None:
+    """(bind address, port) of the metrics endpoint; None when the port is ``0`` (off)."""
+    address = os.environ.get(METRICS_ADDRESS_ENV, "").strip() or DEFAULT_METRICS_ADDRESS
+    text = os.environ.get(METRICS_PORT_ENV, "").strip()
+    try:
+        port = int(text) if text else DEFAULT_METRICS_PORT
+    except ValueError:
+        _warn_once(
+            METRICS_PORT_ENV,
+            f"{METRICS_PORT_ENV}={text!r} is not a port; using {DEFAULT_METRICS_PORT}",
+        )
+        port = DEFAULT_METRICS_PORT
+    return (address, port) if port > 0 else None
 
 
 def _warn_once(name: str, message: str) -> None:

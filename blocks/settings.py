@@ -38,9 +38,7 @@ class DispatcherSettings(Block):
 
     _block_type_name = "Dispatcher Settings"
     _block_type_slug = "dispatcher-settings"
-    _description = (
-        "Folders, retries, off-peak window, rule priorities and limits of the dispatcher."
-    )
+    _description = "Folders, retries, off-peak, priorities, limits and retention of the dispatcher."
 
     outgoing_folder: str = Field(
         default="", description="Queue of cases (empty: <data dir>/outgoing)."
@@ -116,6 +114,25 @@ class DispatcherSettings(Block):
         default=False,
         description="Send symbolic links in a case folder that lead to a file inside it "
         "(any other link sends the case to error/).",
+    )
+    # Issue 13 (runs for years): retention of success/ (mercure's cleaner).
+    cleaner_enabled: bool = Field(
+        default=False,
+        description="Remove old cases from success/ (off: mercure's own cleaner may run).",
+    )
+    retention: float = Field(
+        default=259200,
+        ge=0,
+        description="Seconds a case stays in success/ before the off-peak clean removes it.",
+    )
+    emergency_clean_percentage: float = Field(
+        default=90,
+        gt=0,
+        le=100,
+        description="Disk use (%) of success/'s volume above which the oldest cases go at once.",
+    )
+    cleaner_scan_interval: float = Field(
+        default=60, gt=0, description="Seconds between the cleaner's looks at success/."
     )
 
     def with_overrides(self) -> DispatcherSettings:

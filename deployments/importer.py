@@ -20,11 +20,11 @@ from pydantic import ValidationError
 from blocks.base import target_slug
 from blocks.errors import ConfigError
 from blocks.registry import NOT_YET_SUPPORTED, TARGET_TYPES, aload_settings, aremove_other_types
-from blocks.settings import DEFAULT_SETTINGS_NAME
+from blocks.settings import DEFAULT_SETTINGS_NAME, DispatcherSettings
 from deployments.rule_automations import sync_rule_notifications
 from tasks.notification_payload import RuleNotification
 
-__all__ = ["ImportReport", "import_mercure_config", "infer_target_type"]
+__all__ = ["ImportReport", "cleaning_summary", "import_mercure_config", "infer_target_type"]
 
 SETTINGS_KEYS = (
     "outgoing_folder",
@@ -35,6 +35,9 @@ SETTINGS_KEYS = (
     "dispatcher_scan_interval",
     "offpeak_start",
     "offpeak_end",
+    "retention",
+    "emergency_clean_percentage",
+    "cleaner_scan_interval",
 )
 
 
@@ -46,6 +49,7 @@ class ImportReport:
     settings: dict[str, Any] = field(default_factory=dict)
     notifications: dict[str, list[str]] = field(default_factory=dict)  # rule -> automations
     warnings: dict[str, list[str]] = field(default_factory=dict)  # name -> what will now fail
+    cleaning: dict[str, Any] = field(default_factory=dict)  # see cleaning_summary()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -55,7 +59,32 @@ class ImportReport:
             "settings": self.settings,
             "notifications": self.notifications,
             "warnings": self.warnings,
+            "cleaning": self.cleaning,
         }
+
+
+def cleaning_summary(settings: DispatcherSettings) -> dict[str, Any]:
+    """Whether our cleaner is on, and what it does, in a sentence a person reads after import.
+
+    The import never switches it on: mercure's cleaner may still be running on the same folders.
+    """
+    if settings.cleaner_enabled:
+        text = (
+            f"on: success/ cases older than {settings.retention:g} s are removed between "
+            f"{settings.offpeak_start} and {settings.offpeak_end}; the oldest at any time when "
+            f"the volume is over {settings.emergency_clean_percentage:g} % full"
+        )
+    else:
+        text = (
+            "off: nothing is removed from success/ (mercure's cleaner may keep doing it); "
+            "set cleaner_enabled in DispatcherSettings to switch it on"
+        )
+    return {
+        "enabled": settings.cleaner_enabled,
+        "retention": settings.retention,
+        "emergency_clean_percentage": settings.emergency_clean_percentage,
+        "summary": text,
+    }
 
 
 def infer_target_type(spec: dict[str, Any]) -> str | None:
@@ -176,4 +205,5 @@ async def import_mercure_config(path: Path) -> ImportReport:
         announcing, str(sender) if sender else None
     )
     report.settings = settings.model_dump(mode="json", exclude={"block_type_slug"})
+    report.cleaning = cleaning_summary(settings)
     return report

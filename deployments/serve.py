@@ -25,6 +25,7 @@ from deployments.environment import (
     stop_embedded_postgres,
     write_service_record,
 )
+from deployments.metrics import prepare_metrics_dir
 from deployments.server import PrefectServer
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ async def serve(home: Path, host: str, port: int, db: str, stop_flag: threading.
         os.environ["PREFECT_API_URL"] = server.api_url
         write_service_record(home, server.api_url, server.ui_url)
         print(f"Prefect UI: {server.ui_url}", flush=True)
+    prepare_metrics_dir(home)  # one metrics directory per host (deployments/metrics.py)
     try:
         await _run_service(stop_flag)
     finally:
@@ -82,6 +84,7 @@ async def _run_service(stop_flag: threading.Event) -> None:
     from deployments.automations import ensure_zombie_automation
     from deployments.background_service import run_background_executor
     from deployments.query_service import add_query_deployments
+    from deployments.upkeep import run_upkeep
     from flows.dispatch import dispatch_case
     from flows.sweep import Dispatcher, sweep_outgoing
 
@@ -131,12 +134,15 @@ async def _run_service(stop_flag: threading.Event) -> None:
                 LOGGER.exception("could not refresh the settings")
 
     refresher = asyncio.create_task(refresh())
+    upkeep = asyncio.create_task(run_upkeep(lambda: dispatcher.settings, stop))  # cleaner, metrics
     try:
         await dispatcher.run_forever(stop)
     finally:
         stop.set()
         refresher.cancel()
         watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(upkeep, 10)
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(jobs_task, 30)
         await runner.astop()

@@ -15,6 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from deployments.history import vacuum_environment
+
 __all__ = ["PrefectServer"]
 
 HEALTH_TIMEOUT = 180.0
@@ -43,6 +45,7 @@ class PrefectServer:
         env["PREFECT_UI_API_URL"] = self.api_url
         env["PREFECT_SERVER_API_HOST"] = self.host
         env["PREFECT_SERVER_API_PORT"] = str(self.port)
+        env.update(vacuum_environment(env))  # run history retention (deployments/history.py)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(

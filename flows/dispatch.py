@@ -38,6 +38,7 @@ from flows.case_states import (
     retry_pending,
     skipped,
 )
+from flows.metrics import case_ready_at, record_case_outcome
 from tasks import casefolder as cf
 from tasks.admission import shared_admission
 from tasks.retry import quick_retries
@@ -204,6 +205,7 @@ async def dispatch_case(case: str) -> Any:
         return skipped(
             reason, CaseOutcome(case_dir.name, "skipped", str(case_dir), reason).as_result()
         )
+    ready_at = case_ready_at(case_dir)  # metrics: ready -> success (flows/metrics.py)
     try:
         outcome = await _dispatch_claimed(case_dir, settings)
     except (asyncio.CancelledError, KeyboardInterrupt):
@@ -215,6 +217,7 @@ async def dispatch_case(case: str) -> Any:
         if case_dir.exists():
             _fail_attempt(case_dir, settings, "the attempt ended unexpectedly")
         raise
+    record_case_outcome(outcome, ready_at)  # metrics (flows/metrics.py)
     await _publish(outcome)
     await announce_outcome(outcome, settings)  # mercure's notifications: success/ or error/
     result = outcome.as_result()

@@ -21,6 +21,9 @@ os.environ.update(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "AWS_EC2_METADATA_DISABLED": "true",
         "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+        # The test server's run-history vacuum (configured as serve does) looks every few
+        # seconds, so a test can watch it delete runs whose end it backdated.
+        "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "3",
     }
 )
 

@@ -58,6 +58,7 @@ async def cmd_import_config(args: argparse.Namespace, home: Path) -> int:
     for name, warnings in report.warnings.items():
         for warning in warnings:
             print(f"warning   {name}: {warning}")
+    print(f"cleaning  {report.cleaning['summary']}")
     print("settings  updated (DispatcherSettings 'default')")
     return 0
 

@@ -37,6 +37,7 @@ PREFECT_FREE = sorted(
         "blocks._receiver",
         "blocks._stow",
         "blocks._storage_scp",
+        "tasks.cleaner",
     }
 )
 

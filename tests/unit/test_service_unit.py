@@ -1,0 +1,47 @@
+"""The systemd unit: rendered for a user, and valid to systemd itself where it is installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deployments.service_unit import STOP_TIMEOUT_SECONDS, UnitSpec, install_unit, main, spec_for
+
+
+def test_unit_names_user_group_data_dir_restart_and_stop_timeout(tmp_path: Path) -> None:
+    spec = spec_for("root", data_dir=tmp_path / "data")
+    unit = install_unit(spec, tmp_path / "dicom-dispatch.service").read_text()
+    lines = set(unit.splitlines())
+    assert {"User=root", "Group=root", "Restart=on-failure", "KillMode=mixed"} <= lines
+    assert f"Environment=DICOM_DISPATCH_HOME={tmp_path / 'data'}" in lines
+    assert f"TimeoutStopSec={STOP_TIMEOUT_SECONDS}" in lines
+    assert STOP_TIMEOUT_SECONDS >= 120
+    assert any(line.startswith("ExecStart=") and line.endswith(" serve") for line in lines)
+    assert "@" not in unit.replace("@USER@", "")  # every placeholder filled
+    assert (tmp_path / "data").is_dir()
+
+
+def test_unknown_user_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--user", "no-such-user-here", "--output", os.devnull]) == 1
+    assert "no such user" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+    spec = UnitSpec("root", "root", tmp_path, f"{sys.executable} -m deployments.cli")
+    unit = install_unit(spec, tmp_path / "dicom-dispatch.service")
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True
+    )
+    problems = [
+        line
+        for line in (done.stdout + done.stderr).splitlines()
+        if "dicom-dispatch.service" in line
+    ]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not problems, problems

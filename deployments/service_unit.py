@@ -74,23 +74,34 @@ def install_unit(spec: UnitSpec, output: Path = DEFAULT_UNIT_PATH) -> Path:
     return output
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``dicom-dispatch install-service`` (and of this module's ``main``)."""
+    parser.add_argument("--user", required=True, help="the user that owns mercure's folders")
+    parser.add_argument("--group", help="default: the user's primary group")
+    parser.add_argument("--data-dir", type=Path, help="default: ~USER/.dicom-dispatch")
+    parser.add_argument("--output", type=Path, default=DEFAULT_UNIT_PATH)
+
+
+def install_from_args(args: argparse.Namespace) -> Path:
+    """Write the unit the parsed options describe; ``ValueError``/``OSError`` if it cannot."""
+    return install_unit(spec_for(args.user, args.group, args.data_dir), args.output)
+
+
+NEXT_STEP = "systemctl daemon-reload && systemctl enable --now dicom-dispatch"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deployments.service_unit",
         description="Write a systemd unit that runs `dicom-dispatch serve` as USER.",
     )
-    parser.add_argument("--user", required=True, help="the user that owns mercure's folders")
-    parser.add_argument("--group", help="default: the user's primary group")
-    parser.add_argument("--data-dir", type=Path, help="default: ~USER/.dicom-dispatch")
-    parser.add_argument("--output", type=Path, default=DEFAULT_UNIT_PATH)
-    args = parser.parse_args(argv)
+    add_arguments(parser)
     try:
-        spec = spec_for(args.user, args.group, args.data_dir)
-        path = install_unit(spec, args.output)
+        path = install_from_args(parser.parse_args(argv))
     except (ValueError, OSError) as exc:
         print(f"dicom-dispatch: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {path}; now: systemctl daemon-reload && systemctl enable --now dicom-dispatch")
+    print(f"wrote {path}; now: {NEXT_STEP}")
     return 0
 
 

@@ -12,7 +12,11 @@ import argparse
 from collections.abc import Sequence
 
 from deployments.cli.core import PROG, run, version
-from deployments.cli.dispatch import add_dispatch_parsers, add_serve_parser
+from deployments.cli.dispatch import (
+    add_dispatch_parsers,
+    add_install_service_parser,
+    add_serve_parser,
+)
 from deployments.cli.jobs import add_jobs_parser
 from deployments.cli.query import add_query_parsers
 from deployments.environment import choose_api, prepare_environment
@@ -32,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_query_parsers(sub)
     add_jobs_parser(sub)
     add_serve_parser(sub)
+    add_install_service_parser(sub)
     return parser
 
 

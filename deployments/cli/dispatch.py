@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from blocks.errors import DispatchError
 from deployments.cli.core import (
+    CommandFailed,
     ProgressBar,
     UsageError,
     add_command,
@@ -306,6 +307,31 @@ def add_dispatch_parsers(sub: Any) -> None:
     add_command(sub, "status", cmd_status, "cases per folder, HALT, running cases, service URL")
     add_command(sub, "halt", cmd_halt, "create outgoing/HALT")
     add_command(sub, "unhalt", cmd_unhalt, "remove outgoing/HALT")
+
+
+def cmd_install_service(args: argparse.Namespace, home: Path) -> int:
+    from deployments.service_unit import NEXT_STEP, install_from_args
+
+    try:
+        path = install_from_args(args)
+    except (ValueError, OSError) as exc:
+        raise CommandFailed(str(exc)) from None
+    if args.json:
+        print_json({"unit": str(path), "next": NEXT_STEP})
+    else:
+        print(f"wrote {path}; now: {NEXT_STEP}")
+    return 0
+
+
+def add_install_service_parser(sub: Any) -> None:
+    """``install-service`` writes a systemd unit; it needs no Prefect API."""
+    from deployments.service_unit import add_arguments
+
+    p = add_command(
+        sub, "install-service", cmd_install_service, "write a systemd unit running serve as USER"
+    )
+    add_arguments(p)
+    p.set_defaults(needs_api=False)
 
 
 def add_serve_parser(sub: Any) -> None:

@@ -45,3 +45,20 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     ]
     assert done.returncode == 0, done.stdout + done.stderr
     assert not problems, problems
+
+
+def test_cli_install_service_writes_the_unit_without_an_api(tmp_path: Path) -> None:
+    """``dicom-dispatch install-service``: no Prefect server is asked (the API is unreachable)."""
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    unit = tmp_path / "dicom-dispatch.service"
+    args = ["install-service", "--user", "root", "--output", str(unit)]
+    done = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", *args, "--data-dir", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"unit"' in done.stdout
+    assert "User=root" in unit.read_text().splitlines()

@@ -300,8 +300,13 @@ def claim_case(case_dir: Path, flow_run_id: str | None = None) -> bool:
         fd = os.open(case_dir / PROCESSING, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as fh:
-        json.dump(asdict(ClaimOwner.me(flow_run_id)), fh)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(asdict(ClaimOwner.me(flow_run_id)), fh)
+    except OSError:
+        # A full disk: an empty marker would read as mercure's claim and hold the case forever.
+        release_claim(case_dir)
+        raise
     return True
 
 

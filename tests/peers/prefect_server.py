@@ -27,7 +27,10 @@ __all__ = ["running_prefect_server"]
 
 @contextmanager
 def running_prefect_server(
-    base: Path, db: str = "postgres", auth_string: str | None = None, env: dict[str, str] | None = None
+    base: Path,
+    db: str = "postgres",
+    auth_string: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[PrefectServer]:
     """Start a Prefect server (own PREFECT_HOME and database under ``base``); stop it after."""
     base.mkdir(parents=True, exist_ok=True)

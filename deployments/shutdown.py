@@ -47,17 +47,36 @@ class ShutdownClock:
 def join_within_budget(
     worker: threading.Thread, stop_flag: threading.Event, outcome: list[int]
 ) -> int:
-    """Wait for the service thread; once stopping, exit the process when the budget is spent."""
+    """Wait for the service thread; once stopping, exit when the budget is spent.
+
+    After a stop the interpreter's own exit would wait for every non-daemon thread, and a
+    send blocked in a peer's socket (pynetdicom's association thread) keeps one alive until the
+    peer's timeout: such threads are given what is left of the budget, then left behind.
+    """
     deadline: float | None = None
     while worker.is_alive():
         worker.join(0.2)
         if stop_flag.is_set() and deadline is None:
             deadline = time.monotonic() + EXIT_BUDGET + 0.5
         if deadline is not None and worker.is_alive() and time.monotonic() > deadline:
-            code = outcome[0] if outcome else 0
             LOGGER.warning("the service did not stop within %.0f s: exiting", EXIT_BUDGET)
-            print("dicom-dispatch: stopped (a send or API call was still hanging)", file=sys.stderr)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    return outcome[0] if outcome else 1
+            _exit_now(outcome[0] if outcome else 0)
+    code = outcome[0] if outcome else 1
+    if deadline is not None:
+        while _lingering() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _lingering():
+            _exit_now(code)
+    return code
+
+
+def _lingering() -> list[threading.Thread]:
+    main = threading.main_thread()
+    return [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
+
+
+def _exit_now(code: int) -> None:
+    print("dicom-dispatch: stopped; a send still hanging was abandoned", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

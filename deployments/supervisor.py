@@ -15,13 +15,13 @@ import datetime as dt
 import json
 import logging
 import os
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from blocks.host import restrict_data_dir
+from deployments.environment import _healthy
 from deployments.server import PrefectServer
 
 __all__ = ["STATE_FILE", "ServerSupervisor", "read_server_state"]
@@ -59,14 +59,6 @@ def start_postgres(pgdata: Path) -> None:
     with server._lock:
         server.ensure_postgres_running()
     restrict_data_dir(pgdata.parent)
-
-
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:  # noqa: S310 - loopback
-            return bool(resp.status == 200)
-    except OSError:
-        return False
 
 
 class ServerSupervisor:

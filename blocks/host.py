@@ -64,8 +64,17 @@ def restrict_data_dir(path: Path) -> None:
         wanted = 0o711 if foreign_db else 0o700
         if stat.S_IMODE(path.stat().st_mode) != wanted:
             path.chmod(wanted)
+        if foreign_db:  # others may traverse: our folders inside must not be listable
+            _unlistable_children(path)
     except OSError as exc:
         _warn_once(f"chmod:{path}", f"could not restrict the data directory {path}: {exc}")
+
+
+def _unlistable_children(path: Path) -> None:
+    for child in path.iterdir():
+        info = child.lstat()
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and info.st_mode & 0o066:
+            child.chmod(stat.S_IMODE(info.st_mode) & ~0o066)
 
 
 def write_private_file(path: Path, text: str) -> None:

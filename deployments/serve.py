@@ -25,6 +25,7 @@ from deployments.api_auth import (
     is_loopback,
     server_access_env,
 )
+from deployments.encryption_key import KEY_ENV
 from deployments.environment import (
     _profile_api_url,
     ensure_embedded_database,
@@ -60,6 +61,8 @@ async def serve(home: Path, host: str, port: int, db: str, stop_flag: threading.
         await asyncio.to_thread(ensure_embedded_database, home, db)
         auth = ensure_auth_string(home)
         child_env = server_access_env(host, port, auth)
+        if KEY_ENV in os.environ:  # the server's alone, not every job process's
+            child_env[KEY_ENV] = os.environ.pop(KEY_ENV)
         server = PrefectServer(host, port, home / "logs" / "prefect-server.log", child_env)
         LOGGER.info("starting the Prefect server on %s", server.ui_url)
         await asyncio.to_thread(server.start)
@@ -90,6 +93,7 @@ async def _run_service(
     from prefect.runner import Runner
     from prefect.types.entrypoint import EntrypointType
 
+    from blocks.host import data_dir, restrict_data_dir
     from blocks.registry import aload_settings, aregister_block_types
     from deployments.automations import ensure_zombie_automation
     from deployments.background_service import run_background_executor
@@ -116,6 +120,8 @@ async def _run_service(
 
     stop = asyncio.Event()
     dispatcher = Dispatcher(settings)
+    dispatcher.ensure_folders()
+    restrict_data_dir(data_dir())  # the default folders are created inside it
     runner_task = asyncio.create_task(runner.start())
     # Background jobs have their own executor (limits checked on the server before a job
     # starts); they must not be added to the Runner, which would start them unchecked.

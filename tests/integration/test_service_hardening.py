@@ -90,6 +90,8 @@ def test_embedded_service_locked_down_and_survives_its_server(tmp_path: Path) ->
         for secret in ("api-auth-string", "encryption-key"):
             assert stat.S_IMODE((home / secret).stat().st_mode) == 0o600, secret
         assert stat.S_IMODE(home.stat().st_mode) in (0o700, 0o711)
+        wait_for(lambda: (home / "outgoing").is_dir(), 60, "the default folders")
+        assert not (home / "outgoing").stat().st_mode & 0o066, "cases must not be listable"
 
         code, _, _ = request(f"{api}/block_documents/filter", "POST", body=b"{}")
         assert code == 401, "the API must refuse a request without the auth string"
@@ -117,7 +119,6 @@ def test_embedded_service_locked_down_and_survives_its_server(tmp_path: Path) ->
         assert done.returncode == 0, done.stderr
         save_fast_retries(api, auth, home)
 
-        wait_for(lambda: (home / "outgoing").is_dir(), 60, "the default folders")
         cases = [make_case(home / "outgoing", ["null"]) for _ in range(20)]
         wait_for(lambda: any((home / "success").iterdir()), 60, "the first case sent")
         prefect_server_child(proc).kill()  # under load: the other cases are queued or running
@@ -370,3 +371,14 @@ def test_mrn_kept_out_of_run_names_and_tags(env: DispatchEnv, tmp_path: Path) ->
         assert "MRN-SECRET-7" not in run.name
         assert not any("MRN-SECRET-7" in tag for tag in run.tags), run.tags
         assert "acc:ACC-77" in run.tags
+
+
+def test_serve_refuses_an_open_external_api(tmp_path: Path) -> None:
+    """An external API without an auth string: refused off loopback (exit 2), before any
+    connection is tried."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_AUTH_STRING"}
+    env.update({"DICOM_DISPATCH_HOME": str(tmp_path / "home")})
+    env["PREFECT_API_URL"] = "http://192.0.2.1:4200/api"
+    done = subprocess.run([*CLI, "serve"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "PREFECT_API_AUTH_STRING" in done.stderr

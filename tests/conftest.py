@@ -1,17 +1,22 @@
 """Session fixtures: a real Prefect server on embedded PostgreSQL, and per-test dispatcher folders.
 
 The environment is set before Prefect is imported (Prefect reads it once): no telemetry, a
-throw-away PREFECT_HOME and data directory.
+throw-away PREFECT_HOME and data directory. The session server requires an auth string, as the
+service's does: every client in the tests (this process, CLI and ``serve`` subprocesses) gets it
+as ``PREFECT_API_AUTH_STRING``.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="dicom-dispatch-tests-"))
+#: The session server's auth string.
+API_AUTH_STRING = f"tests:{secrets.token_urlsafe(16)}"
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect-home"))
 os.environ["DICOM_DISPATCH_HOME"] = str(_SESSION_DIR / "data")
 os.environ.update(
@@ -34,6 +39,7 @@ import pytest  # noqa: E402
 def prefect_server() -> Iterator[str]:
     """A real ``prefect server start`` on embedded PostgreSQL; the API URL is set for the test."""
     from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
         temporary_settings,
@@ -41,10 +47,17 @@ def prefect_server() -> Iterator[str]:
 
     from tests.peers.prefect_server import running_prefect_server
 
-    with running_prefect_server(_SESSION_DIR / "prefect-server") as server:
+    with running_prefect_server(
+        _SESSION_DIR / "prefect-server", auth_string=API_AUTH_STRING
+    ) as server:
         os.environ["PREFECT_API_URL"] = server.api_url  # for CLI subprocesses
+        os.environ["PREFECT_API_AUTH_STRING"] = API_AUTH_STRING
         with temporary_settings(
-            updates={PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+            updates={
+                PREFECT_API_URL: server.api_url,
+                PREFECT_API_AUTH_STRING: API_AUTH_STRING,
+                PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+            }
         ):
             import asyncio
 
@@ -54,6 +67,7 @@ def prefect_server() -> Iterator[str]:
             yield server.api_url
             _drain_prefect_workers()
         os.environ.pop("PREFECT_API_URL", None)
+        os.environ.pop("PREFECT_API_AUTH_STRING", None)
 
 
 def _drain_prefect_workers() -> None:

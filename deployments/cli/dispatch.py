@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from deployments.cli.core import (
     table,
 )
 from deployments.environment import read_service_record
+from deployments.supervisor import read_server_state
 from tasks import casefolder as cf
 from tasks.taskjson import TASKFILE, read_task, target_names
 
@@ -201,6 +203,7 @@ async def cmd_status(args: argparse.Namespace, home: Path) -> int:
     outgoing, success, error = settings.folders()
     scan = cf.scan_outgoing(outgoing, rule_priorities=settings.rule_priorities, invalid_grace=1e18)
     record = read_service_record(home)
+    server = read_server_state(home) if record else None
     status: dict[str, Any] = {
         "halted": scan.halted,
         "outgoing": {
@@ -214,6 +217,7 @@ async def cmd_status(args: argparse.Namespace, home: Path) -> int:
         "success": {"folder": str(success), "cases": _count_cases(success)},
         "error": {"folder": str(error), "cases": _count_cases(error)},
         "service": record or None,
+        "server": server,
         "api_url": os.environ.get("PREFECT_API_URL") or "ephemeral",
     }
     if args.json:
@@ -228,6 +232,8 @@ async def cmd_status(args: argparse.Namespace, home: Path) -> int:
     print(f"success:     {success}  {status['success']['cases']} case(s)")
     print(f"error:       {error}  {status['error']['cases']} case(s)")
     print(f"service:     {record['ui_url'] if record else 'not running'}")
+    if server:
+        print(f"server:      {server['state']}, {server['restarts']} restart(s) {server['detail']}")
     return 0
 
 
@@ -259,13 +265,23 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
     runs in the main thread; with many concurrent in-process case runs that would race with
     ours. Off the main thread the engine leaves signals alone.
     """
+    from deployments.api_auth import external_api_warning
+    from deployments.environment import _profile_api_url
     from deployments.serve import is_loopback, serve
+    from deployments.shutdown import join_within_budget
 
     if not is_loopback(args.host) and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
         raise UsageError(
             f"refusing to serve on {args.host}: block secrets would be readable through the API; "
             "set PREFECT_SERVER_API_AUTH_STRING or bind to 127.0.0.1"
         )
+    external = os.environ.get("PREFECT_API_URL") or _profile_api_url()
+    try:
+        warning = external_api_warning(external) if external else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     stop = threading.Event()
     outcome: list[int] = []
 
@@ -276,9 +292,7 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     worker.start()
-    while worker.is_alive():
-        worker.join(0.5)
-    return outcome[0] if outcome else 1
+    return join_within_budget(worker, stop, outcome)
 
 
 def add_dispatch_parsers(sub: Any) -> None:

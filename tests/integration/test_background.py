@@ -560,6 +560,7 @@ def test_slow_server_restart_and_killed_executor(
     r, s = f"R-{kinds()}", f"S-{kinds()}"
     with running_prefect_server(tmp_path / "server") as server:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            jobs_fixtures.allow_test_jobs()  # a fresh server: no settings document yet
             first = Executor(server.api_url, tmp_path / "home", tmp_path / "executor1.log")
             try:
                 flag = out / "go"

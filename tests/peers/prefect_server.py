@@ -1,7 +1,9 @@
 """A real ``prefect server start`` on an embedded PostgreSQL, for the integration tests.
 
 The same code path as the service (``deployments.server.PrefectServer``), so the tests exercise
-what users run: scheduler, repossessor and filesystem lease storage included.
+what users run: scheduler, repossessor and filesystem lease storage included. With
+``auth_string`` the server requires it, as the service's does (clients then need
+``PREFECT_API_AUTH_STRING``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ __all__ = ["running_prefect_server"]
 
 
 @contextmanager
-def running_prefect_server(base: Path, db: str = "postgres") -> Iterator[PrefectServer]:
+def running_prefect_server(
+    base: Path,
+    db: str = "postgres",
+    auth_string: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[PrefectServer]:
     """Start a Prefect server (own PREFECT_HOME and database under ``base``); stop it after."""
     base.mkdir(parents=True, exist_ok=True)
     saved = dict(os.environ)
@@ -38,7 +45,10 @@ def running_prefect_server(base: Path, db: str = "postgres") -> Iterator[Prefect
         os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = (
             f"sqlite+aiosqlite:///{base / 'prefect.db'}"
         )
-    server = PrefectServer("127.0.0.1", free_port(), base / "server.log")
+    child_env = dict(env or {})
+    if auth_string is not None:
+        child_env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
+    server = PrefectServer("127.0.0.1", free_port(), base / "server.log", child_env)
     try:
         server.start()
         yield server

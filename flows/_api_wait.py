@@ -1,0 +1,48 @@
+"""Whether the Prefect API answers, so the dispatcher claims nothing while it is down.
+
+A case claimed while the API is away would get no run: the claim would be released again at
+once, every scan, with an error logged each time. Instead the loop asks ``/health`` before it
+claims (a fresh short-timeout client: the loop's own client retries for tens of seconds), logs
+once when the API goes and once when it is back, and resumes by itself. An answer "up" holds for
+a few seconds, so a busy loop does not ask before every scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anyio
+from prefect.client.orchestration import get_client
+
+__all__ = ["ApiWatch"]
+
+LOGGER = logging.getLogger("flows.sweep")
+UP_HOLDS_SECONDS = 10.0
+CHECK_TIMEOUT = 4.0
+
+
+class ApiWatch:
+    def __init__(self) -> None:
+        self._up_until = 0.0
+        self._down_since: float | None = None
+
+    async def up(self) -> bool:
+        if time.monotonic() < self._up_until:
+            return True
+        problem: object = "no answer"
+        with anyio.move_on_after(CHECK_TIMEOUT):
+            async with get_client(httpx_settings={"timeout": CHECK_TIMEOUT}) as client:
+                problem = await client.api_healthcheck()
+        if problem is None:
+            if self._down_since is not None:
+                LOGGER.warning(
+                    "the Prefect API is back after %.0f s", time.monotonic() - self._down_since
+                )
+                self._down_since = None
+            self._up_until = time.monotonic() + UP_HOLDS_SECONDS
+            return True
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            LOGGER.error("the Prefect API is down (%s): waiting for it", problem)
+        return False

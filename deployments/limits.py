@@ -12,7 +12,7 @@ from prefect.exceptions import ObjectNotFound
 
 from blocks.registry import TARGET_TYPES
 from blocks.settings import DispatcherSettings
-from tasks.send import TOTAL_TAG, target_tag, type_tag
+from tasks.tags import TOTAL_TAG, target_tag, type_tag
 
 __all__ = ["apply_limits", "wanted_limits"]
 

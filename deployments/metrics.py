@@ -29,7 +29,7 @@ from flows.metrics import (
     record_limits,
     use_multiprocess_dir,
 )
-from tasks.send import TOTAL_TAG
+from tasks.tags import TOTAL_TAG
 
 if TYPE_CHECKING:
     from blocks.settings import DispatcherSettings

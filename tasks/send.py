@@ -17,27 +17,10 @@ from prefect.logging import get_run_logger
 from blocks.base import SendContext
 from blocks.registry import aload_target
 from tasks.retry import peer_task
+from tasks.tags import TOTAL_TAG, send_tags, target_tag, type_tag
 from tasks.taskjson import read_task
 
 __all__ = ["TOTAL_TAG", "send_tags", "send_to_target", "target_tag", "type_tag"]
-
-#: The tag every send carries; its limit is ``DispatcherSettings.num_proc``.
-TOTAL_TAG = "dicom-dispatch"
-
-
-def type_tag(target_type: str) -> str:
-    """The tag limited by ``DispatcherSettings.type_limits[target_type]``."""
-    return f"target-type:{target_type}"
-
-
-def target_tag(target_name: str) -> str:
-    """The tag limited by the target block's ``max_concurrent_sends``."""
-    return f"target:{target_name}"
-
-
-def send_tags(target_name: str, target_type: str) -> list[str]:
-    """The tags whose concurrency limits apply to a send (docs/architecture.md, "Limits")."""
-    return [TOTAL_TAG, type_tag(target_type), target_tag(target_name)]
 
 
 @peer_task("send_to_target")

@@ -22,6 +22,13 @@ PREFECT_FREE = sorted(
     BOTTOM
     | {
         "blocks.qr",
+        "tasks.tags",
+        # Imported before the environment (API URL, auth string) is decided: Prefect reads its
+        # settings once, at import, so importing it here would freeze the wrong ones.
+        "deployments.cli",
+        "deployments.serve",
+        "deployments.environment",
+        "deployments.metrics",
         "blocks._association",
         "blocks._dcmsend",
         "blocks._dcmsend_report",

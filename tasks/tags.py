@@ -1,0 +1,27 @@
+"""The tags of a send task, whose Prefect concurrency limits are the dispatcher's limits.
+
+Prefect-free, so the limits bootstrap, the metrics and the CLI can name them without importing
+the engine (architecture §4.4).
+"""
+
+from __future__ import annotations
+
+__all__ = ["TOTAL_TAG", "send_tags", "target_tag", "type_tag"]
+
+#: The tag every send carries; its limit is ``DispatcherSettings.num_proc``.
+TOTAL_TAG = "dicom-dispatch"
+
+
+def type_tag(target_type: str) -> str:
+    """The tag limited by ``DispatcherSettings.type_limits[target_type]``."""
+    return f"target-type:{target_type}"
+
+
+def target_tag(target_name: str) -> str:
+    """The tag limited by the target block's ``max_concurrent_sends``."""
+    return f"target:{target_name}"
+
+
+def send_tags(target_name: str, target_type: str) -> list[str]:
+    """The tags whose concurrency limits apply to a send."""
+    return [TOTAL_TAG, type_tag(target_type), target_tag(target_name)]

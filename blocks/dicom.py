@@ -1,13 +1,18 @@
-"""mercure's DICOM target (C-STORE), sent with pynetdicom, or with DCMTK ``dcmsend`` on request.
+"""mercure's DICOM target (C-STORE), sent with DCMTK ``dcmsend`` or pynetdicom.
 
-Default backend (``pynetdicom``): one association per (case, target) — or ``max_associations``
+``backend="auto"`` (the default) sends with ``dcmsend`` when DCMTK is installed and the target
+asks nothing only pynetdicom can do (TLS, several associations), else with pynetdicom
+(``blocks._transfer_backend`` says why each case goes where); ``retrieve_backend="auto"`` does the
+same for ``getscu``/``movescu``.
+
+pynetdicom: one association per (case, target) — or ``max_associations``
 in parallel processes — with presentation contexts taken from the files' headers and the files
 sent without decoding pixel data. Every instance's DIMSE status is kept; the case counts as sent
 only when every instance was accepted (warnings count as accepted unless
 ``warning_counts_as_sent`` is off). A dcmsend-format report is written so tooling that parses
 mercure's ``sent.txt`` keeps working.
 
-``backend="dcmsend"`` runs DCMTK's ``dcmsend`` as mercure does (``blocks._dcmsend``): one
+``dcmsend`` runs DCMTK's ``dcmsend`` as mercure does (``blocks._dcmsend``): one
 association, dcmsend's own report, the same success rule and the same error kinds.
 
 ``DicomTLSTarget`` is mercure's DICOM+TLS target: the same sender over TLS, with the peer's
@@ -23,7 +28,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from blocks import _dcmsend, _dimse, _dimse_qr
+from blocks import _dcmsend, _dimse, _dimse_qr, _transfer_backend
 from blocks._association import DicomPeer
 from blocks._dcmsend_report import write_report
 from blocks._dimse_tls import TLSOptions
@@ -108,15 +113,19 @@ class DicomTarget(QueryTarget):
     move_listen_address: str = Field(
         default="", description="Address our C-MOVE Storage SCP binds to (empty: all)."
     )
-    retrieve_backend: Literal["pynetdicom", "dcmtk"] = Field(
-        default="pynetdicom",
-        description="How studies are retrieved: pynetdicom in-process, or DCMTK getscu/movescu.",
-    )
-    backend: Literal["pynetdicom", "dcmsend"] = Field(
-        default="pynetdicom",
+    retrieve_backend: Literal["auto", "pynetdicom", "dcmtk"] = Field(
+        default="auto",
         description=(
-            "How cases are sent: pynetdicom in-process, or DCMTK dcmsend as mercure does "
-            "(needs DCMTK installed; one association, max_associations does not apply)."
+            "How studies are retrieved: auto (DCMTK getscu/movescu when installed, else "
+            "pynetdicom), pynetdicom in-process, or DCMTK."
+        ),
+    )
+    backend: Literal["auto", "pynetdicom", "dcmsend"] = Field(
+        default="auto",
+        description=(
+            "How cases are sent: auto (DCMTK dcmsend when installed, unless TLS or "
+            "max_associations > 1 need pynetdicom), pynetdicom in-process, or dcmsend as "
+            "mercure does (one association, max_associations does not apply)."
         ),
     )
 
@@ -128,6 +137,25 @@ class DicomTarget(QueryTarget):
     @property
     def writes_dcmsend_report(self) -> bool:
         return True
+
+    def send_backend(self) -> _transfer_backend.SendBackend:
+        """The backend :meth:`send` uses now (``auto`` resolved)."""
+        return _transfer_backend.send_backend(
+            self.backend, tls=self.tls_options() is not None, associations=self.max_associations
+        )
+
+    def backends(self) -> dict[str, str]:
+        """The send and retrieve backends in use, ``auto`` resolved (``"dcmsend (auto)"``)."""
+        retrieve = _transfer_backend.retrieve_backend(
+            self.retrieve_backend,
+            method=self.retrieve_method,
+            listen_address=self.move_listen_address,
+        )
+        send = self.send_backend()
+        return {
+            "send": f"{send} (auto)" if self.backend == "auto" else send,
+            "retrieve": f"{retrieve} (auto)" if self.retrieve_backend == "auto" else retrieve,
+        }
 
     def get_peer(self, context: SendContext | None = None) -> DicomPeer:
         """The peer a case is sent to, mercure's rules applied: the one place it is built.
@@ -188,7 +216,7 @@ class DicomTarget(QueryTarget):
         if not files:
             raise PermanentTargetError(f"target {self.target_name}: the case has no *.dcm files")
         peer = self.get_peer(context)
-        if self.backend == "dcmsend":
+        if self.send_backend() == "dcmsend":
             return self._send_with_dcmsend(context, files, peer)
         options = _dimse.StoreOptions(associations=self.max_associations)
         result = _dimse.store_files(files, peer, options)
@@ -210,7 +238,7 @@ class DicomTarget(QueryTarget):
             files=len(files),
             bytes=size,
             detail=f"{len(files)} instances to {_route(peer)}",
-            extra={"associations": result.associations},
+            extra={"associations": result.associations, "backend": "pynetdicom"},
         )
 
     def _send_with_dcmsend(
@@ -285,7 +313,11 @@ class DicomTarget(QueryTarget):
             method=self.retrieve_method,
             move_aet=self.move_destination_aet or peer.calling_aet,
             listen=(self.move_listen_address, int(self.move_destination_port)),
-            backend=self.retrieve_backend,
+            backend=_transfer_backend.retrieve_backend(
+                self.retrieve_backend,
+                method=self.retrieve_method,
+                listen_address=self.move_listen_address,
+            ),
             progress=progress,
         )
 
@@ -345,7 +377,7 @@ class DicomTLSTarget(DicomTarget):
         )
 
     def send(self, context: SendContext) -> SendResult:
-        if self.backend != "pynetdicom":
+        if self.backend == "dcmsend":
             raise PermanentTargetError(
                 f"target {self.target_name}: DICOM+TLS is sent with the pynetdicom backend only "
                 "(dcmsend has no TLS)"

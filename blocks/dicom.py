@@ -94,6 +94,17 @@ class DicomTarget(QueryTarget):
     max_associations: int = Field(
         default=1, ge=1, le=16, description="Parallel associations (processes) per send."
     )
+    #: One case at a time by default (mercure's model): many PACS serve one association at a
+    #: time, and an association that waits in the peer's listen backlog runs into its ACSE
+    #: timeout, fails and is retried — parallel cases would then be slower than sequential
+    #: ones. Waiting for this slot happens before any association is opened (local admission,
+    #: then the tag limit across processes), so a wait costs nothing. A peer that accepts
+    #: parallel associations can be given more (0 or empty: no limit).
+    max_concurrent_sends: int | None = Field(
+        default=1,
+        description="At most this many cases sent to this node at once (default 1, as mercure; "
+        "0 or empty: no limit).",
+    )
     connect_timeout: float = Field(default=10, gt=0, description="TCP connect timeout, seconds.")
     acse_timeout: float = Field(default=30, gt=0, description="Association timeout, seconds.")
     dimse_timeout: float = Field(default=60, gt=0, description="Per-response timeout, seconds.")

@@ -246,3 +246,25 @@ def test_connection_test_reports_dcmsend(tmp_path: Path) -> None:
     assert result == {"ping": True, "c-echo": True, "loopback_mode": False, "dcmsend": True}
     assert DicomTarget.connection_ok(result)
     assert not DicomTarget.connection_ok({**result, "dcmsend": False})
+
+
+def test_parallel_cases_wait_for_a_one_association_peer_instead_of_timing_out(
+    env: DispatchEnv, tmp_path: Path
+) -> None:
+    """storescp without --fork serves one association at a time; each store takes 1 s here and
+    the ACSE timeout is 1 s, so an association opened while another runs would time out. With
+    the default ``max_concurrent_sends`` (1) the cases queue locally and all arrive first time."""
+    import asyncio
+
+    from blocks.settings import DispatcherSettings
+    from flows.sweep import Dispatcher
+
+    env.save_settings(num_proc=3)
+    with StoreSCP(tmp_path / "pacs", extra_args=["--sleep-during", "1"]) as scp:
+        env.save_target(target(scp.port, acse_timeout=1), "slow_pacs")
+        cases = [make_case(env.outgoing, ["slow_pacs"], files=1) for _ in range(3)]
+        result = asyncio.run(Dispatcher(DispatcherSettings.load("default")).one_pass())
+        assert len(scp.received()) == 3
+    assert result.dispatched == result.succeeded == 3, result
+    for case in cases:
+        assert env.task(env.success / case.name)["dispatch"].get("retries", 0) in (0, None)

@@ -33,6 +33,7 @@ from blocks._association import DicomPeer
 from blocks._dcmsend_report import write_report
 from blocks._dimse_tls import TLSOptions
 from blocks._net import tcp_reachable
+from blocks._peer_gate import peer_gate
 from blocks.base import CaseOrigin, QueryTarget, SendContext, SendResult, dicom_files
 from blocks.errors import ConfigError, PermanentTargetError, TransientTargetError
 from blocks.qr import (
@@ -94,16 +95,16 @@ class DicomTarget(QueryTarget):
     max_associations: int = Field(
         default=1, ge=1, le=16, description="Parallel associations (processes) per send."
     )
-    #: One case at a time by default (mercure's model): many PACS serve one association at a
-    #: time, and an association that waits in the peer's listen backlog runs into its ACSE
-    #: timeout, fails and is retried — parallel cases would then be slower than sequential
-    #: ones. Waiting for this slot happens before any association is opened (local admission,
-    #: then the tag limit across processes), so a wait costs nothing. A peer that accepts
-    #: parallel associations can be given more (0 or empty: no limit).
-    max_concurrent_sends: int | None = Field(
+    #: One association at a time by default (mercure's model): many PACS serve one at a time,
+    #: and an association that waits in the peer's listen backlog runs into its ACSE timeout
+    #: and is retried, so parallel cases would be slower than sequential ones. The wait happens
+    #: before connecting (``blocks._peer_gate``), so the cases' orchestration still overlaps.
+    concurrent_associations: int = Field(
         default=1,
-        description="At most this many cases sent to this node at once (default 1, as mercure; "
-        "0 or empty: no limit).",
+        ge=1,
+        le=64,
+        description="Cases sent to this node at once from one process (1: one association at a "
+        "time, as many PACS accept; raise it for a node that accepts parallel associations).",
     )
     connect_timeout: float = Field(default=10, gt=0, description="TCP connect timeout, seconds.")
     acse_timeout: float = Field(default=30, gt=0, description="Association timeout, seconds.")
@@ -227,10 +228,11 @@ class DicomTarget(QueryTarget):
         if not files:
             raise PermanentTargetError(f"target {self.target_name}: the case has no *.dcm files")
         peer = self.get_peer(context)
-        if self.send_backend() == "dcmsend":
-            return self._send_with_dcmsend(context, files, peer)
-        options = _dimse.StoreOptions(associations=self.max_associations)
-        result = _dimse.store_files(files, peer, options)
+        with peer_gate(peer.host, peer.port, peer.called_aet, self.concurrent_associations):
+            if self.send_backend() == "dcmsend":
+                return self._send_with_dcmsend(context, files, peer)
+            options = _dimse.StoreOptions(associations=self.max_associations)
+            result = _dimse.store_files(files, peer, options)
         if context.report_path is not None:
             write_report(context.report_path, result)
         failed = result.failed(self.warning_counts_as_sent)

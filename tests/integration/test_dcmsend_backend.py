@@ -253,7 +253,8 @@ def test_parallel_cases_wait_for_a_one_association_peer_instead_of_timing_out(
 ) -> None:
     """storescp without --fork serves one association at a time; each store takes 1 s here and
     the ACSE timeout is 1 s, so an association opened while another runs would time out. With
-    the default ``max_concurrent_sends`` (1) the cases queue locally and all arrive first time."""
+    the default ``concurrent_associations`` (1) the cases wait before connecting and all arrive
+    first time (without the gate, associations fail with "DUL network read timeout")."""
     import asyncio
 
     from blocks.settings import DispatcherSettings

@@ -37,6 +37,9 @@ PREFECT_FREE = sorted(
         "blocks._receiver",
         "blocks._stow",
         "blocks._storage_scp",
+        "blocks._transfer_backend",
+        "blocks._peer_gate",
+        "flows._wakeup",
     }
 )
 

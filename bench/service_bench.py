@@ -16,8 +16,9 @@ folders moved into outgoing/; the benchmark watches success/.
 (b) 100 cases × 5 small images dropped at once ÷ the same loop (target ≤ 6.0), and our cases/s ÷
     empty async flow runs/s from one process, 8 at once (num_proc's default; target ≥ 0.8).
     Peak RSS of the dispatcher process (target ≤ 500 MB), the Prefect server and PostgreSQL.
-(c) Wall time per case (readiness → success/), cases one at a time to a Dummy target, ÷ the wall
-    time of an empty async flow run against the same server, interleaved. Target ≤ 1.25.
+(c) Wall time per case (readiness → its flow run final), cases one at a time to a Dummy
+    target, ÷ the wall time of an empty async flow run against the same server, interleaved.
+    Target ≤ 1.25.
 (d) Readiness (``.lock`` removed) → claim (``.processing`` created): median and p95, ≤ 100 ms.
 (e) Retrieve of one 200 × 0.5 MB study from Orthanc with ``retrieve_backend`` auto ÷ ``getscu``.
     Target ≤ 1.2.

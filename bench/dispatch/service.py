@@ -9,6 +9,7 @@ PostgreSQL, which ``serve`` starts as its children).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -42,15 +43,22 @@ class Service:
     staging: Path
 
     def processes(self) -> dict[str, list[int]]:
-        """pids of the dispatcher process, the Prefect server (its tree) and PostgreSQL."""
+        """pids of the dispatcher process, the Prefect server (its tree) and PostgreSQL (the
+        embedded postmaster runs detached: found by its pid file, with its backends)."""
         import psutil
 
         me = psutil.Process(self.proc.pid)
         out: dict[str, list[int]] = {"dispatcher": [me.pid], "Prefect server": [], "PostgreSQL": []}
+        with contextlib.suppress(OSError, ValueError, psutil.Error):
+            pid_file = self.home / "postgres" / "postmaster.pid"
+            postmaster = psutil.Process(int(pid_file.read_text().split()[0]))
+            out["PostgreSQL"] = [postmaster.pid, *(c.pid for c in postmaster.children())]
         for child in me.children(recursive=True):
             try:
                 line = " ".join(child.cmdline())
             except psutil.Error:
+                continue
+            if child.pid in out["PostgreSQL"]:
                 continue
             key = "PostgreSQL" if "postgres" in child.name() else "Prefect server"
             if "multiprocessing" in line and "forkserver" in line:

@@ -1,19 +1,13 @@
 """mercure's DICOM target (C-STORE), sent with DCMTK ``dcmsend`` or pynetdicom.
 
-``backend="auto"`` (the default) sends with ``dcmsend`` when DCMTK is installed and the target
-asks nothing only pynetdicom can do (TLS, several associations), else with pynetdicom
-(``blocks._transfer_backend`` says why each case goes where); ``retrieve_backend="auto"`` does the
-same for ``getscu``/``movescu``.
-
-pynetdicom: one association per (case, target) — or ``max_associations``
-in parallel processes — with presentation contexts taken from the files' headers and the files
-sent without decoding pixel data. Every instance's DIMSE status is kept; the case counts as sent
-only when every instance was accepted (warnings count as accepted unless
-``warning_counts_as_sent`` is off). A dcmsend-format report is written so tooling that parses
-mercure's ``sent.txt`` keeps working.
-
-``dcmsend`` runs DCMTK's ``dcmsend`` as mercure does (``blocks._dcmsend``): one
-association, dcmsend's own report, the same success rule and the same error kinds.
+``backend="auto"`` (the default) picks ``dcmsend`` when DCMTK is installed and the target asks
+nothing only pynetdicom does (TLS, several associations); ``retrieve_backend="auto"`` likewise
+``getscu``/``movescu`` (why: ``blocks._transfer_backend``). ``dcmsend`` runs as mercure runs it
+(``blocks._dcmsend``). pynetdicom: one association per (case, target), or ``max_associations``
+in parallel processes, contexts from the files' headers, files sent undecoded. Either way every
+instance's DIMSE status counts: the case is sent only when every instance was accepted
+(warnings too, unless ``warning_counts_as_sent`` is off), and a dcmsend-format ``sent.txt`` is
+written for tooling that parses mercure's.
 
 ``DicomTLSTarget`` is mercure's DICOM+TLS target: the same sender over TLS, with the peer's
 certificate verified against ``ca_cert``. Unlike mercure's ``storescu +tls`` call it is
@@ -95,10 +89,7 @@ class DicomTarget(QueryTarget):
     max_associations: int = Field(
         default=1, ge=1, le=16, description="Parallel associations (processes) per send."
     )
-    #: One association at a time by default (mercure's model): many PACS serve one at a time,
-    #: and an association that waits in the peer's listen backlog runs into its ACSE timeout
-    #: and is retried, so parallel cases would be slower than sequential ones. The wait happens
-    #: before connecting (``blocks._peer_gate``), so the cases' orchestration still overlaps.
+    #: 1 by default: many PACS serve one association at a time (why: ``blocks._peer_gate``).
     concurrent_associations: int = Field(
         default=1,
         ge=1,
@@ -156,17 +147,20 @@ class DicomTarget(QueryTarget):
             self.backend, tls=self.tls_options() is not None, associations=self.max_associations
         )
 
-    def backends(self) -> dict[str, str]:
-        """The send and retrieve backends in use, ``auto`` resolved (``"dcmsend (auto)"``)."""
-        retrieve = _transfer_backend.retrieve_backend(
+    def _retrieve_backend(self) -> _transfer_backend.RetrieveBackend:
+        return _transfer_backend.retrieve_backend(
             self.retrieve_backend,
             method=self.retrieve_method,
             listen_address=self.move_listen_address,
         )
-        send = self.send_backend()
+
+    def backends(self) -> dict[str, str]:
+        """The send and retrieve backends in use, ``auto`` resolved (``"dcmsend (auto)"``)."""
+        auto = " (auto)"
         return {
-            "send": f"{send} (auto)" if self.backend == "auto" else send,
-            "retrieve": f"{retrieve} (auto)" if self.retrieve_backend == "auto" else retrieve,
+            "send": self.send_backend() + (auto if self.backend == "auto" else ""),
+            "retrieve": self._retrieve_backend()
+            + (auto if self.retrieve_backend == "auto" else ""),
         }
 
     def get_peer(self, context: SendContext | None = None) -> DicomPeer:
@@ -326,11 +320,7 @@ class DicomTarget(QueryTarget):
             method=self.retrieve_method,
             move_aet=self.move_destination_aet or peer.calling_aet,
             listen=(self.move_listen_address, int(self.move_destination_port)),
-            backend=_transfer_backend.retrieve_backend(
-                self.retrieve_backend,
-                method=self.retrieve_method,
-                listen_address=self.move_listen_address,
-            ),
+            backend=self._retrieve_backend(),
             progress=progress,
         )
 

@@ -138,13 +138,16 @@ async def _run_end(api_url: str, case: str) -> float:
     """When the case's flow run reached its final state (server time, epoch seconds)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     wanted = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"case:{case}"]))
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         async with get_client() as client:
             for _ in range(600):
-                runs = await client.read_flow_runs(flow_run_filter=wanted)
+                runs = await client.read_flow_runs(
+                    flow_run_filter=wanted, sort=FlowRunSort.ID_DESC, limit=5
+                )
                 ended = [r.end_time for r in runs if r.state and r.state.is_final() and r.end_time]
                 if ended:
                     return max(ended).timestamp()

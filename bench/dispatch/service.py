@@ -56,11 +56,12 @@ class Service:
         for child in me.children(recursive=True):
             try:
                 line = " ".join(child.cmdline())
-            except psutil.Error:
+                name = child.name()
+            except psutil.Error:  # gone meanwhile (a dcmsend that finished)
                 continue
             if child.pid in out["PostgreSQL"]:
                 continue
-            key = "PostgreSQL" if "postgres" in child.name() else "Prefect server"
+            key = "PostgreSQL" if "postgres" in name else "Prefect server"
             if "multiprocessing" in line and "forkserver" in line:
                 key = "dispatcher"  # the DIMSE sender pool is the dispatcher's
             out[key].append(child.pid)
@@ -178,7 +179,10 @@ class ProcessSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            rss, _ = self._measure()
+            try:
+                rss, _ = self._measure()
+            except Exception:  # a process that ended between listing and reading
+                continue
             for group, value in rss.items():
                 self.peak_mb[group] = max(self.peak_mb.get(group, 0.0), value)
 

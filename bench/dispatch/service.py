@@ -151,7 +151,10 @@ def running_service(base: Path, scp_port: int) -> Iterator[Service]:
 
 @dataclass
 class ProcessSampler:
-    """Peak RSS per group of the service's processes, sampled every 0.1 s; CPU seconds used."""
+    """Peak RSS per group of the service's processes, sampled every 0.1 s; CPU seconds used.
+
+    RSS is summed over a group's processes, so PostgreSQL's shared buffers count once per
+    backend: an upper bound."""
 
     service: Service
     peak_mb: dict[str, float] = field(default_factory=dict)
@@ -167,12 +170,14 @@ class ProcessSampler:
         cpu: dict[str, float] = {}
         for group, pids in self.service.processes().items():
             rss[group] = cpu[group] = 0.0
-            for pid in pids:
+            for number, pid in enumerate(pids):
                 try:
                     proc = psutil.Process(pid)
                     rss[group] += proc.memory_info().rss / 2**20
                     times = proc.cpu_times()
                     cpu[group] += times.user + times.system
+                    if number == 0:  # the group's root: its exited children (dcmsend, backends)
+                        cpu[group] += times.children_user + times.children_system
                 except psutil.Error:
                     pass
         return rss, cpu

@@ -132,6 +132,10 @@ class DispatchTarget(Block, ABC):
         """DICOM-type targets write a dcmsend-format ``sent.txt``."""
         return False
 
+    def backends(self) -> dict[str, str]:
+        """Which program moves the files, for types that have a choice (``targets test``)."""
+        return {}
+
 
 @dataclass(frozen=True)
 class CaseOrigin:

@@ -1,14 +1,13 @@
-"""mercure's DICOM target (C-STORE), sent with pynetdicom, or with DCMTK ``dcmsend`` on request.
+"""mercure's DICOM target (C-STORE), sent with DCMTK ``dcmsend`` or pynetdicom.
 
-Default backend (``pynetdicom``): one association per (case, target) — or ``max_associations``
-in parallel processes — with presentation contexts taken from the files' headers and the files
-sent without decoding pixel data. Every instance's DIMSE status is kept; the case counts as sent
-only when every instance was accepted (warnings count as accepted unless
-``warning_counts_as_sent`` is off). A dcmsend-format report is written so tooling that parses
-mercure's ``sent.txt`` keeps working.
-
-``backend="dcmsend"`` runs DCMTK's ``dcmsend`` as mercure does (``blocks._dcmsend``): one
-association, dcmsend's own report, the same success rule and the same error kinds.
+``backend="auto"`` (the default) picks ``dcmsend`` when DCMTK is installed and the target asks
+nothing only pynetdicom does (TLS, several associations); ``retrieve_backend="auto"`` likewise
+``getscu``/``movescu`` (why: ``blocks._transfer_backend``). ``dcmsend`` runs as mercure runs it
+(``blocks._dcmsend``). pynetdicom: one association per (case, target), or ``max_associations``
+in parallel processes, contexts from the files' headers, files sent undecoded. Either way every
+instance's DIMSE status counts: the case is sent only when every instance was accepted
+(warnings too, unless ``warning_counts_as_sent`` is off), and a dcmsend-format ``sent.txt`` is
+written for tooling that parses mercure's.
 
 ``DicomTLSTarget`` is mercure's DICOM+TLS target: the same sender over TLS, with the peer's
 certificate verified against ``ca_cert``. Unlike mercure's ``storescu +tls`` call it is
@@ -24,11 +23,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from blocks import _dcmsend, _dimse, _dimse_qr
+from blocks import _dcmsend, _dimse, _dimse_qr, _transfer_backend
 from blocks._association import DicomPeer
 from blocks._dcmsend_report import write_report
 from blocks._dimse_tls import TLSOptions
 from blocks._net import tcp_reachable
+from blocks._peer_gate import peer_gate
 from blocks.base import CaseOrigin, QueryTarget, SendContext, SendResult, dicom_files
 from blocks.errors import ConfigError, PermanentTargetError, TransientTargetError
 from blocks.qr import (
@@ -90,6 +90,14 @@ class DicomTarget(QueryTarget):
     max_associations: int = Field(
         default=1, ge=1, le=16, description="Parallel associations (processes) per send."
     )
+    #: 1 by default: many PACS serve one association at a time (why: ``blocks._peer_gate``).
+    concurrent_associations: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Cases sent to this node at once from one process (1: one association at a "
+        "time, as many PACS accept; raise it for a node that accepts parallel associations).",
+    )
     connect_timeout: float = Field(default=10, gt=0, description="TCP connect timeout, seconds.")
     acse_timeout: float = Field(default=30, gt=0, description="Association timeout, seconds.")
     dimse_timeout: float = Field(default=60, gt=0, description="Per-response timeout, seconds.")
@@ -111,15 +119,19 @@ class DicomTarget(QueryTarget):
         description="Address our C-MOVE Storage SCP binds to (empty: our address on the route "
         "to the node).",
     )
-    retrieve_backend: Literal["pynetdicom", "dcmtk"] = Field(
-        default="pynetdicom",
-        description="How studies are retrieved: pynetdicom in-process, or DCMTK getscu/movescu.",
-    )
-    backend: Literal["pynetdicom", "dcmsend"] = Field(
-        default="pynetdicom",
+    retrieve_backend: Literal["auto", "pynetdicom", "dcmtk"] = Field(
+        default="auto",
         description=(
-            "How cases are sent: pynetdicom in-process, or DCMTK dcmsend as mercure does "
-            "(needs DCMTK installed; one association, max_associations does not apply)."
+            "How studies are retrieved: auto (DCMTK getscu/movescu when installed, else "
+            "pynetdicom), pynetdicom in-process, or DCMTK."
+        ),
+    )
+    backend: Literal["auto", "pynetdicom", "dcmsend"] = Field(
+        default="auto",
+        description=(
+            "How cases are sent: auto (DCMTK dcmsend when installed, unless TLS or "
+            "max_associations > 1 need pynetdicom), pynetdicom in-process, or dcmsend as "
+            "mercure does (one association, max_associations does not apply)."
         ),
     )
 
@@ -131,6 +143,28 @@ class DicomTarget(QueryTarget):
     @property
     def writes_dcmsend_report(self) -> bool:
         return True
+
+    def send_backend(self) -> _transfer_backend.SendBackend:
+        """The backend :meth:`send` uses now (``auto`` resolved)."""
+        return _transfer_backend.send_backend(
+            self.backend, tls=self.tls_options() is not None, associations=self.max_associations
+        )
+
+    def _retrieve_backend(self) -> _transfer_backend.RetrieveBackend:
+        return _transfer_backend.retrieve_backend(
+            self.retrieve_backend,
+            method=self.retrieve_method,
+            listen_address=self.move_listen_address,
+        )
+
+    def backends(self) -> dict[str, str]:
+        """The send and retrieve backends in use, ``auto`` resolved (``"dcmsend (auto)"``)."""
+        auto = " (auto)"
+        return {
+            "send": self.send_backend() + (auto if self.backend == "auto" else ""),
+            "retrieve": self._retrieve_backend()
+            + (auto if self.retrieve_backend == "auto" else ""),
+        }
 
     def get_peer(self, context: SendContext | None = None) -> DicomPeer:
         """The peer a case is sent to, mercure's rules applied: the one place it is built.
@@ -191,10 +225,11 @@ class DicomTarget(QueryTarget):
         if not files:
             raise PermanentTargetError(f"target {self.target_name}: the case has no *.dcm files")
         peer = self.get_peer(context)
-        if self.backend == "dcmsend":
-            return self._send_with_dcmsend(context, files, peer)
-        options = _dimse.StoreOptions(associations=self.max_associations)
-        result = _dimse.store_files(files, peer, options)
+        with peer_gate(peer.host, peer.port, peer.called_aet, self.concurrent_associations):
+            if self.send_backend() == "dcmsend":
+                return self._send_with_dcmsend(context, files, peer)
+            options = _dimse.StoreOptions(associations=self.max_associations)
+            result = _dimse.store_files(files, peer, options)
         if context.report_path is not None:
             write_report(context.report_path, result)
         failed = result.failed(self.warning_counts_as_sent)
@@ -213,7 +248,7 @@ class DicomTarget(QueryTarget):
             files=len(files),
             bytes=size,
             detail=f"{len(files)} instances to {_route(peer)}",
-            extra={"associations": result.associations},
+            extra={"associations": result.associations, "backend": "pynetdicom"},
         )
 
     def _send_with_dcmsend(
@@ -288,7 +323,7 @@ class DicomTarget(QueryTarget):
             method=self.retrieve_method,
             move_aet=self.move_destination_aet or peer.calling_aet,
             listen=(self.move_listen_address, int(self.move_destination_port)),
-            backend=self.retrieve_backend,
+            backend=self._retrieve_backend(),
             progress=progress,
         )
 
@@ -348,7 +383,7 @@ class DicomTLSTarget(DicomTarget):
         )
 
     def send(self, context: SendContext) -> SendResult:
-        if self.backend != "pynetdicom":
+        if self.backend == "dcmsend":
             raise PermanentTargetError(
                 f"target {self.target_name}: DICOM+TLS is sent with the pynetdicom backend only "
                 "(dcmsend has no TLS)"

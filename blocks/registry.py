@@ -2,9 +2,11 @@
 
 ``task.json`` names targets as mercure does (``PACS_Main``); the block document is stored under
 the slug of that name (``pacs-main``), in whichever target block type it has. Finding it is one
-filtered API call across our target types; the result is cached for a couple of seconds so a
-burst of cases does not reload the same block for every case (a changed block is seen within
-that time, as mercure re-reads its configuration between attempts).
+filtered API call across our target types; the result is cached for ``CACHE_SECONDS`` so a
+stream of cases does not reload the same block for every case (a reload costs the Prefect server
+more than a whole case's other calls). A changed block is seen within that time — as the
+service's settings are (``SETTINGS_REFRESH_SECONDS``) and as mercure re-reads its configuration
+between attempts; ``forget_cached_targets()`` (the import calls it) drops it at once.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ ALL_BLOCK_TYPES: tuple[type[Any], ...] = (
     SmtpEmailNotification,
 )
 
-CACHE_SECONDS = 2.0
+CACHE_SECONDS = 15.0
 _cache: dict[str, tuple[float, DispatchTarget]] = {}
 
 

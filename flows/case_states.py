@@ -42,6 +42,7 @@ __all__ = [
     "CaseDeployment",
     "already_sent",
     "crash_run",
+    "engine_view",
     "moved_to_error",
     "outcome_of",
     "retry_pending",
@@ -130,6 +131,19 @@ class CaseDeployment:
         except ObjectNotFound:  # deleted since we looked
             self.forget()
             return None
+
+
+def engine_view(run: FlowRun) -> FlowRun:
+    """The run as the loop hands it to Prefect's engine: without its deployment id.
+
+    For a run of a deployment the engine starts a suspension observer per run (a thread with
+    its own event loop, API client and event subscription) so that a pause requested in the UI
+    suspends the process. A case run is never paused (a case waits by its folder's
+    ``next_retry_at``, and is stopped by HALT or cancelled), and that observer was the largest
+    part of the client's cost per case. The run still belongs to the deployment on the server
+    (UI Retry, events, filters); the engine reads it back with its deployment id once running.
+    """
+    return run.model_copy(update={"deployment_id": None})
 
 
 async def crash_run(client: PrefectClient, run_id: str | UUID, message: str) -> bool:

@@ -34,6 +34,7 @@ from flows.case_events import announce_outcome
 from flows.case_states import (
     CaseDeployment,
     already_sent,
+    engine_view,
     moved_to_error,
     outcome_of,
     retry_pending,
@@ -400,8 +401,10 @@ async def _publish(outcome: CaseOutcome) -> None:
     await acreate_markdown_artifact(markdown=markdown, key=key, description="dispatch outcome")
 
 
-#: The loop's copy: the run was named when it was created, so the engine need not rename it.
-_dispatch_created_run = dispatch_case.with_options(flow_run_name=None)
+#: The loop's copy: the run was named when it was created, so the engine need not rename it
+#: (``with_options(flow_run_name=None)`` keeps the name function: it is cleared here).
+_dispatch_created_run = dispatch_case.with_options()
+_dispatch_created_run.flow_run_name = None
 
 
 async def run_dispatch(case: str) -> dict[str, Any]:
@@ -441,7 +444,7 @@ async def run_case(
         if created is not None:
             state = await run_flow_async(
                 _dispatch_created_run,
-                flow_run=created,
+                flow_run=engine_view(created),
                 parameters={"case": str(case_dir)},
                 return_type="state",
             )

@@ -25,6 +25,7 @@ from blocks.registry import aload_settings
 from blocks.settings import DispatcherSettings
 from flows._api_wait import ApiWatch
 from flows._shutdown import ABORT_REASON, begin_abort
+from flows._wakeup import Wakeup, watch_outgoing
 from flows.case_states import CaseDeployment, crash_run
 from flows.dispatch import give_up_attempt, run_case
 from tasks import casefolder as cf
@@ -68,6 +69,8 @@ class Dispatcher:
         self._deployment = CaseDeployment()
         #: Runs whose process died holding a claim, to be set Crashed (claim, run id).
         self._orphaned_runs: list[tuple[str, str]] = []
+        #: Set by file-system events in outgoing/ and by a finished case (``flows._wakeup``).
+        self._wakeup = Wakeup()
 
     @property
     def capacity(self) -> int:
@@ -167,6 +170,7 @@ class Dispatcher:
         self._cases[job] = cand.path
         job.add_done_callback(self._in_flight.discard)
         job.add_done_callback(self._cases.pop)
+        job.add_done_callback(lambda _: self._wakeup.poke())  # a slot is free
         return job
 
     async def one_pass(self) -> PassResult:
@@ -202,6 +206,9 @@ class Dispatcher:
     async def run_forever(self, stop: asyncio.Event, max_grace: float | None = None) -> None:
         """The service loop: sleep first (as mercure), then start what fits in free capacity.
 
+        It wakes on file-system events in outgoing/ and when a case ends, and at the latest
+        every ``dispatcher_scan_interval`` (the only mechanism where no events arrive).
+
         One API client for the loop's lifetime, inherited by every case run it starts: without
         it each top-level run builds new clients (TLS bundle, connection) — ≈ 100 ms CPU a case.
         On stop, runs in flight get the shutdown grace period (at most ``max_grace``).
@@ -234,15 +241,15 @@ class Dispatcher:
     async def _run_forever(self, stop: asyncio.Event) -> None:
         self.ensure_folders()
         interval = self.settings.dispatcher_scan_interval
-        while not stop.is_set():
-            with anyio.move_on_after(interval):
-                await stop.wait()
-            if stop.is_set():
-                break
-            try:
-                await self._fill()
-            except Exception:
-                LOGGER.exception("error while dispatching")
+        async with watch_outgoing(self.settings.folders()[0], self._wakeup, stop):
+            while not stop.is_set():
+                await self._wakeup.wait(interval)
+                if stop.is_set():
+                    break
+                try:
+                    await self._fill()
+                except Exception:
+                    LOGGER.exception("error while dispatching")
 
     async def _fill(self) -> None:
         free = self.capacity - len(self._in_flight)

@@ -33,6 +33,7 @@ from tasks import casefolder as cf
 from tasks.taskjson import TASKFILE, read_task, target_names
 
 if TYPE_CHECKING:
+    from blocks.base import DispatchTarget
     from blocks.settings import DispatcherSettings
 
 __all__ = ["add_dispatch_parsers", "add_serve_parser"]
@@ -92,7 +93,7 @@ async def cmd_targets_test(args: argparse.Namespace, home: Path) -> int:
 
     target = await aload_target(args.name)
     result = await asyncio.to_thread(target.test_connection)
-    print_json(result)
+    print_json({**result, **_backend_keys(target)})
     return 0 if target.connection_ok(result) else 1
 
 
@@ -196,6 +197,23 @@ def _count_cases(folder: Path) -> int:
     return sum(1 for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else 0
 
 
+def _backend_keys(target: DispatchTarget) -> dict[str, Any]:
+    """``backend``/``retrieve_backend`` of a target that has a choice, ``auto`` resolved."""
+    chosen = target.backends()
+    return {"backend": chosen["send"], "retrieve_backend": chosen["retrieve"]} if chosen else {}
+
+
+async def _target_backends() -> dict[str, str]:
+    """Send backend per target that has a choice (DICOM), for ``status``."""
+    from blocks.registry import alist_targets
+
+    return {
+        str(t.target_name or t._block_document_name): t.backends()["send"]
+        for t in await alist_targets()
+        if t.backends()
+    }
+
+
 async def cmd_status(args: argparse.Namespace, home: Path) -> int:
     from blocks.registry import aload_settings
 
@@ -219,6 +237,7 @@ async def cmd_status(args: argparse.Namespace, home: Path) -> int:
         "service": record or None,
         "server": server,
         "api_url": os.environ.get("PREFECT_API_URL") or "ephemeral",
+        "backends": await _target_backends(),
     }
     if args.json:
         print_json(status)
@@ -234,6 +253,9 @@ async def cmd_status(args: argparse.Namespace, home: Path) -> int:
     print(f"service:     {record['ui_url'] if record else 'not running'}")
     if server:
         print(f"server:      {server['state']}, {server['restarts']} restart(s) {server['detail']}")
+    if status["backends"]:
+        chosen = ", ".join(f"{name} {how}" for name, how in status["backends"].items())
+        print(f"backends:    {chosen}")
     return 0
 
 

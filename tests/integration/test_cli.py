@@ -98,6 +98,12 @@ def test_import_config_from_mercure_json(env: DispatchEnv, tmp_path: Path) -> No
     assert names["PACS_Main"]["type"] == "dicom"
     assert "secret" not in done.stdout + listed.stdout
 
+    # An imported DICOM target sends with the fastest correct backend, and says which.
+    tested = run_cli("targets", "test", "PACS_Main")
+    assert json.loads(tested.stdout)["backend"] == "dcmsend (auto)"
+    status = json.loads(run_cli("status", "--json").stdout)
+    assert status["backends"] == {"PACS_Main": "dcmsend (auto)"}
+
 
 def test_import_config_refuses_names_that_share_a_slug(env: DispatchEnv, tmp_path: Path) -> None:
     path = tmp_path / "mercure.json"

@@ -18,7 +18,7 @@ from pynetdicom.dsutils import split_dataset
 from blocks import _dcmsend
 from blocks._dcmsend_report import parse_report
 from blocks.base import SendContext, dicom_files
-from blocks.dicom import DicomTarget
+from blocks.dicom import DicomTarget, DicomTLSTarget
 from blocks.errors import PermanentTargetError, TransientTargetError
 from tasks.taskjson import read_task
 from tests.cases import make_case
@@ -92,9 +92,31 @@ def test_command_line_is_mercures_order() -> None:
     ]
 
 
-def test_backend_defaults_to_pynetdicom() -> None:
-    assert DicomTarget(ip="127.0.0.1").backend == "pynetdicom"
+def test_backend_defaults_to_auto_which_picks_dcmsend_where_it_can() -> None:
+    plain = DicomTarget(ip="127.0.0.1")
+    assert plain.backend == "auto"
+    assert plain.retrieve_backend == "auto"
     assert DicomTarget.model_fields["backend"].description.endswith(".")  # type: ignore[union-attr]
+    assert plain.send_backend() == "dcmsend"
+    assert plain.backends() == {"send": "dcmsend (auto)", "retrieve": "dcmtk (auto)"}
+    # What only pynetdicom does: several associations, TLS, C-MOVE bound to one address.
+    assert DicomTarget(ip="127.0.0.1", max_associations=4).send_backend() == "pynetdicom"
+    assert DicomTLSTarget(ip="127.0.0.1").send_backend() == "pynetdicom"
+    bound = DicomTarget(ip="127.0.0.1", retrieve_method="move", move_listen_address="127.0.0.1")
+    assert bound.backends()["retrieve"] == "pynetdicom (auto)"
+    assert DicomTarget(ip="127.0.0.1", backend="pynetdicom").backends()["send"] == "pynetdicom"
+
+
+def test_auto_sends_with_dcmsend_through_dispatch_case(env: DispatchEnv, tmp_path: Path) -> None:
+    with StoreSCP(tmp_path / "pacs") as scp:
+        env.save_target(DicomTarget(ip="127.0.0.1", port=str(scp.port), aet_target="STORESCP"), "a")
+        case = make_case(env.outgoing, ["a"], files=3)
+        result = env.dispatch(case)
+        assert result["location"] == "success", result
+        assert len(scp.received()) == 3
+    assert result["targets"]["a"]["extra"]["backend"] == "dcmsend"
+    summary = parse_report((env.success / case.name / "sent.txt").read_text())["summary"]
+    assert summary["successful"] == 3
 
 
 def test_case_arrives_byte_identical_through_dispatch_case(
@@ -224,3 +246,26 @@ def test_connection_test_reports_dcmsend(tmp_path: Path) -> None:
     assert result == {"ping": True, "c-echo": True, "loopback_mode": False, "dcmsend": True}
     assert DicomTarget.connection_ok(result)
     assert not DicomTarget.connection_ok({**result, "dcmsend": False})
+
+
+def test_parallel_cases_wait_for_a_one_association_peer_instead_of_timing_out(
+    env: DispatchEnv, tmp_path: Path
+) -> None:
+    """storescp without --fork serves one association at a time; each store takes 1 s here and
+    the ACSE timeout is 1 s, so an association opened while another runs would time out. With
+    the default ``concurrent_associations`` (1) the cases wait before connecting and all arrive
+    first time (without the gate, associations fail with "DUL network read timeout")."""
+    import asyncio
+
+    from blocks.settings import DispatcherSettings
+    from flows.sweep import Dispatcher
+
+    env.save_settings(num_proc=3)
+    with StoreSCP(tmp_path / "pacs", extra_args=["--sleep-during", "1"]) as scp:
+        env.save_target(target(scp.port, acse_timeout=1), "slow_pacs")
+        cases = [make_case(env.outgoing, ["slow_pacs"], files=1) for _ in range(3)]
+        result = asyncio.run(Dispatcher(DispatcherSettings.load("default")).one_pass())
+        assert len(scp.received()) == 3
+    assert result.dispatched == result.succeeded == 3, result
+    for case in cases:
+        assert env.task(env.success / case.name)["dispatch"].get("retries", 0) in (0, None)

@@ -16,6 +16,8 @@ from tests.peers.pynetdicom_scp import DROP, parrot_scp
 
 
 def dicom_target(port: int, aet: str = "STORESCP", **fields: object) -> DicomTarget:
+    """A target on the pynetdicom path (dcmsend's own tests: test_dcmsend_backend.py)."""
+    fields.setdefault("backend", "pynetdicom")
     return DicomTarget(ip="127.0.0.1", port=str(port), aet_target=aet, **fields)
 
 

@@ -73,6 +73,7 @@ class Peer:
             "move_listen_address": "127.0.0.1",
             "dimse_timeout": 10,
             "target_name": SOURCE,
+            "retrieve_backend": "pynetdicom",  # the default (auto) is tested on its own
         }
         values.update(fields)
         return DicomTarget(**values)

@@ -45,6 +45,9 @@ PREFECT_FREE = sorted(
         "blocks._stow",
         "blocks._storage_scp",
         "tasks.cleaner",
+        "blocks._transfer_backend",
+        "blocks._peer_gate",
+        "flows._wakeup",
     }
 )
 

@@ -13,14 +13,27 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
-__all__ = ["DEPRECATED_OVERRIDES", "HOME_ENV", "data_dir", "deprecated_override"]
+__all__ = [
+    "DEPRECATED_OVERRIDES",
+    "HOME_ENV",
+    "HOST_ID_ENV",
+    "data_dir",
+    "deprecated_override",
+    "host_id",
+]
 
 LOGGER = logging.getLogger(__name__)
 
 #: The data directory's variable; default ``~/.dicom-dispatch``.
 HOME_ENV = "DICOM_DISPATCH_HOME"
+
+#: This host's name in case claims (``.processing``); default the host name. Two machines that
+#: share the folders must never have the same one; set it where host names are not unique (e.g.
+#: containers that all call themselves ``localhost``).
+HOST_ID_ENV = "DICOM_DISPATCH_HOST_ID"
 
 #: ``DispatcherSettings`` field → the environment variable that used to set it. Still honoured,
 #: with a warning, so a site's unit file keeps working while it moves the value into the block.
@@ -40,6 +53,11 @@ def data_dir(create: bool = False) -> Path:
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def host_id() -> str:
+    """Who this host is in the claims it writes: ``$DICOM_DISPATCH_HOST_ID`` or the host name."""
+    return os.environ.get(HOST_ID_ENV, "").strip() or socket.gethostname()
 
 
 def deprecated_override(field: str, value: float) -> float:

@@ -87,9 +87,9 @@ async def _run_service(stop_flag: threading.Event) -> None:
 
     async with get_client() as client:
         await aregister_block_types(client)
-        await ensure_zombie_automation(client)
+        settings = await aload_settings()
+        await ensure_zombie_automation(client, settings.takeover_window_seconds)
         on_pool = await _deployments_on_work_pools(client)
-    settings = await aload_settings()
     await _sync_limits(settings)
 
     runner = Runner(name="dicom-dispatch", pause_on_shutdown=False)

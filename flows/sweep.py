@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,13 @@ from blocks.registry import aload_settings
 from blocks.settings import DispatcherSettings
 from flows.case_states import CaseDeployment, crash_run
 from flows.dispatch import run_case
+from flows.takeover import ForeignClaims
 from tasks import casefolder as cf
 
 __all__ = ["Dispatcher", "PassResult", "sweep_outgoing"]
 
 LOGGER = logging.getLogger(__name__)
 UNLIMITED_CASES = 32
-FLOW_RUN_CLAIM_CHECK_SECONDS = 30.0
 
 
 @dataclass
@@ -56,7 +55,7 @@ class Dispatcher:
     def __init__(self, settings: DispatcherSettings) -> None:
         self.settings = settings
         self._reported_invalid: set[Path] = set()
-        self._last_run_claim_check = 0.0
+        self._foreign_claims = ForeignClaims()
         self._in_flight: set[asyncio.Task[bool]] = set()
         self._deployment = CaseDeployment()
         #: Runs whose process died holding a claim, to be set Crashed (claim, run id).
@@ -116,28 +115,8 @@ class Dispatcher:
                     LOGGER.warning("could not set run %s Crashed: %s", run_id, exc)
 
     async def _release_claims_of_dead_runs(self, claimed: list[Path]) -> None:
-        """Claims made on other hosts are judged by their flow run: a finished run owns nothing."""
-        if time.monotonic() - self._last_run_claim_check < FLOW_RUN_CLAIM_CHECK_SECONDS:
-            return
-        self._last_run_claim_check = time.monotonic()
-        owners = [(p, cf.read_claim(p)) for p in claimed]
-        foreign = [(p, o) for p, o in owners if o and o.flow_run_id and not o.is_this_process()]
-        if not foreign:
-            return
-        async with get_client() as client:
-            for path, owner in foreign:
-                try:
-                    run = await client.read_flow_run(owner.flow_run_id)  # type: ignore[arg-type]
-                except Exception as exc:  # unknown run: leave the claim alone
-                    LOGGER.debug(
-                        "claim of %s: run %s unreadable: %s", path.name, owner.flow_run_id, exc
-                    )
-                    continue
-                if run.state is not None and run.state.is_final() and cf.read_claim(path) == owner:
-                    cf.release_claim(path)
-                    LOGGER.warning(
-                        "case %s: released the claim of finished run %s", path.name, run.id
-                    )
+        """Claims made elsewhere are judged by their run and heartbeat (``flows/takeover.py``)."""
+        await self._foreign_claims.release_dead(claimed, self.settings.takeover_window_seconds)
 
     async def ready_cases(self) -> tuple[cf.Scan, list[cf.Candidate]]:
         scan = await anyio.to_thread.run_sync(self._scan)

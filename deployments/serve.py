@@ -26,6 +26,7 @@ from deployments.environment import (
     write_service_record,
 )
 from deployments.server import PrefectServer
+from deployments.workers import SETTINGS_REFRESH_SECONDS, DispatcherChildren, run_dispatcher_loop
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["SETTINGS_REFRESH_SECONDS", "is_loopback", "serve"]
 
 LOGGER = logging.getLogger("dicom_dispatch.serve")
-SETTINGS_REFRESH_SECONDS = 15.0
 
 
 def is_loopback(host: str) -> bool:
@@ -47,7 +47,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-async def serve(home: Path, host: str, port: int, db: str, stop_flag: threading.Event) -> int:
+async def serve(
+    home: Path, host: str, port: int, db: str, stop_flag: threading.Event, workers: int = 1
+) -> int:
     server: PrefectServer | None = None
     embedded_db = False
     if not os.environ.get("PREFECT_API_URL") and not _profile_api_url():
@@ -63,7 +65,7 @@ async def serve(home: Path, host: str, port: int, db: str, stop_flag: threading.
         write_service_record(home, server.api_url, server.ui_url)
         print(f"Prefect UI: {server.ui_url}", flush=True)
     try:
-        await _run_service(stop_flag)
+        await _run_service(stop_flag, workers)
     finally:
         remove_service_record(home)
         if server is not None:
@@ -73,7 +75,7 @@ async def serve(home: Path, host: str, port: int, db: str, stop_flag: threading.
     return 0
 
 
-async def _run_service(stop_flag: threading.Event) -> None:
+async def _run_service(stop_flag: threading.Event, workers: int = 1) -> None:
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
     from prefect.types.entrypoint import EntrypointType
@@ -118,25 +120,16 @@ async def _run_service(stop_flag: threading.Event) -> None:
     LOGGER.info("dispatching from %s", settings.folders()[0])
     print(f"dispatching from {settings.folders()[0]}", flush=True)
 
-    async def refresh() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), SETTINGS_REFRESH_SECONDS)
-            if stop.is_set():
-                return
-            try:
-                dispatcher.settings = await aload_settings()
-                await _sync_limits(dispatcher.settings)
-            except Exception:
-                LOGGER.exception("could not refresh the settings")
-
-    refresher = asyncio.create_task(refresh())
+    children = DispatcherChildren(workers - 1)  # this process is dispatcher 1
+    children.start()
+    supervisor = asyncio.create_task(children.supervise(stop))
     try:
-        await dispatcher.run_forever(stop)
+        await run_dispatcher_loop(dispatcher, stop, _sync_limits)
     finally:
         stop.set()
-        refresher.cancel()
         watcher.cancel()
+        supervisor.cancel()
+        await asyncio.to_thread(children.stop)
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(jobs_task, 30)
         await runner.astop()

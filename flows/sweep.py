@@ -24,6 +24,7 @@ from blocks.registry import aload_settings
 from blocks.settings import DispatcherSettings
 from flows.case_states import CaseDeployment, crash_run
 from flows.dispatch import run_case
+from flows.fanout import case_pool_deployment, fan_out
 from flows.takeover import ForeignClaims
 from tasks import casefolder as cf
 
@@ -212,6 +213,9 @@ async def sweep_outgoing() -> dict[str, Any]:
     logger = get_run_logger()
     dispatcher = Dispatcher(await aload_settings())
     dispatcher.ensure_folders()
+    queued = await _fan_out_on_work_pool(dispatcher)
+    if queued is not None:
+        return queued
     result = await dispatcher.one_pass()
     logger.info(
         "dispatched %d case(s), %d reached success/%s",
@@ -226,4 +230,23 @@ async def sweep_outgoing() -> dict[str, Any]:
         "waiting_for_retry": result.waiting_for_retry,
         "next_retry_at": result.next_retry_at,
         "cases": result.cases,
+    }
+
+
+async def _fan_out_on_work_pool(dispatcher: Dispatcher) -> dict[str, Any] | None:
+    """Work-pool mode (``flows/fanout.py``): one queued run per case; None in the other modes."""
+    async with get_client() as client:
+        deployment_id = await case_pool_deployment(client)
+    if deployment_id is None:
+        return None
+    queued, halted = await fan_out(dispatcher, deployment_id)
+    get_run_logger().info("queued %d case(s) on the work pool", queued)
+    return {
+        "dispatched": 0,
+        "succeeded": 0,
+        "queued": queued,
+        "halted": halted,
+        "waiting_for_retry": 0,
+        "next_retry_at": None,
+        "cases": {},
     }

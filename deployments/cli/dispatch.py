@@ -252,6 +252,7 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
     ours. Off the main thread the engine leaves signals alone.
     """
     from deployments.serve import is_loopback, serve
+    from deployments.workers import default_workers
 
     if not is_loopback(args.host) and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
         raise UsageError(
@@ -262,7 +263,8 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
     outcome: list[int] = []
 
     def service() -> None:
-        outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop)))
+        workers = args.workers or default_workers()
+        outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop, workers)))
 
     worker = threading.Thread(target=service, name="dicom-dispatch-service")
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -312,4 +314,21 @@ def add_serve_parser(sub: Any) -> None:
         default="postgres",
         help="database of the embedded Prefect server (default: postgres)",
     )
+    p.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=None,
+        metavar="N",
+        help="dispatcher processes on this host (default: the CPUs it may use, at most 4)",
+    )
     p.set_defaults(handler=cmd_serve, needs_api=False)
+
+
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 1, got {text!r}")
+    return value

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient, get_client
+from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
-from prefect.runtime import flow_run as current_run
 
 from flows.case_states import CASE_DEPLOYMENT
 from flows.dispatch import case_tags, run_name_for
@@ -40,7 +40,8 @@ async def case_pool_deployment(client: PrefectClient) -> UUID | None:
     Only a sweep that runs as a deployment run (on a worker) fans out; ``dicom-dispatch sweep``
     and the service's loop always dispatch in their own process.
     """
-    if current_run.deployment_id is None:
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None or context.flow_run.deployment_id is None:
         return None
     try:
         deployment = await client.read_deployment_by_name(CASE_DEPLOYMENT)

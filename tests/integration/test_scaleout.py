@@ -235,6 +235,7 @@ def test_work_pool_mode_with_a_real_worker(env: DispatchEnv, tmp_path: Path) -> 
         "DICOM_DISPATCH_SRC": str(ROOT),
         "DICOM_DISPATCH_HOME": str(tmp_path / "home"),
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",  # the runs' logs in worker.log
     }
     worker: subprocess.Popen[bytes] | None = None
     log = tmp_path / "worker.log"
@@ -283,7 +284,7 @@ def test_work_pool_mode_with_a_real_worker(env: DispatchEnv, tmp_path: Path) -> 
         (run,) = case_runs(case.name)
         assert run.work_queue_name == queue
         assert run.deployment_id is not None
-        wait_for(lambda r=run: _is_completed(r.id), 60, f"run {run.id} to complete")
+        wait_for(lambda r=run: _is_completed(r.id), 120, f"run {run.id} to complete")
 
 
 def _is_completed(run_id: Any) -> bool:

@@ -156,6 +156,8 @@ def one_run(
         "cases_per_s": cases / wall,
         "cpu_s_per_case": per_case,
         "peak_rss_mb": sorted(round(v / 2**20) for v in tree.peak_rss.values()),
+        # Other work on the machine takes cores from the ceiling: say how much there was.
+        "load_average_1m": os.getloadavg()[0],
     }
 
 
@@ -231,6 +233,7 @@ def report(result: dict[str, Any], first: dict[str, Any], dcmsend_s: float, core
     say(
         f"    peak RSS per process (MB): {result['peak_rss_mb']}" + "".join(f"; {m}" for m in marks)
     )
+    say(f"    load average (1 min) at the end: {result['load_average_1m']:.1f}")
 
 
 if __name__ == "__main__":

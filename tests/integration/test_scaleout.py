@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import StateType
@@ -75,6 +76,7 @@ def claim_owners(outgoing: Path) -> set[tuple[str, int]]:
     return found
 
 
+@pytest.mark.timeout(600)  # several real processes on a loaded machine
 def test_two_dispatcher_processes_send_each_case_once_within_the_limits(
     env: DispatchEnv, tmp_path: Path
 ) -> None:
@@ -112,6 +114,7 @@ def test_two_dispatcher_processes_send_each_case_once_within_the_limits(
     assert scp.max_open <= 2, f"{scp.max_open} associations at once: the limit is 2"
 
 
+@pytest.mark.timeout(600)  # several real processes on a loaded machine
 def test_a_dead_hosts_case_is_taken_over(env: DispatchEnv, tmp_path: Path) -> None:
     """Two "hosts" (host ids) share the folders; the one sending a case is killed -9 mid-send.
 
@@ -214,6 +217,7 @@ def test_a_live_owner_cut_off_from_the_api_keeps_its_claim(env: DispatchEnv) -> 
     assert not (case / PROCESSING).exists()
 
 
+@pytest.mark.timeout(600)  # several real processes on a loaded machine
 def test_work_pool_mode_with_a_real_worker(env: DispatchEnv, tmp_path: Path) -> None:
     """prefect.yaml deployed; the sweep queues each case on its priority's queue; a worker sends."""
     pool = "dicom-dispatch"

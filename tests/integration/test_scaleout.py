@@ -273,6 +273,9 @@ def test_work_pool_mode_with_a_real_worker(env: DispatchEnv, tmp_path: Path) -> 
             240,
             "the worker to send every case",
         )
+        for case in every:  # the worker must not be stopped while a run is ending
+            (run,) = case_runs(case.name)
+            wait_for(lambda r=run: _is_completed(r.id), 60, f"run {run.id} to complete")
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGINT)  # as Ctrl-C; its exit code is Prefect's business
@@ -288,7 +291,6 @@ def test_work_pool_mode_with_a_real_worker(env: DispatchEnv, tmp_path: Path) -> 
         (run,) = case_runs(case.name)
         assert run.work_queue_name == queue
         assert run.deployment_id is not None
-        wait_for(lambda r=run: _is_completed(r.id), 120, f"run {run.id} to complete")
 
 
 def _is_completed(run_id: Any) -> bool:

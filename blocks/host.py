@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -22,11 +23,13 @@ __all__ = [
     "DEPRECATED_OVERRIDES",
     "HISTORY_RETENTION_ENV",
     "HOME_ENV",
+    "HOST_ID_ENV",
     "METRICS_ADDRESS_ENV",
     "METRICS_PORT_ENV",
     "data_dir",
     "deprecated_override",
     "history_retention_seconds",
+    "host_id",
     "metrics_address",
     "restrict_data_dir",
     "write_private_file",
@@ -50,6 +53,11 @@ METRICS_ADDRESS_ENV = "DICOM_DISPATCH_METRICS_ADDRESS"
 METRICS_PORT_ENV = "DICOM_DISPATCH_METRICS_PORT"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 DEFAULT_METRICS_PORT = 9464
+
+#: This host's name in case claims (``.processing``); default the host name. Two machines that
+#: share the folders must never have the same one; set it where host names are not unique (e.g.
+#: containers that all call themselves ``localhost``).
+HOST_ID_ENV = "DICOM_DISPATCH_HOST_ID"
 
 #: ``DispatcherSettings`` field → the environment variable that used to set it. Still honoured,
 #: with a warning, so a site's unit file keeps working while it moves the value into the block.
@@ -113,6 +121,11 @@ def write_private_file(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def host_id() -> str:
+    """Who this host is in the claims it writes: ``$DICOM_DISPATCH_HOST_ID`` or the host name."""
+    return os.environ.get(HOST_ID_ENV, "").strip() or socket.gethostname()
 
 
 def deprecated_override(field: str, value: float) -> float:

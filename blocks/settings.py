@@ -148,6 +148,17 @@ class DispatcherSettings(Block):
         default=60, gt=0, description="Seconds between the cleaner's looks at success/."
     )
 
+    # issue 12: several dispatcher hosts on one server
+    takeover_window_seconds: int = Field(
+        default=90,
+        ge=45,
+        le=150,
+        description=(
+            "A dead host's case is taken over when its flow run has had no heartbeat and its "
+            "claim no refresh for this long (also the zombie-run automation's window)."
+        ),
+    )
+
     def with_overrides(self) -> DispatcherSettings:
         """A copy with the deprecated environment overrides applied (see ``blocks.host``).
 

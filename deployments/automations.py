@@ -40,13 +40,14 @@ LOGGER = logging.getLogger("dicom_dispatch.serve")
 #: Three missed heartbeats: a loaded host or a slow API is not mistaken for a dead one.
 ZOMBIE_WINDOW_SECONDS = 90
 ZOMBIE_AUTOMATION = "dicom-dispatch: crash zombie flow runs"
-ZOMBIE_MESSAGE = (
-    f"no heartbeat for {ZOMBIE_WINDOW_SECONDS} s: the process running this flow run is gone"
-)
 
 
-def zombie_automation() -> AutomationCore:
-    """The automation as it should be on the server."""
+def zombie_message(window: int) -> str:
+    return f"no heartbeat for {window} s: the process running this flow run is gone"
+
+
+def zombie_automation(window: int = ZOMBIE_WINDOW_SECONDS) -> AutomationCore:
+    """The automation as it should be on the server (``window``: the settings' takeover window)."""
     return AutomationCore(
         name=ZOMBIE_AUTOMATION,
         description="Marks flow runs Crashed when their process stops sending heartbeats.",
@@ -58,18 +59,20 @@ def zombie_automation() -> AutomationCore:
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
-            within=dt.timedelta(seconds=ZOMBIE_WINDOW_SECONDS),
+            within=dt.timedelta(seconds=window),
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=ZOMBIE_MESSAGE)],
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=zombie_message(window))],
     )
 
 
-async def ensure_zombie_automation(client: PrefectClient) -> str:
+async def ensure_zombie_automation(
+    client: PrefectClient, window: int = ZOMBIE_WINDOW_SECONDS
+) -> str:
     """Create the automation, or bring an existing one of that name up to date (idempotent).
 
     Returns ``"created"``, ``"updated"`` or ``"unchanged"``.
     """
-    return await ensure_automation(client, zombie_automation())
+    return await ensure_automation(client, zombie_automation(window))
 
 
 async def ensure_automation(client: PrefectClient, wanted: AutomationCore) -> str:

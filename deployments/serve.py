@@ -37,6 +37,7 @@ from deployments.metrics import prepare_metrics_dir
 from deployments.server import PrefectServer
 from deployments.shutdown import ShutdownClock
 from deployments.supervisor import ServerSupervisor
+from deployments.workers import SETTINGS_REFRESH_SECONDS, DispatcherChildren, run_dispatcher_loop
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -46,10 +47,11 @@ if TYPE_CHECKING:
 __all__ = ["SETTINGS_REFRESH_SECONDS", "is_loopback", "serve"]
 
 LOGGER = logging.getLogger("dicom_dispatch.serve")
-SETTINGS_REFRESH_SECONDS = 15.0
 
 
-async def serve(home: Path, host: str, port: int, db: str, stop_flag: threading.Event) -> int:
+async def serve(
+    home: Path, host: str, port: int, db: str, stop_flag: threading.Event, workers: int = 1
+) -> int:
     server: PrefectServer | None = None
     supervisor: ServerSupervisor | None = None
     embedded_db = False
@@ -75,7 +77,7 @@ async def serve(home: Path, host: str, port: int, db: str, stop_flag: threading.
         print(f"Prefect UI: {server.ui_url} (log in with {home / 'api-auth-string'})", flush=True)
     prepare_metrics_dir(home)  # one metrics directory per host (deployments/metrics.py)
     try:
-        await _run_service(stop_flag, clock, supervisor)
+        await _run_service(stop_flag, clock, supervisor, workers)
     finally:
         remove_service_record(home)
         if supervisor is not None:
@@ -89,7 +91,10 @@ async def serve(home: Path, host: str, port: int, db: str, stop_flag: threading.
 
 
 async def _run_service(
-    stop_flag: threading.Event, clock: ShutdownClock, supervisor: ServerSupervisor | None
+    stop_flag: threading.Event,
+    clock: ShutdownClock,
+    supervisor: ServerSupervisor | None,
+    workers: int = 1,
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
@@ -106,9 +111,9 @@ async def _run_service(
 
     async with get_client() as client:
         await aregister_block_types(client)
-        await ensure_zombie_automation(client)
+        settings = await aload_settings()
+        await ensure_zombie_automation(client, settings.takeover_window_seconds)
         on_pool = await _deployments_on_work_pools(client)
-    settings = await aload_settings()
     await _sync_limits(settings)
 
     runner = Runner(name="dicom-dispatch", pause_on_shutdown=False)
@@ -130,40 +135,35 @@ async def _run_service(
     # starts); they must not be added to the Runner, which would start them unchecked.
     jobs_task = asyncio.create_task(run_background_executor(stop))
 
+    children = DispatcherChildren(workers - 1)  # this process is dispatcher 1
+    children.start()
+
     async def watch_stop_flag() -> None:
         while not stop_flag.is_set():
             await asyncio.sleep(0.2)
         clock.begin()
         stop.set()
+        children.ask_to_stop()  # they drain in their own grace, beside this process
 
     watcher = asyncio.create_task(watch_stop_flag())
     LOGGER.info("dispatching from %s", settings.folders()[0])
     print(f"dispatching from {settings.folders()[0]}", flush=True)
 
-    async def refresh() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), SETTINGS_REFRESH_SECONDS)
-            if stop.is_set():
-                return
-            try:
-                dispatcher.settings = await aload_settings()
-                await _sync_limits(dispatcher.settings)
-            except Exception:
-                LOGGER.exception("could not refresh the settings")
-
-    refresher = asyncio.create_task(refresh())
     upkeep = asyncio.create_task(run_upkeep(lambda: dispatcher.settings, stop))  # cleaner, metrics
     supervising = asyncio.create_task(supervisor.watch(stop)) if supervisor else None
+    minding = asyncio.create_task(children.supervise(stop))
     try:
-        await dispatcher.run_forever(stop, max_grace=clock.grace(float("inf")))
+        await run_dispatcher_loop(
+            dispatcher, stop, _sync_limits, max_grace=clock.grace(float("inf"))
+        )
     finally:
         clock.begin()
         stop.set()
-        refresher.cancel()
         watcher.cancel()
         if supervising is not None:
             supervising.cancel()
+        minding.cancel()
+        await asyncio.to_thread(children.stop, clock.left(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(upkeep, clock.left(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -213,7 +213,7 @@ async def dispatch_case(case: str) -> Any:
         return already_sent(str(case_dir), done.as_result())
     run_id = str(current_run.id) if current_run.id else None
     owner = cf.read_claim(case_dir)
-    if owner is not None and owner.is_this_process():
+    if owner is not None and (owner.is_this_process() or owner.is_queued_for(run_id)):
         if run_id:
             cf.record_claim_run(case_dir, run_id)
     elif not cf.claim_case(case_dir, run_id):

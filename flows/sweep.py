@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,14 @@ from flows._shutdown import ABORT_REASON, begin_abort
 from flows._wakeup import Wakeup, watch_outgoing
 from flows.case_states import CaseDeployment, crash_run
 from flows.dispatch import give_up_attempt, run_case
+from flows.fanout import case_pool_deployment, fan_out
+from flows.takeover import ForeignClaims
 from tasks import casefolder as cf
 
 __all__ = ["Dispatcher", "PassResult", "sweep_outgoing"]
 
 LOGGER = logging.getLogger(__name__)
 UNLIMITED_CASES = 32
-FLOW_RUN_CLAIM_CHECK_SECONDS = 30.0
 #: After the grace period, how long aborted runs get to unwind before their claims are freed.
 ABORT_WAIT_SECONDS = 1.5
 
@@ -61,7 +61,7 @@ class Dispatcher:
     def __init__(self, settings: DispatcherSettings) -> None:
         self.settings = settings
         self._reported_invalid: set[Path] = set()
-        self._last_run_claim_check = 0.0
+        self._foreign_claims = ForeignClaims()
         self._in_flight: set[asyncio.Task[bool]] = set()
         #: The case folder of each run in flight: never claimed twice, aborted on stop.
         self._cases: dict[asyncio.Task[bool], Path] = {}
@@ -126,28 +126,8 @@ class Dispatcher:
                     LOGGER.warning("could not set run %s Crashed: %s", run_id, exc)
 
     async def _release_claims_of_dead_runs(self, claimed: list[Path]) -> None:
-        """Claims made on other hosts are judged by their flow run: a finished run owns nothing."""
-        if time.monotonic() - self._last_run_claim_check < FLOW_RUN_CLAIM_CHECK_SECONDS:
-            return
-        self._last_run_claim_check = time.monotonic()
-        owners = [(p, cf.read_claim(p)) for p in claimed]
-        foreign = [(p, o) for p, o in owners if o and o.flow_run_id and not o.is_this_process()]
-        if not foreign:
-            return
-        async with get_client() as client:
-            for path, owner in foreign:
-                try:
-                    run = await client.read_flow_run(owner.flow_run_id)  # type: ignore[arg-type]
-                except Exception as exc:  # unknown run: leave the claim alone
-                    LOGGER.debug(
-                        "claim of %s: run %s unreadable: %s", path.name, owner.flow_run_id, exc
-                    )
-                    continue
-                if run.state is not None and run.state.is_final() and cf.read_claim(path) == owner:
-                    cf.release_claim(path)
-                    LOGGER.warning(
-                        "case %s: released the claim of finished run %s", path.name, run.id
-                    )
+        """Claims made elsewhere are judged by their run and heartbeat (``flows/takeover.py``)."""
+        await self._foreign_claims.release_dead(claimed, self.settings.takeover_window_seconds)
 
     async def ready_cases(self) -> tuple[cf.Scan, list[cf.Candidate]]:
         scan = await anyio.to_thread.run_sync(self._scan)
@@ -268,6 +248,9 @@ async def sweep_outgoing() -> dict[str, Any]:
     logger = get_run_logger()
     dispatcher = Dispatcher(await aload_settings())
     dispatcher.ensure_folders()
+    queued = await _fan_out_on_work_pool(dispatcher)
+    if queued is not None:
+        return queued
     result = await dispatcher.one_pass()
     logger.info(
         "dispatched %d case(s), %d reached success/%s",
@@ -282,4 +265,23 @@ async def sweep_outgoing() -> dict[str, Any]:
         "waiting_for_retry": result.waiting_for_retry,
         "next_retry_at": result.next_retry_at,
         "cases": result.cases,
+    }
+
+
+async def _fan_out_on_work_pool(dispatcher: Dispatcher) -> dict[str, Any] | None:
+    """Work-pool mode (``flows/fanout.py``): one queued run per case; None in the other modes."""
+    async with get_client() as client:
+        deployment_id = await case_pool_deployment(client)
+    if deployment_id is None:
+        return None
+    queued, halted = await fan_out(dispatcher, deployment_id)
+    get_run_logger().info("queued %d case(s) on the work pool", queued)
+    return {
+        "dispatched": 0,
+        "succeeded": 0,
+        "queued": queued,
+        "halted": halted,
+        "waiting_for_retry": 0,
+        "next_retry_at": None,
+        "cases": {},
     }

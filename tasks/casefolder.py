@@ -17,20 +17,25 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
-import json
 import logging
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from tasks.safefiles import create_new, ensure_marker, replace_file
+from tasks.claims import (
+    PROCESSING,
+    ClaimOwner,
+    claim_case,
+    claim_is_stale,
+    read_claim,
+    record_claim_run,
+    release_claim,
+)
+from tasks.safefiles import ensure_marker, replace_file
 from tasks.taskjson import (
     TASKFILE,
     Task,
@@ -61,6 +66,7 @@ __all__ = [
     "move_case",
     "order_cases",
     "read_claim",
+    "record_claim_run",
     "record_failed_attempt",
     "release_claim",
     "reset_status_if_mismatched",
@@ -73,7 +79,6 @@ __all__ = [
 LOGGER = logging.getLogger(__name__)
 
 LOCK = ".lock"
-PROCESSING = ".processing"
 ERROR = ".error"
 HALT = "HALT"
 COMPLETE = ".complete"
@@ -268,79 +273,7 @@ def order_cases(cands: Iterable[Candidate], *, offpeak_now: bool) -> list[Candid
 # claims
 
 
-@dataclass(frozen=True)
-class ClaimOwner:
-    """Who holds a ``.processing`` marker. mercure's own dispatcher leaves it empty."""
-
-    host: str
-    pid: int
-    process_started: float
-    claimed_at: str
-    flow_run_id: str | None = None
-
-    @classmethod
-    def me(cls, flow_run_id: str | None = None) -> ClaimOwner:
-        return cls(
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            process_started=_process_started(os.getpid()) or 0.0,
-            claimed_at=dt.datetime.now().astimezone().isoformat(),
-            flow_run_id=flow_run_id,
-        )
-
-    def is_this_process(self) -> bool:
-        return self.host == socket.gethostname() and self.pid == os.getpid()
-
-
-def _process_started(pid: int) -> float | None:
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def claim_case(case_dir: Path, flow_run_id: str | None = None) -> bool:
-    """Create ``.processing`` exclusively; False when someone else holds the case."""
-    try:
-        create_new(case_dir / PROCESSING, json.dumps(asdict(ClaimOwner.me(flow_run_id))).encode())
-    except FileExistsError:
-        return False
-    return True
-
-
-def read_claim(case_dir: Path) -> ClaimOwner | None:
-    """The owner recorded in ``.processing``; None if absent, empty or foreign (mercure's)."""
-    try:
-        data = json.loads((case_dir / PROCESSING).read_text() or "null")
-        return ClaimOwner(**data) if isinstance(data, dict) else None
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def record_claim_run(case_dir: Path, flow_run_id: str) -> None:
-    """Add the flow run id to our claim, so a claim can be traced (and judged) by its run."""
-    owner = read_claim(case_dir)
-    if owner is None or not owner.is_this_process():
-        return
-    claim = {**asdict(owner), "flow_run_id": flow_run_id}
-    replace_file(case_dir / PROCESSING, json.dumps(claim).encode())
-
-
-def release_claim(case_dir: Path) -> None:
-    (case_dir / PROCESSING).unlink(missing_ok=True)
-
-
-def claim_is_stale(case_dir: Path) -> bool:
-    """True when the claim was made on this host by a process that no longer exists.
-
-    An empty or foreign marker (mercure's dispatcher writes none) is never judged stale here:
-    its owner cannot be proven gone. Claims from other hosts are judged by their flow run.
-    """
-    owner = read_claim(case_dir)
-    if owner is None or owner.host != socket.gethostname():
-        return False
-    started = _process_started(owner.pid)
-    return started is None or abs(started - owner.process_started) > 1.0
+# Claims live in tasks/claims.py (their content and heartbeat); re-exported here.
 
 
 # ---------------------------------------------------------------------------------------------

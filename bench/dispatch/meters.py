@@ -12,7 +12,7 @@ from typing import Any
 SERVER_PROCESSES: dict[str, int] = {}
 
 
-def _tree_cpu(pid: int) -> float:
+def tree_cpu(pid: int) -> float:
     """User + system CPU seconds of a process and its descendants (live ones, and the exited
     children it has reaped)."""
     import psutil
@@ -46,7 +46,7 @@ class CpuMeter:
 
         times = psutil.Process().cpu_times()
         now = {"dispatcher process": times.user + times.system}
-        now.update({name: _tree_cpu(pid) for name, pid in SERVER_PROCESSES.items()})
+        now.update({name: tree_cpu(pid) for name, pid in SERVER_PROCESSES.items()})
         return now
 
     def __enter__(self) -> CpuMeter:

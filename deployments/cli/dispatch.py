@@ -291,6 +291,7 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
     from deployments.environment import _profile_api_url
     from deployments.serve import is_loopback, serve
     from deployments.shutdown import join_within_budget
+    from deployments.workers import default_workers
 
     if not is_loopback(args.host) and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
         raise UsageError(
@@ -308,7 +309,8 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
     outcome: list[int] = []
 
     def service() -> None:
-        outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop)))
+        workers = args.workers or default_workers()
+        outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop, workers)))
 
     worker = threading.Thread(target=service, name="dicom-dispatch-service")
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -381,4 +383,21 @@ def add_serve_parser(sub: Any) -> None:
         default="postgres",
         help="database of the embedded Prefect server (default: postgres)",
     )
+    p.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=None,
+        metavar="N",
+        help="dispatcher processes on this host (default: the CPUs it may use, at most 4)",
+    )
     p.set_defaults(handler=cmd_serve, needs_api=False)
+
+
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 1, got {text!r}")
+    return value

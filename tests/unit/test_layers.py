@@ -16,7 +16,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("blocks", "tasks", "flows", "deployments")
 #: The pure bottom: what every other room may use, and which uses nothing above it.
-BOTTOM = {"blocks.errors", "blocks.host", "tasks.taskjson", "tasks.casefolder", "tasks.safefiles"}
+BOTTOM = {
+    "blocks.errors",
+    "blocks.host",
+    "tasks.taskjson",
+    "tasks.casefolder",
+    "tasks.safefiles",
+    "tasks.claims",
+}
 #: Modules that must import without Prefect (unit-testable, usable from any script).
 PREFECT_FREE = sorted(
     BOTTOM

@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from blocks.settings import DispatcherSettings
 from deployments.cleaner_service import clean_once, run_cleaner
 from tests.integration.conftest import DispatchEnv
+from tests.peers.tmpfs import small_tmpfs
 
 CASE_BYTES = 300 * 1024
 
@@ -60,21 +60,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    mountpoint = tmp_path / "volume"
-    mountpoint.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
+    with small_tmpfs(tmp_path / "volume") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def used_fraction(path: Path) -> float:

@@ -33,6 +33,7 @@ from tests.cases import make_case
 from tests.integration.conftest import DispatchEnv
 from tests.integration.test_serve import CLI, stop, wait_for
 from tests.peers.net import free_port
+from tests.peers.tmpfs import small_tmpfs
 
 EVIL_ORIGIN = "http://evil.example"
 
@@ -226,22 +227,6 @@ def test_sigterm_with_a_hung_send_exits_in_time(env: DispatchEnv, tmp_path: Path
     assert task["dispatch"]["retries"] == 1, "the aborted attempt must be recorded"
 
 
-@contextmanager
-def small_disk(mount_point: Path, size: str = "2m") -> Iterator[Path]:
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}): not root?")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
 def fill(disk: Path, leave_pages: int = 1) -> Path:
     """Fill ``disk``, leaving ``leave_pages`` pages free (the next claim takes the last)."""
     filler = disk / "filler"
@@ -261,7 +246,7 @@ def fill(disk: Path, leave_pages: int = 1) -> Path:
 def test_disk_full_mid_case_leaves_nothing_stuck(env: DispatchEnv, tmp_path: Path) -> None:
     """task.json cannot be written (ENOSPC) in the middle of an attempt: the case stays whole
     and unclaimed in the queue, and is sent once there is room again."""
-    with small_disk(tmp_path / "disk") as disk:
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
         outgoing, success, error = disk / "outgoing", disk / "success", disk / "error"
         for folder in (outgoing, success, error):
             folder.mkdir()

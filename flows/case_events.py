@@ -94,7 +94,10 @@ async def announce_outcome(outcome: Outcome, settings: DispatcherSettings) -> in
     for name in announced_rules(task):
         spec = settings.rule_notifications.get(name)
         if spec is None:
-            if name not in settings.rule_priorities:
+            # mercure's error for a rule its configuration lost; without any imported rules
+            # (no mercure.json, or one without rules) there is nothing to miss.
+            imported = settings.rule_priorities or settings.rule_notifications
+            if imported and name not in settings.rule_priorities:
                 logger.error("Rule %s does not exist in the imported configuration", name)
             continue
         rule = RuleNotification.from_mercure(name, spec)

@@ -13,9 +13,10 @@ import logging
 import time
 
 import anyio
+import httpx
 from prefect.client.orchestration import get_client
 
-__all__ = ["ApiWatch"]
+__all__ = ["ApiWatch", "is_api_outage"]
 
 LOGGER = logging.getLogger("flows.sweep")
 UP_HOLDS_SECONDS = 10.0
@@ -46,3 +47,23 @@ class ApiWatch:
             self._down_since = time.monotonic()
             LOGGER.error("the Prefect API is down (%s): waiting for it", problem)
         return False
+
+
+def is_api_outage(exc: BaseException) -> bool:
+    """Whether an attempt broke because the Prefect API went away, not because of the case.
+
+    Such an attempt is not the case's fault: it goes back in the queue uncounted, so a server
+    restart does not push a case back by a whole ``retry_delay`` (mercure's 15 minutes). The
+    causes are walked: Prefect wraps the transport error (a slot acquisition refused, a state
+    that could not be set) in exceptions of its own.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, httpx.TransportError):
+            return True
+        if isinstance(current, httpx.HTTPStatusError):
+            return current.response.status_code >= 500
+        current = current.__cause__ or current.__context__
+    return False

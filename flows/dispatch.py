@@ -28,6 +28,7 @@ from blocks.base import DispatchTarget
 from blocks.errors import CaseError, ConfigError, describe_error
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
+from flows._api_wait import is_api_outage
 from flows._loop_context import loop_settings, set_loop_settings
 from flows._shutdown import ABORT_REASON, aborting
 from flows.case_events import announce_outcome
@@ -235,8 +236,19 @@ async def dispatch_case(case: str) -> Any:
         cf.release_claim(case_dir)
         raise
     except BaseException as exc:
-        # Anything unexpected (a full disk, the API gone): never leave the case stuck. Count
-        # the attempt if the disk lets us, and free the claim in any case.
+        if is_api_outage(exc):
+            # The Prefect API went away mid-attempt: not the case's fault. Back to the queue
+            # uncounted; the loop claims it again once the API answers (flows/_api_wait.py).
+            LOGGER.warning(
+                "case %s: the Prefect API went away mid-attempt (%s); back in the queue, "
+                "attempt not counted",
+                case_dir.name,
+                describe_error(exc),
+            )
+            _release_own_claim(case_dir)
+            raise
+        # Anything else unexpected (a full disk): never leave the case stuck. Count the
+        # attempt if the disk lets us, and free the claim in any case.
         give_up_attempt(
             case_dir, settings, f"the attempt ended unexpectedly: {describe_error(exc)}"
         )
@@ -272,9 +284,7 @@ def give_up_attempt(case_dir: Path, settings: DispatcherSettings, reason: str) -
     except Exception as exc:
         LOGGER.error("case %s: could not record the attempt (%s): %s", case_dir.name, reason, exc)
     finally:
-        owner = cf.read_claim(case_dir)
-        if owner is not None and owner.is_this_process():
-            cf.release_claim(case_dir)
+        _release_own_claim(case_dir)
 
 
 def _fail_attempt(case_dir: Path, settings: DispatcherSettings, reason: str) -> CaseOutcome:
@@ -455,9 +465,9 @@ async def run_case(
         return bool(result.get("location") == "success")
     except Exception as exc:
         LOGGER.exception("case %s: the dispatch run failed", case_dir.name)
-        if started and settings is not None:
+        if started and settings is not None and not is_api_outage(exc):
             give_up_attempt(case_dir, settings, f"the dispatch run failed: {describe_error(exc)}")
-        else:  # no run, no attempt (the API is down): the case waits in the queue
+        else:  # no run or no API, no attempt: the case waits in the queue
             _release_own_claim(case_dir)
         return False
     finally:
@@ -465,6 +475,7 @@ async def run_case(
 
 
 def _release_own_claim(case_dir: Path) -> None:
+    """Free the case's claim if this process holds it (another may have taken it over)."""
     owner = cf.read_claim(case_dir)
     if owner is not None and owner.is_this_process():
         cf.release_claim(case_dir)

@@ -24,6 +24,7 @@ import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.states import Crashed, Running
@@ -114,6 +115,30 @@ def test_two_dispatcher_processes_send_each_case_once_within_the_limits(
     assert scp.max_open <= 2, f"{scp.max_open} associations at once: the limit is 2"
 
 
+def send_diagnosis(case_id: str) -> str:
+    """The case's send task runs and every tag limit's occupancy: why a send has not finished."""
+
+    runs = case_runs(case_id)
+
+    async def read() -> str:
+        async with get_client() as client:
+            lines = []
+            for run in runs:
+                for task_run in await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+                ):
+                    state = task_run.state
+                    lines.append(
+                        f"task {task_run.name}: {state.type if state else None} "
+                        f"{state.name if state else ''} {state.message if state else ''}"
+                    )
+            for limit in await client.read_global_concurrency_limits(limit=200):
+                lines.append(f"limit {limit.name}: {limit.active_slots}/{limit.limit}")
+            return "\n".join(lines)
+
+    return asyncio.run(read())
+
+
 @pytest.mark.timeout(600)  # several real processes on a loaded machine
 def test_a_dead_hosts_case_is_taken_over(env: DispatchEnv, tmp_path: Path) -> None:
     """Two "hosts" (host ids) share the folders; the one sending a case is killed -9 mid-send.
@@ -143,11 +168,14 @@ def test_a_dead_hosts_case_is_taken_over(env: DispatchEnv, tmp_path: Path) -> No
             owner = read_claim(case)
             assert owner is not None
             wait_for(lambda: scp.open_now > 0, 60, "the send in flight")
-            wait_for(
-                lambda: env.task(case)["dispatch"]["status"]["share"]["state"] == "complete",
-                30,
-                "the folder target to complete",
-            )
+            try:
+                wait_for(
+                    lambda: env.task(case)["dispatch"]["status"]["share"]["state"] == "complete",
+                    30,
+                    "the folder target to complete",
+                )
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{send_diagnosis(case.name)}") from None
             (run,) = case_runs(case.name)
             victim = hosts.pop(owner.host)
             victim.kill()

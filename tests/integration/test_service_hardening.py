@@ -29,6 +29,7 @@ import pytest
 
 from blocks.dicom import DicomTarget
 from blocks.folder import FolderTarget
+from tasks.taskjson import read_task_raw
 from tests.cases import make_case
 from tests.integration.conftest import DispatchEnv
 from tests.integration.test_serve import CLI, stop, wait_for
@@ -130,6 +131,12 @@ def test_embedded_service_locked_down_and_survives_its_server(tmp_path: Path) ->
         )
         assert no_claims(home / "outgoing")
         assert not list((home / "error").glob("*")), "no case may fail for the restart"
+        counted = {
+            c.name: retries
+            for c in cases
+            if (retries := read_task_raw(home / "success" / c.name)["dispatch"].get("retries"))
+        }
+        assert not counted, f"the server's restart is not the cases' fault: {counted}"
         status = subprocess.run(
             [*CLI, "status", "--json"], env=proc_env, capture_output=True, text=True, timeout=120
         )

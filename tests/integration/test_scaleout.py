@@ -155,7 +155,16 @@ def test_a_dead_hosts_case_is_taken_over(env: DispatchEnv, tmp_path: Path) -> No
     logs: dict[str, Path] = {}
     with counting_scp(gate=gate) as scp:
         env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
-        env.save_target(DicomTarget(ip="127.0.0.1", port=str(scp.port), aet_target=scp.aet), "pacs")
+        # The send stays in flight while the gate holds the C-STORE (as long as the receiver
+        # waits for it), however long the Folder target's run takes on a loaded machine.
+        pacs = DicomTarget(
+            ip="127.0.0.1",
+            port=str(scp.port),
+            aet_target=scp.aet,
+            dimse_timeout=300,
+            network_timeout=300,
+        )
+        env.save_target(pacs, "pacs")
         try:
             for host in ("host-a", "host-b"):
                 hosts[host], logs[host] = start_serve(
@@ -171,7 +180,7 @@ def test_a_dead_hosts_case_is_taken_over(env: DispatchEnv, tmp_path: Path) -> No
             try:
                 wait_for(
                     lambda: env.task(case)["dispatch"]["status"]["share"]["state"] == "complete",
-                    30,
+                    120,
                     "the folder target to complete",
                 )
             except AssertionError as exc:

@@ -61,9 +61,22 @@ def is_api_outage(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, httpx.TransportError):
+        if isinstance(current, httpx.TransportError | httpx.HTTPStatusError):
+            if not _to_the_api(current):
+                return False  # a peer's HTTP error (DICOMweb, XNAT): the case's attempt
+            if isinstance(current, httpx.HTTPStatusError):
+                return current.response.status_code >= 500
             return True
-        if isinstance(current, httpx.HTTPStatusError):
-            return current.response.status_code >= 500
         current = current.__cause__ or current.__context__
     return False
+
+
+def _to_the_api(error: httpx.TransportError | httpx.HTTPStatusError) -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    try:
+        url = str(error.request.url)
+    except RuntimeError:  # an error raised without its request
+        return False
+    return not api or url.startswith(str(api).rstrip("/"))

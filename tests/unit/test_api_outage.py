@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
+import pytest
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows._api_wait import is_api_outage
 
-REQUEST = httpx.Request("POST", "http://127.0.0.1:4200/api/v2/concurrency_limits/increment")
+API = "http://127.0.0.1:4200/api"
+REQUEST = httpx.Request("POST", f"{API}/v2/concurrency_limits/increment")
+PEER = httpx.Request("POST", "http://127.0.0.1:8042/dicom-web/studies")
+
+
+@pytest.fixture(autouse=True)
+def api_url() -> Iterator[None]:
+    with temporary_settings(updates={PREFECT_API_URL: API}):
+        yield
 
 
 def status_error(code: int) -> httpx.HTTPStatusError:
@@ -35,6 +47,7 @@ def test_what_the_server_refused_or_the_case_caused_is_counted() -> None:
     assert not is_api_outage(status_error(404))
     assert not is_api_outage(OSError(28, "No space left on device"))
     assert not is_api_outage(wrapped(ValueError("bad")))
+    assert not is_api_outage(httpx.ConnectError("refused", request=PEER)), "a DICOMweb peer"
 
 
 def test_a_cycle_of_causes_ends() -> None:

@@ -1,8 +1,8 @@
 """What keeps a long-running service in order beside the dispatcher loop (one task in serve).
 
 The cleaner (``deployments/cleaner_service.py``), the metrics endpoint and its sampler
-(``deployments/metrics.py``). Each ends when ``stop`` is set; a failure of one is logged and
-never stops the dispatcher.
+(``deployments/metrics.py``), the audit of the send slots (``deployments/slot_audit.py``). Each
+ends when ``stop`` is set; a failure of one is logged and never stops the dispatcher.
 """
 
 from __future__ import annotations
@@ -14,19 +14,23 @@ from blocks.host import metrics_address
 from blocks.settings import DispatcherSettings
 from deployments.cleaner_service import run_cleaner
 from deployments.metrics import MetricsEndpoint, sample_forever
+from deployments.slot_audit import run_slot_audit
 
 __all__ = ["run_upkeep"]
 
 
 async def run_upkeep(settings: Callable[[], DispatcherSettings], stop: asyncio.Event) -> None:
-    """Until ``stop``: clean success/, serve and sample the metrics (when an address is set)."""
+    """Until ``stop``: clean success/, serve and sample the metrics (when an address is set),
+    give back the send slots no lease holds."""
     endpoint: MetricsEndpoint | None = None
     where = metrics_address()
     if where is not None:
         endpoint = MetricsEndpoint(settings)
         endpoint.start(*where)
     try:
-        await asyncio.gather(run_cleaner(settings, stop), sample_forever(stop))
+        await asyncio.gather(
+            run_cleaner(settings, stop), sample_forever(stop), run_slot_audit(stop)
+        )
     finally:
         if endpoint is not None:
             endpoint.stop()

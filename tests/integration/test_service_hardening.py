@@ -71,10 +71,42 @@ def prefect_server_child(proc: subprocess.Popen[bytes]) -> psutil.Process:
     raise AssertionError("no prefect server child")
 
 
+def whereabouts(home: Path, cases: list[Path], api: str, auth: str, log: Path) -> str:
+    """Where each unfinished case is, its dispatch record, the tag limits and the service's
+    warnings: what a timed-out wait needs to be understood from CI's output alone."""
+    lines = []
+    for case in cases:
+        for folder in ("outgoing", "error"):
+            found = home / folder / case.name
+            if found.is_dir():
+                marks = sorted(p.name for p in found.iterdir() if p.name.startswith("."))
+                try:
+                    record = read_task_raw(found).get("dispatch")
+                except Exception as exc:
+                    record = f"unreadable: {exc}"
+                lines.append(f"{folder}/{case.name} {marks} dispatch={record}")
+    try:
+        code, _, body = request(f"{api}/v2/concurrency_limits/filter", "POST", basic(auth), b"{}")
+    except OSError as exc:
+        code, body = 0, str(exc).encode()
+    if code == 200:
+        for limit in json.loads(body):
+            lines.append(f"limit {limit['name']}: {limit['active_slots']}/{limit['limit']}")
+    else:
+        lines.append(f"tag limits unreadable: HTTP {code} {body[:200]!r}")
+    worth = [
+        line
+        for line in log.read_text(errors="replace").splitlines()
+        if "WARNING" in line or "ERROR" in line or "Traceback" in line
+    ]
+    return "\n".join([*lines, "service warnings:", *worth[-60:]])
+
+
 def no_claims(folder: Path) -> bool:
     return not list(folder.glob("*/.processing"))
 
 
+@pytest.mark.timeout(600)  # its own PostgreSQL and Prefect server, started twice
 def test_embedded_service_locked_down_and_survives_its_server(tmp_path: Path) -> None:
     """SLOW (own PostgreSQL + Prefect server). Auth, CORS, private files; the server child
     SIGKILLed with cases in flight is restarted, every case reaches success/, none stays
@@ -124,11 +156,14 @@ def test_embedded_service_locked_down_and_survives_its_server(tmp_path: Path) ->
         cases = [make_case(home / "outgoing", ["null"]) for _ in range(20)]
         wait_for(lambda: any((home / "success").iterdir()), 60, "the first case sent")
         prefect_server_child(proc).kill()  # under load: the other cases are queued or running
-        wait_for(
-            lambda: all((home / "success" / c.name).is_dir() for c in cases),
-            300,
-            "every case in success/ after the server restart",
-        )
+        try:
+            wait_for(
+                lambda: all((home / "success" / c.name).is_dir() for c in cases),
+                240,
+                "every case in success/ after the server restart",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{whereabouts(home, cases, api, auth, log)}") from None
         assert no_claims(home / "outgoing")
         assert not list((home / "error").glob("*")), "no case may fail for the restart"
         counted = {

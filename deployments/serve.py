@@ -81,7 +81,7 @@ async def serve(
     finally:
         remove_service_record(home)
         if supervisor is not None:
-            supervisor.stopping = True
+            supervisor.stop()
             supervisor.remove_state()
         if server is not None:
             await asyncio.to_thread(server.stop, clock.left(2.0))
@@ -150,7 +150,8 @@ async def _run_service(
     print(f"dispatching from {settings.folders()[0]}", flush=True)
 
     upkeep = asyncio.create_task(run_upkeep(lambda: dispatcher.settings, stop))  # cleaner, metrics
-    supervising = asyncio.create_task(supervisor.watch(stop)) if supervisor else None
+    if supervisor is not None:
+        supervisor.start()  # on its own thread: see ServerSupervisor
     minding = asyncio.create_task(children.supervise(stop))
     try:
         await run_dispatcher_loop(
@@ -160,8 +161,6 @@ async def _run_service(
         clock.begin()
         stop.set()
         watcher.cancel()
-        if supervising is not None:
-            supervising.cancel()
         minding.cancel()
         await asyncio.to_thread(children.stop, clock.left(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -45,6 +45,11 @@ class PrefectServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
+        self.launch()
+        self.wait_healthy()
+
+    def launch(self) -> None:
+        """Start the child without waiting for it to answer."""
         env = dict(os.environ)
         env.pop("PREFECT_API_URL", None)
         env["PREFECT_UI_API_URL"] = self.api_url
@@ -72,7 +77,6 @@ class PrefectServer:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        self.wait_healthy()
 
     def wait_healthy(self, timeout: float = HEALTH_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout

@@ -9,12 +9,12 @@ cases are never claimed without a run. The supervisor's view is written to
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +62,26 @@ def start_postgres(pgdata: Path) -> None:
 
 
 class ServerSupervisor:
-    """Watches one :class:`PrefectServer` (and its PostgreSQL) until ``stop`` is set."""
+    """Watches one :class:`PrefectServer` (and its PostgreSQL) from a thread of its own.
+
+    Not a task on the service's event loop: Prefect's async flow engine makes blocking calls
+    to the API on that loop (3.8: the server's default result storage is read with the sync
+    client, retrying with sleeps), so with the server down the loop stalls for a minute per
+    starting run, and a supervisor on it would never get to restart the server those calls
+    are waiting for.
+    """
 
     def __init__(self, server: PrefectServer, home: Path, pgdata: Path | None) -> None:
         self.server = server
         self.home = home
         self.pgdata = pgdata
         self.restarts = 0
-        #: Set when the service stops: no restart may start a server after that.
-        self.stopping = False
+        self._stop = threading.Event()
+        #: Held while a server child is being launched, so that a stop never races a launch
+        #: (a child started after the service stopped its server would outlive the service).
+        self._launching = threading.Lock()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
         self._write("running")
 
     def _write(self, state: str, detail: str = "") -> None:
@@ -89,6 +100,21 @@ class ServerSupervisor:
     def remove_state(self) -> None:
         (self.home / STATE_FILE).unlink(missing_ok=True)
 
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._watch, name="prefect-server-supervisor", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """No restart starts after this returns; the thread is left to end by itself if a
+        health check is under way (it is a daemon)."""
+        with self._launching:
+            self._stopping = True
+            self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def _why_down(self, unhealthy: int) -> str | None:
         proc = self.server.process
         if self.pgdata is not None and not postgres_running(self.pgdata):
@@ -100,28 +126,24 @@ class ServerSupervisor:
             return f"the Prefect server did not answer {unhealthy} health checks"
         return None
 
-    async def watch(self, stop: asyncio.Event) -> None:
+    def _watch(self) -> None:
         backoff = 1.0
         unhealthy = 0
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), CHECK_SECONDS)
-            if stop.is_set():
-                return
-            healthy = await asyncio.to_thread(_healthy, self.server.api_url)
-            unhealthy = 0 if healthy else unhealthy + 1
+        while not self._stop.wait(CHECK_SECONDS):
+            unhealthy = 0 if _healthy(self.server.api_url) else unhealthy + 1
             reason = self._why_down(unhealthy)
             if reason is None:
                 continue
             LOGGER.warning("%s: restarting it", reason)
             self._write("restarting", reason)
             try:
-                await asyncio.to_thread(self._restart)
+                self._restart()
             except Exception as exc:
+                if self._stop.is_set():
+                    return
                 LOGGER.error("restart failed (next try in %.0f s): %s", backoff, exc)
                 self._write("down", f"{reason}; restart failed: {exc}")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
+                self._stop.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             self.restarts += 1
@@ -134,6 +156,8 @@ class ServerSupervisor:
         self.server.stop(timeout=5)
         if self.pgdata is not None and not postgres_running(self.pgdata):
             start_postgres(self.pgdata)
-        if self.stopping:
-            raise RuntimeError("the service is stopping")
-        self.server.start()
+        with self._launching:
+            if self._stopping:
+                raise RuntimeError("the service is stopping")
+            self.server.launch()
+        self.server.wait_healthy()

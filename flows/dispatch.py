@@ -23,6 +23,7 @@ from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext, TagsContext
 from prefect.flow_engine import run_flow_async
 from prefect.runtime import flow_run as current_run
+from prefect.settings import get_current_settings
 
 from blocks.base import DispatchTarget
 from blocks.errors import CaseError, ConfigError, describe_error
@@ -190,7 +191,20 @@ def _report_names(targets: list[str], blocks: dict[str, DispatchTarget]) -> dict
     return {t: f"sent.{t}.txt" for t in dicom}
 
 
-@flow(name="dispatch_case", flow_run_name=case_run_name, persist_result=False, log_prints=False)
+#: Where a dispatch run's results would go; named here so the engine never asks the server. It
+#: asks with the sync client, retrying with sleeps, on the event loop of the in-process runs
+#: (Prefect 3.8): with the API down that stalled the whole service for a minute per run.
+#: Nothing is written there (``persist_result=False``).
+RESULT_STORAGE = Path(get_current_settings().results.local_storage_path)
+
+
+@flow(
+    name="dispatch_case",
+    flow_run_name=case_run_name,
+    persist_result=False,
+    result_storage=RESULT_STORAGE,
+    log_prints=False,
+)
 async def dispatch_case(case: str) -> Any:
     """Send a case to every target its task.json names that is not complete yet.
 
@@ -332,9 +346,17 @@ async def _dispatch_claimed(case_dir: Path, settings: DispatcherSettings) -> Cas
         *(
             _send_one(case_dir, name, blocks[name], reports.get(name), settings.quick_retry_delays)
             for name in pending
-        )
+        ),
+        return_exceptions=True,
     )
-    per_target = dict(zip(pending, results, strict=True))
+    # Raised only once every send has ended, so none goes on behind a released claim; an
+    # outage goes back to the queue uncounted (dispatch_case), and complete targets stay so.
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        if result["state"] == "outage":
+            raise result["error"]
+    per_target = dict(zip(pending, cast(list[dict[str, Any]], results), strict=True))
     failed = {name: r["message"] for name, r in per_target.items() if r["state"] != "complete"}
     outcome: CaseOutcome
     if not failed:
@@ -388,6 +410,9 @@ async def _send_one(
     except Exception as exc:  # the result itself could not be read
         outcome = exc
     error = outcome if isinstance(outcome, BaseException) else None
+    if error is not None and is_api_outage(error):
+        # Not the target's failure: its slot or its state could not reach the Prefect API.
+        return {"state": "outage", "message": describe_error(error), "error": error}
     message = describe_error(error if error is not None else state.message or "send failed")
     cf.set_target_status(case_dir, name, "error", message)
     return {"state": "error", "message": message}

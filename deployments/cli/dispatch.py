@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import os
 import signal
 import sys
@@ -313,6 +314,8 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
         outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop, workers)))
 
     worker = threading.Thread(target=service, name="dicom-dispatch-service")
+    # `kill -USR1` writes every thread's stack to stderr: what a hung service is doing.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     worker.start()

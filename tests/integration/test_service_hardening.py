@@ -65,7 +65,10 @@ def serve_process(args: list[str], env: dict[str, str], log: Path) -> subprocess
 
 def prefect_server_child(proc: subprocess.Popen[bytes]) -> psutil.Process:
     for child in psutil.Process(proc.pid).children(recursive=True):
-        with_cmd = " ".join(child.cmdline())
+        try:
+            with_cmd = " ".join(child.cmdline())
+        except psutil.Error:  # gone, or a killed one not reaped yet
+            continue
         if "prefect" in with_cmd and "server" in with_cmd and "start" in with_cmd:
             return child
     raise AssertionError("no prefect server child")
@@ -102,15 +105,25 @@ def whereabouts(home: Path, cases: list[Path], api: str, auth: str, log: Path) -
     return "\n".join([*lines, "service warnings:", *worth[-60:]])
 
 
+def restarts(home: Path) -> int | None:
+    """Restarts of a running server, as ``server-state.json`` says; None while it is away."""
+    try:
+        state = json.loads((home / "server-state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return int(state["restarts"]) if state.get("state") == "running" else None
+
+
 def no_claims(folder: Path) -> bool:
     return not list(folder.glob("*/.processing"))
 
 
-@pytest.mark.timeout(600)  # its own PostgreSQL and Prefect server, started twice
+@pytest.mark.timeout(600)  # its own PostgreSQL and Prefect server, started three times
 def test_embedded_service_locked_down_and_survives_its_server(tmp_path: Path) -> None:
     """SLOW (own PostgreSQL + Prefect server). Auth, CORS, private files; the server child
-    SIGKILLed with cases in flight is restarted, every case reaches success/, none stays
-    claimed, ``status`` shows the restart; SIGTERM stops it all within 15 s."""
+    SIGKILLed with cases in flight, twice, is restarted each time, every case reaches
+    success/, none stays claimed, ``status`` shows the restarts; SIGTERM stops it all within
+    15 s."""
     home = tmp_path / "home"
     port = free_port()
     proc_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
@@ -157,15 +170,25 @@ def test_embedded_service_locked_down_and_survives_its_server(tmp_path: Path) ->
         wait_for(lambda: any((home / "success").iterdir()), 60, "the first case sent")
         prefect_server_child(proc).kill()  # under load: the other cases are queued or running
         try:
+            wait_for(lambda: restarts(home) == 1, 90, "the server restarted")
+            # Killed again while new runs are starting: their engine blocks the service's
+            # event loop on the API (see ServerSupervisor), which must not stop the restart.
+            cases += [make_case(home / "outgoing", ["null"]) for _ in range(10)]
+            time.sleep(1.0)
+            prefect_server_child(proc).kill()
+            wait_for(lambda: restarts(home) == 2, 90, "the server restarted again")
             wait_for(
-                lambda: all((home / "success" / c.name).is_dir() for c in cases),
+                lambda: (
+                    all((home / "success" / c.name).is_dir() for c in cases)
+                    or any((home / "error").iterdir())
+                ),
                 240,
                 "every case in success/ after the server restart",
             )
+            assert not any((home / "error").iterdir()), "no case may fail for the restart"
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{whereabouts(home, cases, api, auth, log)}") from None
         assert no_claims(home / "outgoing")
-        assert not list((home / "error").glob("*")), "no case may fail for the restart"
         counted = {
             c.name: retries
             for c in cases
@@ -178,7 +201,7 @@ def test_embedded_service_locked_down_and_survives_its_server(tmp_path: Path) ->
         assert status.returncode == 0, status.stderr
         server = json.loads(status.stdout)["server"]
         assert server["state"] == "running", server
-        assert server["restarts"] >= 1, server
+        assert server["restarts"] == 2, server
 
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()

@@ -4,6 +4,10 @@ A flow run per attempt (async: a sync flow pays a 1 s heartbeat join per run), o
 ``send_to_target`` task run per pending target, all concurrent. The folder and its ``task.json``
 stay the source of truth: each target's outcome is written as it finishes, and the attempt ends
 with the case moved to success/, back in the queue for a retry, or in error/ with the reason.
+
+Over 400 lines because one attempt's life (claim kept, sends gathered, outcome written, claim
+released whatever breaks, the run's final state) must be read in one place to be trusted; what
+is not the attempt itself (states, events, metrics, admission) lives in its own module.
 """
 
 from __future__ import annotations

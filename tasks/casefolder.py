@@ -7,7 +7,7 @@ the 2:1 interleave falls back to the other list, priority is the highest trigger
 invalid folders are moved to ``error/`` after a grace period with a reason, and a claim whose
 owner is provably gone is released.
 
-One module (about 500 lines) on purpose: the markers, claims, statuses and moves refer to each
+Over 400 lines on purpose: the markers, claims, statuses and moves refer to each
 other and are checked against mercure's rules together; the tests are split by topic
 (``tests/unit/test_casefolder_*.py``).
 """

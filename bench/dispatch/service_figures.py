@@ -64,16 +64,25 @@ def figure_a(service: Service, out: Report, binary: str, port: int, cases: int, 
     out.put("a.ratio", round(ratio, 3))
 
 
-async def _empty_rate(api_url: str, runs: int, concurrency: int) -> tuple[float, list[float]]:
+def _service_api(service: Service) -> Any:
+    """This process's client settings for the service's API: its URL and its auth string."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    auth = (service.home / "api-auth-string").read_text().strip()
+    return temporary_settings(
+        updates={PREFECT_API_URL: service.api_url, PREFECT_API_AUTH_STRING: auth}
+    )
+
+
+async def _empty_rate(service: Service, runs: int, concurrency: int) -> tuple[float, list[float]]:
     """Empty async flow runs from this process: (runs/s at ``concurrency``, sequential walls)."""
     from prefect import flow
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     @flow(name="bench_empty", persist_result=False)
     async def bench_empty() -> None:
         return None
 
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+    with _service_api(service):
         await bench_empty()  # warm-up
         slots = asyncio.Semaphore(concurrency)
 
@@ -92,8 +101,8 @@ async def _empty_rate(api_url: str, runs: int, concurrency: int) -> tuple[float,
     return rate, walls
 
 
-def empty_rate(api_url: str, runs: int, concurrency: int) -> tuple[float, list[float]]:
-    return asyncio.run(_empty_rate(api_url, runs, concurrency))
+def empty_rate(service: Service, runs: int, concurrency: int) -> tuple[float, list[float]]:
+    return asyncio.run(_empty_rate(service, runs, concurrency))
 
 
 def figure_b(service: Service, out: Report, binary: str, port: int, cases: int) -> None:
@@ -103,7 +112,7 @@ def figure_b(service: Service, out: Report, binary: str, port: int, cases: int) 
     with ProcessSampler(service) as sampler:
         ours_s = drop_at_once(service, staged, 1200)
     ours, theirs = cases / ours_s, cases / loop_s
-    empty, _ = empty_rate(service.api_url, cases, concurrency=8)
+    empty, _ = empty_rate(service, cases, concurrency=8)
     say(f"(b) {cases} cases x 5 CT 64x64 dropped at once -> storescp; num_proc 8 (default)")
     say(f"    sequential dcmsend per case (mercure)   {theirs:6.1f} cases/s ({loop_s:.1f} s)")
     say(f"    serve                                   {ours:6.1f} cases/s ({ours_s:.1f} s)")
@@ -134,15 +143,14 @@ def figure_b(service: Service, out: Report, binary: str, port: int, cases: int) 
     out.put("b.cpu_ms_per_case", {k: round(v / cases * 1e3, 1) for k, v in sampler.cpu_s.items()})
 
 
-async def _run_end(api_url: str, case: str) -> float:
+async def _run_end(service: Service, case: str) -> float:
     """When the case's flow run reached its final state (server time, epoch seconds)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.client.schemas.sorting import FlowRunSort
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     wanted = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"case:{case}"]))
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+    with _service_api(service):
         async with get_client() as client:
             for _ in range(600):
                 runs = await client.read_flow_runs(
@@ -171,7 +179,7 @@ def _one_case(service: Service, case: Path) -> tuple[float, float]:
         else:
             time.sleep(0.0005)
     wait_done(service, [case.name], 60)
-    ended = asyncio.run(_run_end(service.api_url, case.name))
+    ended = asyncio.run(_run_end(service, case.name))
     return claimed - ready, ended - ready_epoch
 
 
@@ -185,7 +193,7 @@ def figure_cd(service: Service, out: Report, runs: int) -> None:
         claim, wall = _one_case(service, case)
         claims.append(claim)
         walls.append(wall)
-        _, empty = empty_rate(service.api_url, 1, 1)
+        _, empty = empty_rate(service, 1, 1)
         empties.extend(empty)
     ratio = median(walls) / median(empties)
     claims_sorted = sorted(claims)

@@ -7,7 +7,11 @@ a new file or nothing. A file we replace (``task.json``, a report, the claim) is
 fresh random name opened that way, then renamed over the old name, which replaces a link
 itself, never its target. ``task.json`` is read without following a link. Which links a case
 may hold is :func:`case_links_problem`'s one decision, made once per attempt before anything
-is sent. Pure: imports nothing of ours.
+is sent; as a link can be planted after that check, senders also open every case file with
+:class:`CaseFiles` at send time (no link followed on the way, the type checked on the open
+descriptor) and send from that descriptor, and programs that open files by name themselves
+(dcmsend, rsync) get a :func:`private_snapshot` of those descriptors instead of the case
+folder. Pure: imports nothing of ours.
 """
 
 from __future__ import annotations
@@ -16,17 +20,24 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import stat
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
     "LINK_REFUSED",
+    "CaseFiles",
     "case_links_problem",
     "create_new",
+    "descriptor_path",
     "ensure_marker",
+    "open_case_file",
     "open_new",
+    "private_snapshot",
     "read_regular",
     "replace_file",
 ]
@@ -152,3 +163,160 @@ def _inside(link: Path, root: Path) -> bool:
         return False
     mode = os.stat(target).st_mode
     return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading case files at send time
+# --------------------------------------------------------------------------------------------
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+#: A case file: never through a link, never blocking on a FIFO swapped in (type checked after).
+_CASE_FILE_FLAGS = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC
+_CASE_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
+#: Links followed (inside the case, ``links_inside``) on the way to one file, as the kernel's.
+_MAX_LINKS = 40
+_COPY_CHUNK = 1024 * 1024
+
+
+def open_case_file(case_dir: Path, path: Path, *, links_inside: bool = False) -> BinaryIO:
+    """The regular file ``path`` (relative to ``case_dir``, or under it) open for reading.
+
+    Every folder on the way is opened from the one before it without following a link, so no
+    link, wherever it is and whenever it was planted, leads out of the case: a link is an
+    ``OSError(ELOOP)`` naming the file, unless ``links_inside``, where a link that stays inside
+    the case folder is resolved here, component by component (as ``case_links_problem`` allows
+    it). A FIFO or device is ``OSError(EINVAL)``: opened non-blocking, its type is checked on
+    the descriptor before anything is read.
+    """
+    rel = path.relative_to(case_dir) if path.is_absolute() else path
+    fds = [os.open(case_dir, _CASE_DIR_FLAGS)]
+    try:
+        return _walk(case_dir, rel, fds, links_inside)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _walk(case_dir: Path, rel: Path, fds: list[int], links_inside: bool) -> BinaryIO:
+    """Open ``rel`` below ``fds[0]``; ``fds`` holds the folders entered (closed by the caller)."""
+    pending = list(rel.parts)
+    hops = 0
+    while pending:
+        name = pending.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if len(fds) == 1:
+                raise OSError(errno.ELOOP, f"{rel} leads outside the case folder", str(rel))
+            os.close(fds.pop())
+            continue
+        last = not pending
+        try:
+            fd = os.open(name, _CASE_FILE_FLAGS if last else _CASE_DIR_FLAGS, dir_fd=fds[-1])
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                raise
+            if not stat.S_ISLNK(os.stat(name, dir_fd=fds[-1], follow_symlinks=False).st_mode):
+                raise
+            hops += 1
+            if not links_inside or hops > _MAX_LINKS:
+                what = "is" if last else f"is reached through {name}, which is"
+                raise OSError(
+                    errno.ELOOP, f"{rel} {what} a symbolic link; links are not sent", str(rel)
+                ) from None
+            target = os.readlink(name, dir_fd=fds[-1])
+            pending[:0] = _inside_parts(case_dir, rel, target, fds)
+            continue
+        if last:
+            return _regular(fd, rel)
+        fds.append(fd)
+    raise OSError(errno.EISDIR, f"{rel} is the case folder itself", str(rel))
+
+
+def _inside_parts(case_dir: Path, rel: Path, target: str, fds: list[int]) -> list[str]:
+    """The components a link's ``target`` stands for; an absolute one must name the case."""
+    if not os.path.isabs(target):
+        return list(Path(target).parts)
+    for root in (case_dir.absolute(), case_dir.resolve()):
+        if Path(target) == root or root in Path(target).parents:
+            while len(fds) > 1:
+                os.close(fds.pop())
+            return list(Path(target).relative_to(root).parts)
+    raise OSError(errno.ELOOP, f"{rel} leads outside the case folder", str(rel))
+
+
+def _regular(fd: int, rel: Path) -> BinaryIO:
+    """``fd`` as a blocking binary file, if it is a regular file; closed otherwise."""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{rel} is not a regular file", str(rel))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """How the senders open one case's files (picklable: it travels to sender processes).
+
+    ``links_inside`` is the site's ``case_links_inside``: a link that stays inside the case is
+    read as the file it names; any other link is refused.
+    """
+
+    root: Path
+    links_inside: bool = False
+
+    def open(self, path: Path) -> BinaryIO:
+        """``path`` (under ``root``, or relative to it) open for reading; see
+        :func:`open_case_file`."""
+        return open_case_file(self.root, path, links_inside=self.links_inside)
+
+
+def descriptor_path(fh: BinaryIO) -> str:
+    """A name that opens the very file behind ``fh`` (Linux ``/proc/self/fd``), for libraries
+    that take only a file name: re-opening it never looks at the case folder again."""
+    return f"/proc/self/fd/{fh.fileno()}"
+
+
+@contextlib.contextmanager
+def private_snapshot(files: CaseFiles, paths: Sequence[Path]) -> Iterator[Path]:
+    """A private folder (0700, under ``TMPDIR``, outside the case) holding ``paths`` (relative
+    to the case) as they are when opened here, for programs that open files by name.
+
+    Each entry is a hard link to the file opened with :meth:`CaseFiles.open`, kept only if
+    ``lstat`` on the private name shows a regular file with that descriptor's inode (the case
+    name could have been swapped between the open and the link), else a copy read from the
+    descriptor with its modification time. Removed on exit.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="dicom-dispatch-snapshot-"))
+    try:
+        for rel in paths:
+            private = folder / rel
+            private.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with files.open(rel) as source:
+                _link_or_copy(files.root / rel, source, private)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _link_or_copy(name: Path, source: BinaryIO, private: Path) -> None:
+    opened = os.fstat(source.fileno())
+    try:
+        os.link(name, private, follow_symlinks=False)
+    except OSError:
+        pass  # another file system, a hard-link limit, protected_hardlinks: copy
+    else:
+        there = os.lstat(private)
+        if stat.S_ISREG(there.st_mode) and (there.st_dev, there.st_ino) == (
+            opened.st_dev,
+            opened.st_ino,
+        ):
+            return
+        private.unlink()
+    with open_new(private, mode=0o600) as out:
+        shutil.copyfileobj(source, out, _COPY_CHUNK)
+    os.utime(private, ns=(opened.st_atime_ns, opened.st_mtime_ns))

@@ -5,6 +5,8 @@ dicomweb-client's ``store_instances``, which re-encodes each dataset and joins a
 one ``bytes`` body: a 2 GB case needed several GB of memory. This module builds the same
 ``multipart/related; type="application/dicom"`` body itself, file by file:
 
+* Every file is opened without following a link (``tasks.safefiles.CaseFiles``), when its header
+  is read and again when it is sent: a link planted in the case meanwhile is refused, never read.
 * Instances are identified from their headers only (``SOPClassUID``, ``SOPInstanceUID``; pixel
   data is never read for that), and grouped into bounded batches (count and bytes), one POST each.
 * Each body is a generator over the files, read in ``CHUNK_SIZE`` pieces with the multipart
@@ -24,12 +26,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from tasks.safefiles import CaseFiles
 
 __all__ = [
     "CHUNK_SIZE",
@@ -84,28 +89,43 @@ class Instance:
     size: int
     sop_class_uid: str
     sop_instance_uid: str
+    #: The case the file belongs to (None: the file's own folder).
+    case: CaseFiles | None = field(default=None, compare=False, repr=False)
+
+    def open(self) -> BinaryIO:
+        """The file, opened without following a link."""
+        case = self.case or CaseFiles(self.path.parent)
+        return case.open(self.path if self.case else Path(self.path.name))
 
 
-def read_instances(files: Iterable[Path]) -> list[Instance]:
-    """Identify every file from its header (no pixel data is read)."""
+def read_instances(files: Iterable[Path], case: CaseFiles | None = None) -> list[Instance]:
+    """Identify every file of ``case`` from its header (no pixel data is read)."""
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
     instances = []
     for path in files:
+        unread = Instance(path, 0, "", "", case)
         try:
-            ds = dcmread(
-                path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
-            )
-            meta = getattr(ds, "file_meta", None)
-            sop_uid = ds.get("SOPInstanceUID") or (meta and meta.get("MediaStorageSOPInstanceUID"))
-            sop_class = ds.get("SOPClassUID") or (meta and meta.get("MediaStorageSOPClassUID"))
-            size = path.stat().st_size
-        except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
-            raise CaseFileError(f"{path.name} is not readable as DICOM: {exc}") from None
+            fh = unread.open()
+        except OSError as exc:
+            raise CaseFileError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+        with fh:
+            try:
+                ds = dcmread(
+                    fh, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
+                )
+                meta = getattr(ds, "file_meta", None)
+                sop_uid = ds.get("SOPInstanceUID") or (
+                    meta and meta.get("MediaStorageSOPInstanceUID")
+                )
+                sop_class = ds.get("SOPClassUID") or (meta and meta.get("MediaStorageSOPClassUID"))
+                size = os.fstat(fh.fileno()).st_size
+            except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+                raise CaseFileError(f"{path.name} is not readable as DICOM: {exc}") from None
         if not sop_uid:
             raise CaseFileError(f"{path.name} has no SOP Instance UID")
-        instances.append(Instance(path, size, str(sop_class or ""), str(sop_uid)))
+        instances.append(Instance(path, size, str(sop_class or ""), str(sop_uid), case))
     return instances
 
 
@@ -166,7 +186,7 @@ def iter_body(
         pending += _part_head(boundary)
         remaining = instance.size
         try:
-            with instance.path.open("rb") as fh:
+            with instance.open() as fh:
                 while remaining > 0:
                     if len(pending) >= chunk_size:
                         yield bytes(pending)

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from tasks.safefiles import CaseFiles
+
 __all__ = [
     "UnexpectedAnswer",
     "case_instances",
@@ -92,11 +94,11 @@ def _sop_uid(source: Any) -> str:
     return str(ds.get("SOPInstanceUID", "") or "")
 
 
-def case_instances(files: Iterable[Path]) -> set[str]:
-    """The SOP Instance UIDs of the case's files."""
+def case_instances(files: Iterable[Path], case: CaseFiles) -> set[str]:
+    """The SOP Instance UIDs of the case's files (opened without following a link)."""
     found: set[str] = set()
     for path in files:
-        with path.open("rb") as fh:
+        with case.open(path) as fh:
             uid = _sop_uid(fh)
         if uid:
             found.add(uid)

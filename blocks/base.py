@@ -18,6 +18,7 @@ from prefect.blocks.core import Block
 from pydantic import Field
 
 from blocks.errors import PermanentTargetError
+from tasks.safefiles import CaseFiles
 from tasks.taskjson import Task
 
 if TYPE_CHECKING:
@@ -64,10 +65,18 @@ class SendContext:
     task: Task
     #: dcmsend-format report to write (DICOM-type targets), ``None`` for the others.
     report_path: Path | None = None
+    #: The site's ``case_links_inside``: a link that stays inside the case is sent as its file.
+    links_inside: bool = False
 
     @property
     def task_id(self) -> str:
         return self.task.id
+
+    @property
+    def files(self) -> CaseFiles:
+        """How a sender opens the case's files: at send time, never through a link planted
+        after the pre-send check (a link is an ``OSError`` naming the file)."""
+        return CaseFiles(self.case_dir, self.links_inside)
 
 
 @dataclass

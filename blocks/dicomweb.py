@@ -260,7 +260,7 @@ class DicomWebTarget(QueryTarget):
         if not files:
             raise PermanentTargetError(f"{self._where()}: the case has no *.dcm files")
         with self._translate("reading the case"):
-            instances = _stow.read_instances(files)
+            instances = _stow.read_instances(files, context.files)
         batches = _stow.plan_batches(instances, self.stow_batch_files, self.stow_batch_bytes)
         if self.is_file_url:
             self._store_in_folder(batches)
@@ -351,7 +351,10 @@ class DicomWebTarget(QueryTarget):
         with self._translate("storing into the folder"):
             client = self.get_file_client()
             for batch in batches:
-                datasets = [dcmread(i.path) for i in batch]
+                datasets = []
+                for instance in batch:
+                    with instance.open() as fh:
+                        datasets.append(dcmread(fh))
                 response = client.store_instances(datasets)
                 referenced = {
                     str(item.ReferencedSOPInstanceUID)

@@ -6,16 +6,20 @@ boto3's transfer manager: files are streamed from disk, large ones in multipart 
 once. Every request has a connect and a read timeout and botocore's limited retries; an
 ``endpoint_url`` points the target at an S3-compatible store (MinIO, Ceph, ...).
 
-One difference from mercure: two files with the same name in different sub-folders would get the
+Differences from mercure: two files with the same name in different sub-folders would get the
 same key and one would silently replace the other; such a case is refused with a clear reason.
+Each file is uploaded from a descriptor opened at send time without following a link: a link
+planted in the case after the pre-send check fails the send, naming the file.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Literal
 
 from pydantic import Field, SecretStr
 
@@ -177,19 +181,42 @@ class S3Target(DispatchTarget):
             max_concurrency=self.max_concurrency,
             use_threads=True,
         )
+        # Each file is uploaded from a descriptor opened now, without following a link; at
+        # most twice as many are open as uploads run (a case may hold thousands of files).
+        window = threading.BoundedSemaphore(2 * self.max_concurrency)
+        size = 0
         with self._errors("upload"):
             client = self.get_client()
             with create_transfer_manager(client, config) as manager:
-                futures = [manager.upload(str(path), self.bucket, key) for path, key in pairs]
+                futures = []
+                for path, key in pairs:
+                    window.acquire()
+                    try:
+                        source = self._open(context, path)
+                    except BaseException:
+                        window.release()
+                        raise
+                    size += os.fstat(source.fileno()).st_size
+                    done = _closer(source, window)
+                    futures.append(manager.upload(source, self.bucket, key, subscribers=[done]))
                 for future in futures:
                     future.result()
-        size = sum(path.stat().st_size for path, _ in pairs)
         first = pairs[0][1].rsplit("/", 1)[0]
         return SendResult(
             files=len(pairs),
             bytes=size,
             detail=f"{len(pairs)} objects to s3://{self.bucket}/{first}/",
         )
+
+    def _open(self, context: SendContext, path: Path) -> BinaryIO:
+        """A case file, opened at send time without following a link (a link is refused)."""
+        try:
+            return context.files.open(path)
+        except OSError as exc:
+            rel = path.relative_to(context.case_dir)
+            raise PermanentTargetError(
+                f"{self.where()}: cannot read {rel}: {exc.strerror or exc}"
+            ) from None
 
     def test_connection(self) -> dict[str, Any]:
         """mercure's keys ``S3 connection`` and ``Bucket exists``, plus ``Credentials accepted``.
@@ -297,6 +324,18 @@ class S3Target(DispatchTarget):
                 f"{where}: cannot read {getattr(exc, 'filename', '') or 'a file'}: "
                 f"{exc.strerror or exc}"
             ) from None
+
+
+def _closer(source: BinaryIO, window: threading.BoundedSemaphore) -> Any:
+    """An s3transfer subscriber that closes ``source`` and frees its slot once its upload ended."""
+    from s3transfer.subscribers import BaseSubscriber
+
+    class _Closer(BaseSubscriber):  # type: ignore[misc]
+        def on_done(self, future: Any, **kwargs: Any) -> None:
+            source.close()
+            window.release()
+
+    return _Closer()
 
 
 def _error_code(exc: Any) -> str:

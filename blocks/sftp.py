@@ -12,7 +12,9 @@ empty ``.complete`` written last. Fixes over mercure (architecture §4.1):
   file never appears half-written under its name; a retry re-uses the existing remote folder
   (mercure's ``mkdir`` failed), skips files that already arrived whole (same size and time, as
   rsync's quick check) and writes ``.complete`` only when every file is in place;
-- the claim marker and our temporary files are never sent; ``file_filter`` is trimmed.
+- the claim marker and our temporary files are never sent; ``file_filter`` is trimmed;
+- each file is sent from a descriptor opened without following a link at send time: a link
+  planted in the case after the pre-send check fails the send, naming the file.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from abc import ABC
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import paramiko
 from pydantic import Field, SecretStr, field_validator
@@ -34,7 +36,7 @@ from pydantic import Field, SecretStr, field_validator
 from blocks._net import tcp_reachable
 from blocks.base import DispatchTarget, SendContext, SendResult
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
-from blocks.folder import ignore_patterns
+from blocks.folder import case_files
 
 __all__ = ["SftpTarget", "SshTarget", "case_files"]
 
@@ -46,22 +48,6 @@ DEFAULT_IO_TIMEOUT = 60.0
 DEFAULT_KEY_NAMES = ("id_rsa", "id_ecdsa", "id_ed25519")
 PART_SUFFIX = ".dicom-dispatch-part"
 COMPLETE_MARKER = ".complete"
-
-
-def case_files(case_dir: Path, file_filter: str | None) -> list[Path]:
-    """The case's files to send, relative to ``case_dir``, sorted; the Folder target's rules.
-
-    ``file_filter`` globs match file and folder names at any depth; the claim marker and
-    ``task.json`` temporaries are always left out.
-    """
-    ignore = ignore_patterns(file_filter)
-    found: list[Path] = []
-    for top, dirs, names in os.walk(case_dir):
-        skipped = ignore(top, [*dirs, *names])
-        dirs[:] = sorted(d for d in dirs if d not in skipped)
-        base = Path(top).relative_to(case_dir)
-        found.extend(base / n for n in names if n not in skipped and Path(top, n).is_file())
-    return sorted(found)
 
 
 def expand_home(path: str) -> Path:
@@ -302,15 +288,15 @@ class SftpTarget(SshTarget):
             present = self._make_dirs(sftp, remote_case, files)
             sent = sent_bytes = total_bytes = 0
             for rel in files:
-                local = context.case_dir / rel
-                info = local.stat()
-                total_bytes += info.st_size
-                remote = posixpath.join(remote_case, rel.as_posix())
-                there = present.pop(rel.as_posix(), None)
-                if there is not None and _same_file(there, info):
-                    continue
-                present.pop(_part_name(rel.as_posix()), None)  # re-used below
-                self._upload(sftp, local, info, remote, replace=there is not None)
+                with self._local(context, rel) as source:
+                    info = os.fstat(source.fileno())
+                    total_bytes += info.st_size
+                    remote = posixpath.join(remote_case, rel.as_posix())
+                    there = present.pop(rel.as_posix(), None)
+                    if there is not None and _same_file(there, info):
+                        continue
+                    present.pop(_part_name(rel.as_posix()), None)  # re-used below
+                    self._upload(sftp, source, info, remote, replace=there is not None)
                 sent += 1
                 sent_bytes += info.st_size
             for leftover, attrs in present.items():  # parts of an earlier, failed attempt
@@ -368,10 +354,22 @@ class SftpTarget(SshTarget):
                 present[posixpath.normpath(posixpath.join(sub, attrs.filename))] = attrs
         return present
 
+    @contextmanager
+    def _local(self, context: SendContext, rel: Path) -> Iterator[BinaryIO]:
+        """A case file, opened at send time without following a link (a link is refused)."""
+        try:
+            source = context.files.open(rel)
+        except OSError as exc:
+            raise PermanentTargetError(
+                f"{self.where()}: cannot read {rel}: {exc.strerror or exc}"
+            ) from None
+        with source:
+            yield source
+
     def _upload(
         self,
         sftp: paramiko.SFTPClient,
-        local: Path,
+        source: BinaryIO,
         info: os.stat_result,
         remote: str,
         *,
@@ -379,13 +377,7 @@ class SftpTarget(SshTarget):
     ) -> None:
         """Stream one file to a hidden part file, give it the local time, rename it into place."""
         part = _part_name(remote)
-        try:
-            source = local.open("rb")
-        except OSError as exc:
-            raise PermanentTargetError(
-                f"{self.where()}: cannot read {local.name}: {exc.strerror}"
-            ) from None
-        with source, self._remote("write", part):
+        with self._remote("write", part):
             sftp.putfo(source, part, file_size=info.st_size, confirm=True)
         with self._remote("set the time of", part):
             sftp.utime(part, (info.st_atime, info.st_mtime))

@@ -12,7 +12,9 @@ second study of the patient that day) and so deleted data. By default we import 
 exactly the case's instances counts as sent, any other is a clear failure and nothing is
 changed. ``overwrite="delete"`` restores mercure's behaviour, explicitly.
 
-Differences: the zip is written to a temporary file and streamed from it (never held in memory);
+Differences: the zip is written to a temporary file and streamed from it (never held in memory),
+each case file read from a descriptor opened without following a link (a link planted after the
+pre-send check fails the send, naming the file);
 the header comes from the first file in the case's sorted file list, sub-folders included (mercure
 looked at the top level only and failed when it had no file); every HTTP request pyxnat makes has
 a connect and a read timeout; failures are one-line reasons, never a password.
@@ -21,8 +23,11 @@ a connect and a read timeout; failures are one-line reasons, never a password.
 from __future__ import annotations
 
 import datetime
+import os
+import shutil
 import socket
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +46,7 @@ from blocks._xnat_session import (
 )
 from blocks.base import DispatchTarget, SendContext, SendResult, ca_bundle_verify, dicom_files
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError, one_line
+from tasks.safefiles import CaseFiles
 
 if TYPE_CHECKING:
     from requests import PreparedRequest, Response
@@ -51,13 +57,15 @@ IMPORT_SERVICE = "/data/services/import"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 #: XNAT answers the import only after archiving the whole session (``inbody=true``).
 DEFAULT_READ_TIMEOUT = 600.0
+_COPY_CHUNK = 1024 * 1024
 
 
-def session_labels(first_file: Path) -> tuple[str, str]:
-    """(subject, experiment label) from one DICOM header, as mercure derives them."""
+def session_labels(first_file: Path, case: CaseFiles) -> tuple[str, str]:
+    """(subject, experiment label) from one DICOM header of ``case``, as mercure derives them."""
     from pydicom import dcmread
 
-    ds = dcmread(first_file, stop_before_pixels=True)
+    with case.open(first_file) as fh:
+        ds = dcmread(fh, stop_before_pixels=True)
     subject = str(ds.get("PatientID", "") or "")
     study_date = str(ds.get("StudyDate", "") or "")
     if not subject:
@@ -148,7 +156,7 @@ class XnatTarget(DispatchTarget):
         if not files:
             raise PermanentTargetError(f"{self.where()}: the case has no *.dcm files")
         try:
-            subject, label = session_labels(files[0])
+            subject, label = session_labels(files[0], context.files)
         except (OSError, ValueError) as exc:
             raise PermanentTargetError(f"{self.where()}: {exc}") from None
         params = {
@@ -165,12 +173,12 @@ class XnatTarget(DispatchTarget):
             tempfile.TemporaryDirectory(prefix="dicom-dispatch-xnat-") as tmp,
         ):
             if self.overwrite == "none":
-                there = self._already_there(session, subject, label, files)
+                there = self._already_there(session, subject, label, files, context.files)
                 if there is not None:
                     return there
             archive = Path(tmp) / "dicom.zip"
             try:
-                _write_zip(archive, files)
+                size_in = _write_zip(archive, files, context.files)
             except OSError as exc:
                 raise PermanentTargetError(
                     f"{self.where()}: cannot build the zip: {exc.strerror or exc}"
@@ -189,14 +197,14 @@ class XnatTarget(DispatchTarget):
             answer = " ".join(response.text.split())[:200]
         return SendResult(
             files=len(files),
-            bytes=sum(p.stat().st_size for p in files),
+            bytes=size_in,
             detail=f"{len(files)} files ({size} bytes zipped) to project {self.project_id}, "
             f"subject {subject}, session {label}",
             extra={"xnat": answer},
         )
 
     def _already_there(
-        self, session: Any, subject: str, label: str, files: list[Path]
+        self, session: Any, subject: str, label: str, files: list[Path], case: CaseFiles
     ) -> SendResult | None:
         """None when the session does not exist yet; the case as sent when it holds exactly
         its instances; else the ``PermanentTargetError`` that says what differs."""
@@ -207,7 +215,7 @@ class XnatTarget(DispatchTarget):
             theirs = session_instances(session, self.project_id, subject, label)
         except UnexpectedAnswer as exc:
             raise _status_error(self.where(), exc.response, "looking at the session") from None
-        ours = case_instances(files)
+        ours = case_instances(files, case)
         differs = compare_instances(ours, theirs)
         if differs is not None:
             raise PermanentTargetError(
@@ -293,11 +301,20 @@ class XnatTarget(DispatchTarget):
             raise PermanentTargetError(f"{where}: {exc.strerror or exc}") from None
 
 
-def _write_zip(archive: Path, files: list[Path]) -> None:
-    """mercure's zip: every file stored (not compressed) as ``<n>.dcm``, streamed from disk."""
+def _write_zip(archive: Path, files: list[Path], case: CaseFiles) -> int:
+    """mercure's zip: every file stored (not compressed) as ``<n>.dcm``, streamed from a
+    descriptor opened without following a link; the bytes of the files."""
+    size = 0
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for number, path in enumerate(files):
-            zf.write(path, f"{number}.dcm")
+            with case.open(path) as source:
+                info = os.fstat(source.fileno())
+                member = zipfile.ZipInfo(f"{number}.dcm", time.localtime(info.st_mtime)[:6])
+                member.external_attr = (info.st_mode & 0xFFFF) << 16
+                with zf.open(member, "w", force_zip64=info.st_size >= zipfile.ZIP64_LIMIT) as out:
+                    shutil.copyfileobj(source, out, _COPY_CHUNK)
+            size += info.st_size
+    return size
 
 
 def _status_error(where: str, response: Any, action: str = "the import") -> TargetError:

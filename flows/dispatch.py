@@ -347,10 +347,7 @@ async def _dispatch_claimed(case_dir: Path, settings: DispatcherSettings) -> Cas
     logger.info("case %s: sending to %s", task.id, ", ".join(pending) or "nothing (all complete)")
 
     results = await asyncio.gather(
-        *(
-            _send_one(case_dir, name, blocks[name], reports.get(name), settings.quick_retry_delays)
-            for name in pending
-        ),
+        *(_send_one(case_dir, name, blocks[name], reports.get(name), settings) for name in pending),
         return_exceptions=True,
     )
     # Raised only once every send has ended, so none goes on behind a released claim; an
@@ -362,8 +359,14 @@ async def _dispatch_claimed(case_dir: Path, settings: DispatcherSettings) -> Cas
             raise result["error"]
     per_target = dict(zip(pending, cast(list[dict[str, Any]], results), strict=True))
     failed = {name: r["message"] for name, r in per_target.items() if r["state"] != "complete"}
+    # A link planted after the check above was refused by the senders (never followed), or
+    # hid a sub-folder from them: the case is unusable as it is, whatever the peers said, so
+    # it goes to error/ with the reason at once rather than to a retry or to success/.
+    refused = case_links_problem(case_dir, allow_inside=settings.case_links_inside)
     outcome: CaseOutcome
-    if not failed:
+    if refused:
+        outcome = _to_error(case_dir, settings, f"{refused}. Unable to dispatch job {task.id}")
+    elif not failed:
         _, success, _ = settings.folders()
         dest = cf.move_case(case_dir, success)
         outcome = CaseOutcome(task.id, "success", str(dest))
@@ -389,12 +392,12 @@ async def _send_one(
     name: str,
     block: DispatchTarget,
     report: str | None,
-    retry_delays: list[float],
+    settings: DispatcherSettings,
 ) -> dict[str, Any]:
     """Run the send task for one target and record its outcome in task.json at once."""
     run_tags = send_tags(name, block.target_type)
     task = send_to_target.with_options(
-        tags=run_tags, task_run_name=f"send-{name}", **quick_retries(retry_delays)
+        tags=run_tags, task_run_name=f"send-{name}", **quick_retries(settings.quick_retry_delays)
     )
     # The send task takes only the send tags: with the case's flow-run tags too (case:<id>…),
     # every case would have its own tag set, and Prefect keeps a slot-acquisition service
@@ -403,7 +406,7 @@ async def _send_one(
         with TagsContext(current_tags=set()):
             state: State[dict[str, Any]] = await cast(
                 Awaitable[State[dict[str, Any]]],
-                task(str(case_dir), name, report, return_state=True),
+                task(str(case_dir), name, report, settings.case_links_inside, return_state=True),
             )
     if state.is_completed():
         result: dict[str, Any] = await state.aresult()

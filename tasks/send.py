@@ -25,14 +25,18 @@ __all__ = ["TOTAL_TAG", "send_tags", "send_to_target", "target_tag", "type_tag"]
 
 @peer_task("send_to_target")
 async def send_to_target(
-    case_dir: str, target_name: str, report_name: str | None
+    case_dir: str, target_name: str, report_name: str | None, links_inside: bool = False
 ) -> dict[str, Any]:
-    """Send one case folder to one target; raises a ``TargetError`` when it did not arrive."""
+    """Send one case folder to one target; raises a ``TargetError`` when it did not arrive.
+
+    ``links_inside`` is the site's ``case_links_inside`` (links that stay inside the case are
+    sent as their files)."""
     logger = get_run_logger()
     folder = Path(case_dir)
     target = await aload_target(target_name)
     _, case_task = read_task(folder)
-    context = SendContext(folder, case_task, folder / report_name if report_name else None)
+    report = folder / report_name if report_name else None
+    context = SendContext(folder, case_task, report, links_inside=links_inside)
     result = await anyio.to_thread.run_sync(target.send, context)
     logger.info(
         "sent %d file(s), %d bytes to %s: %s",

@@ -83,7 +83,8 @@ def test_a_snapshot_is_private_and_holds_the_opened_files(case: Path) -> None:
     os.utime(case / "a.dcm", (1_000_000, 1_000_000))
     names = [Path("a.dcm"), Path("series/b.dcm")]
     with private_snapshot(CaseFiles(case), names) as folder:
-        assert case not in folder.parents and folder != case
+        assert case not in folder.parents
+        assert folder != case
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         for rel in names:
             there = folder / rel
@@ -96,8 +97,9 @@ def test_a_snapshot_is_private_and_holds_the_opened_files(case: Path) -> None:
 def test_a_snapshot_never_holds_a_links_target(case: Path) -> None:
     (case / "a.dcm").unlink()
     (case / "a.dcm").symlink_to(case.parent / "victim")
-    with pytest.raises(OSError, match="symbolic link"), private_snapshot(
-        CaseFiles(case), [Path("a.dcm")]
+    with (
+        pytest.raises(OSError, match="symbolic link"),
+        private_snapshot(CaseFiles(case), [Path("a.dcm")]),
     ):
         pass
     with private_snapshot(CaseFiles(case, links_inside=True), []) as folder:

@@ -15,8 +15,13 @@ fatal message become a one-line :class:`TransientTargetError` or :class:`Permane
   virtualenv's ``bin/`` that would shadow it on ``PATH``.
 * ``TCP_NODELAY=1`` is set in dcmsend's environment (DCMTK leaves Nagle on otherwise, which
   costs ≈ 40 ms per C-STORE against a peer that delays its ACKs).
-* dcmsend writes its report only when the transfer ran; it is written to a temporary name in the
-  report's folder and renamed into place, so a reader never sees half a report.
+* dcmsend opens files by name, so it never sees the case folder: it sends a private snapshot
+  (``blocks._snapshot``: hard links checked to be the files opened without
+  following a link, or copies), so a link planted in the case at any time is neither followed
+  nor sent. Its report is written in a private folder too (a name in the case folder could be
+  a planted link, which dcmsend's ``fopen`` would follow) and copied into the case with
+  ``replace_file``, with the snapshot's paths put back to the case's, so a reader never sees half
+  a report.
 * dcmsend enforces the connect, ACSE and DIMSE timeouts itself; the process as a whole gets a
   generous limit on top (bytes at a slow rate plus the timeouts) and is killed after it.
 
@@ -39,7 +44,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blocks._dcmsend_report import parse_report
+from blocks._snapshot import case_snapshot
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
+from tasks.safefiles import CaseFiles, replace_file
 
 if TYPE_CHECKING:
     from blocks._association import DicomPeer
@@ -219,31 +226,22 @@ class DcmsendResult:
     elapsed: float
 
 
-def _temporary_report(report_path: Path | None) -> Path:
-    """A fresh name dcmsend can create (beside the final report, so the rename is atomic)."""
-    folder = report_path.parent if report_path is not None else None
-    prefix = f".{report_path.name}." if report_path is not None else "dcmsend-report."
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
-    os.close(fd)
-    os.unlink(name)  # dcmsend creates it with its usual permissions
-    return Path(name)
-
-
 def send_case(
-    case_dir: Path,
+    case: CaseFiles,
     peer: DicomPeer,
     *,
     report_path: Path | None,
-    files: Sequence[Path] = (),
+    files: Sequence[Path],
     warnings_ok: bool = True,
     label: str = "",
     binary: str | None = None,
 ) -> DcmsendResult:
-    """Send every ``*.dcm`` under ``case_dir`` with dcmsend; raise a TargetError unless all arrived.
+    """Send ``files`` (the ``*.dcm`` files of ``case``) with dcmsend; raise a TargetError unless
+    all arrived.
 
     ``report_path`` receives dcmsend's report (replacing an earlier one) whenever dcmsend wrote
-    one; with ``None`` the report goes to a temporary file that is removed afterwards. ``files``
-    (the case's ``*.dcm`` files, if the caller has them) only size the process time limit.
+    one; with ``None`` the report is not kept. A file that is a link (or became one) is a
+    ``PermanentTargetError`` naming it, and nothing is sent.
     """
     label = label or peer.describe()
     binary = binary or find_dcmsend()
@@ -251,31 +249,33 @@ def send_case(
         raise PermanentTargetError(
             f"{label}: DCMTK dcmsend not found (install DCMTK, e.g. the Debian package 'dcmtk')"
         )
-    temporary = _temporary_report(report_path)
-    command = dcmsend_command(
-        binary,
-        case_dir,
-        peer.host,
-        peer.port,
-        peer.called_aet,
-        peer.calling_aet,
-        temporary,
-        connect_timeout=peer.connect_timeout,
-        acse_timeout=peer.acse_timeout,
-        dimse_timeout=peer.dimse_timeout,
-    )
-    size = 0
-    for path in files:
-        try:
-            size += path.stat().st_size
-        except OSError:
-            pass
-    limit = (
-        peer.connect_timeout + 2 * peer.acse_timeout + 2 * peer.dimse_timeout + size / SLOWEST_RATE
-    )
-    env = dict(os.environ, TCP_NODELAY="1")
-    started = time.monotonic()
-    try:
+    names = [path.relative_to(case.root) if path.is_absolute() else path for path in files]
+    with (
+        tempfile.TemporaryDirectory(prefix="dicom-dispatch-dcmsend-") as private,
+        case_snapshot(case, names, label) as snapshot,
+    ):
+        temporary = Path(private) / "report.txt"
+        command = dcmsend_command(
+            binary,
+            snapshot,
+            peer.host,
+            peer.port,
+            peer.called_aet,
+            peer.calling_aet,
+            temporary,
+            connect_timeout=peer.connect_timeout,
+            acse_timeout=peer.acse_timeout,
+            dimse_timeout=peer.dimse_timeout,
+        )
+        size = sum((snapshot / name).stat().st_size for name in names)
+        limit = (
+            peer.connect_timeout
+            + 2 * peer.acse_timeout
+            + 2 * peer.dimse_timeout
+            + size / SLOWEST_RATE
+        )
+        env = dict(os.environ, TCP_NODELAY="1")
+        started = time.monotonic()
         try:
             proc = subprocess.run(
                 command,
@@ -298,16 +298,16 @@ def send_case(
             LOGGER.warning("Failed command: %s (exit %d)", command, proc.returncode)
             raise _exit_error(proc.returncode, proc.stderr, label)
         try:
-            text = temporary.read_text(encoding="utf-8", errors="replace")
+            raw = temporary.read_bytes()
         except OSError as exc:
             raise TransientTargetError(
                 f"{label}: dcmsend exited 0 but wrote no report ({exc.strerror})"
             ) from exc
+        # The report names the files as the case holds them, not as the snapshot did.
+        raw = raw.replace(os.fsencode(snapshot), os.fsencode(case.root))
         if report_path is not None:
-            os.replace(temporary, report_path)
-        return _judge(text, warnings_ok, label, elapsed)
-    finally:
-        temporary.unlink(missing_ok=True)
+            replace_file(report_path, raw)
+        return _judge(raw.decode("utf-8", errors="replace"), warnings_ok, label, elapsed)
 
 
 def _judge(text: str, warnings_ok: bool, label: str, elapsed: float) -> DcmsendResult:

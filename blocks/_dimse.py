@@ -15,6 +15,9 @@ What it does, and why:
   Little Endian for uncompressed little-endian files, so a peer that only takes implicit VR still
   receives them. DICOM allows 128 contexts per association; more pairs are split over
   consecutive associations.
+* Every file is opened without following a link (``tasks.safefiles.CaseFiles``) when its header
+  is read and again when it is sent, and pynetdicom reads it through that descriptor: a link
+  planted in the case meanwhile is refused (the file's outcome names it), never read.
 * Files are streamed from disk without decoding (pynetdicom's chunked C-STORE) whenever the peer
   accepted the file's own transfer syntax; only an uncompressed file the peer wants in another
   uncompressed syntax is read fully and re-encoded by pynetdicom (pixel data is never decoded).
@@ -34,12 +37,13 @@ and the entry points are one algorithm; the worker processes preload exactly thi
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.uid import (
@@ -68,6 +72,7 @@ from blocks._pynetdicom_fix import (  # the patch's private names stay importabl
     _patch_reactor_race,  # noqa: F401
 )
 from blocks.errors import TargetError
+from tasks.safefiles import CaseFiles, descriptor_path
 
 __all__ = [
     "MAX_CONTEXTS",
@@ -118,6 +123,8 @@ class StoreOptions:
     associations: int = 1
     only_failed_of: StoreResult | None = None
     warnings_ok: bool = True
+    #: The case the files belong to (None: each file's own folder).
+    case: CaseFiles | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,29 +171,43 @@ class _SlotResult:
     contexts: int = 0
 
 
-def _inspect(index: int, path: Path) -> _FileInfo | InstanceResult:
+def _open(case: CaseFiles | None, path: Path) -> BinaryIO:
+    """``path``, opened without following a link (in ``case``, else in its own folder)."""
+    if case is None:
+        return CaseFiles(path.parent).open(Path(path.name))
+    return case.open(path)
+
+
+def _inspect(index: int, path: Path, case: CaseFiles | None) -> _FileInfo | InstanceResult:
     """Read the file meta only (SOP class/instance, transfer syntax, dataset size)."""
     try:
-        meta, offset = split_dataset(path)
+        with _open(case, path) as fh:
+            meta, offset = split_dataset(Path(descriptor_path(fh)))
+            size = os.fstat(fh.fileno()).st_size - offset
         sop_class = str(meta.MediaStorageSOPClassUID)
         sop_instance = str(meta.MediaStorageSOPInstanceUID)
         syntax = str(meta.TransferSyntaxUID)
-        size = path.stat().st_size - offset
+    except OSError as exc:  # a link, a FIFO, gone: this file's outcome, named
+        return _unreadable(path, f"cannot read {path.name}: {exc.strerror or exc}")
     except Exception as exc:  # unreadable, not DICOM, no file meta: a per-file outcome
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return InstanceResult(
-            path=path,
-            sop_class_uid="",
-            sop_instance_uid="",
-            transfer_syntax="",
-            size=0,
-            status=None,
-            association=0,
-            context_id=None,
-            network_transfer_syntax=None,
-            error=f"unreadable DICOM file: {reason}",
-        )
+        return _unreadable(path, f"unreadable DICOM file: {reason}")
     return _FileInfo(index, path, sop_class, sop_instance, syntax, size)
+
+
+def _unreadable(path: Path, error: str) -> InstanceResult:
+    return InstanceResult(
+        path=path,
+        sop_class_uid="",
+        sop_instance_uid="",
+        transfer_syntax="",
+        size=0,
+        status=None,
+        association=0,
+        context_id=None,
+        network_transfer_syntax=None,
+        error=error,
+    )
 
 
 def _proposed_syntaxes(transfer_syntax: str) -> list[str]:
@@ -215,7 +236,9 @@ def _context_batch(pending: Sequence[_FileInfo]) -> tuple[list[_FileInfo], list[
 # --------------------------------------------------------------------------------------------
 
 
-def _send_one(assoc: Any, info: _FileInfo, number: int, msg_id: int) -> InstanceResult:
+def _send_one(
+    assoc: Any, info: _FileInfo, number: int, msg_id: int, case: CaseFiles | None
+) -> InstanceResult:
     """One C-STORE on an established association; never raises."""
     same = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == info.sop_class_uid]
     exact = [cx for cx in same if cx.transfer_syntax[0] == info.transfer_syntax]
@@ -238,9 +261,15 @@ def _send_one(assoc: Any, info: _FileInfo, number: int, msg_id: int) -> Instance
         "network_transfer_syntax": str(context.transfer_syntax[0]),
     }
     try:
-        # A path is streamed from the file (chunked); a Dataset is re-encoded by pynetdicom.
-        payload: Any = info.path if exact else dcmread(info.path)
-        response = assoc.send_c_store(payload, msg_id=msg_id)
+        source = _open(case, info.path)
+    except OSError as exc:  # became a link, a FIFO, or went away since it was inspected
+        return info.result(**sent, error=f"cannot read {info.path.name}: {exc.strerror or exc}")
+    try:
+        with source:
+            # A path is streamed from the file (chunked); a Dataset is re-encoded by pynetdicom.
+            opened = Path(descriptor_path(source))
+            payload: Any = opened if exact else dcmread(source)
+            response = assoc.send_c_store(payload, msg_id=msg_id)
     except RuntimeError:  # association gone between two C-STOREs (peer abort, network)
         return info.result(**sent, error=_ASSOCIATION_LOST)
     except Exception as exc:  # unreadable file, encoding error: this file's outcome only
@@ -257,12 +286,14 @@ def _send_one(assoc: Any, info: _FileInfo, number: int, msg_id: int) -> Instance
     return info.result(**sent, request_sent=True, status=int(status))
 
 
-def _store_serial(paths: Sequence[tuple[int, Path]], peer: DicomPeer) -> _SlotResult:
+def _store_serial(
+    paths: Sequence[tuple[int, Path]], peer: DicomPeer, case: CaseFiles | None
+) -> _SlotResult:
     """Send ``paths`` over as few associations as possible, one after the other."""
     out = _SlotResult()
     pending: list[_FileInfo] = []
     for index, path in paths:
-        inspected = _inspect(index, path)
+        inspected = _inspect(index, path, case)
         if isinstance(inspected, InstanceResult):
             out.results[index] = inspected
         else:
@@ -297,7 +328,7 @@ def _store_serial(paths: Sequence[tuple[int, Path]], peer: DicomPeer) -> _SlotRe
             elif not assoc.is_established:
                 result = info.result(error=_ASSOCIATION_LOST)
             else:
-                result = _send_one(assoc, info, number, msg_id % 0xFFFF + 1)
+                result = _send_one(assoc, info, number, msg_id % 0xFFFF + 1, case)
             if result.error == _ASSOCIATION_LOST:
                 lost += 1  # not sent: stays pending for the next association
                 break
@@ -330,10 +361,12 @@ def _store_serial(paths: Sequence[tuple[int, Path]], peer: DicomPeer) -> _SlotRe
     return out
 
 
-def _store_slot(paths: Sequence[tuple[int, Path]], peer: DicomPeer) -> _SlotResult | TargetError:
+def _store_slot(
+    paths: Sequence[tuple[int, Path]], peer: DicomPeer, case: CaseFiles | None
+) -> _SlotResult | TargetError:
     """Worker-process entry point: errors come back as values, so every slot is merged."""
     try:
-        return _store_serial(paths, peer)
+        return _store_serial(paths, peer, case)
     except TargetError as exc:
         return exc
 
@@ -373,11 +406,11 @@ def store_files(
     indexed = list(enumerate(paths))
     slots = max(1, min(int(options.associations), len(indexed)))
     if slots == 1:
-        outcomes: list[_SlotResult | TargetError] = [_store_serial(indexed, peer)]
+        outcomes: list[_SlotResult | TargetError] = [_store_serial(indexed, peer, options.case)]
         shares = [indexed]
     else:
         shares = [indexed[k::slots] for k in range(slots)]
-        outcomes = _WORKERS.run_each(_store_slot, [(share, peer) for share in shares])
+        outcomes = _WORKERS.run_each(_store_slot, [(s, peer, options.case) for s in shares])
     errors = [o for o in outcomes if isinstance(o, TargetError)]
     if errors and len(errors) == len(outcomes):
         raise errors[0]
@@ -386,7 +419,7 @@ def store_files(
     for share, outcome in zip(shares, outcomes, strict=True):
         if isinstance(outcome, TargetError):
             for index, path in share:
-                inspected = _inspect(index, path)
+                inspected = _inspect(index, path, options.case)
                 merged[index] = (
                     inspected
                     if isinstance(inspected, InstanceResult)

@@ -232,7 +232,7 @@ class DicomTarget(QueryTarget):
         with peer_gate(peer.host, peer.port, peer.called_aet, self.concurrent_associations):
             if self.send_backend() == "dcmsend":
                 return self._send_with_dcmsend(context, files, peer)
-            options = _dimse.StoreOptions(associations=self.max_associations)
+            options = _dimse.StoreOptions(associations=self.max_associations, case=context.files)
             result = _dimse.store_files(files, peer, options)
         if context.report_path is not None:
             write_report(context.report_path, result)
@@ -259,7 +259,7 @@ class DicomTarget(QueryTarget):
         self, context: SendContext, files: list[Path], peer: DicomPeer
     ) -> SendResult:
         outcome = _dcmsend.send_case(
-            context.case_dir,
+            context.files,
             peer,
             report_path=context.report_path,
             files=files,

@@ -14,7 +14,9 @@ Remote layout as mercure's: ``<folder>/<case folder name>/`` with the case's fil
   environment;
 - the claim marker and our temporary files are never sent, ``file_filter`` is trimmed and matches
   as for the Folder and SFTP targets (the file list is ours, handed to ``--files-from``);
-- directories are created traversable (mercure's ``--chmod 660`` also applied to them).
+- directories are created traversable (mercure's ``--chmod 660`` also applied to them);
+- rsync, which opens files by name, sends a private snapshot of the case (``blocks._snapshot``),
+  never the case folder: a link planted in the case at any time fails the send, naming the file.
 
 rsync itself makes retries safe: files arrive under temporary names and are renamed when whole, a
 retry re-uses the remote folder and skips files that already arrived (same size and time).
@@ -29,11 +31,13 @@ import shlex
 import signal
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import Field
 
 from blocks._net import tcp_reachable
+from blocks._snapshot import case_snapshot
 from blocks.base import SendContext, SendResult
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
 from blocks.sftp import COMPLETE_MARKER, SshTarget, case_files, host_key_name
@@ -131,7 +135,8 @@ class RsyncTarget(SshTarget):
             argv += ["-o", "NumberOfPasswordPrompts=1"]
         return argv
 
-    def rsync_command(self, context: SendContext) -> list[str]:
+    def rsync_command(self, context: SendContext, source: Path | None = None) -> list[str]:
+        """rsync of ``source`` (the case's private snapshot; default: the case folder)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return [
             "rsync",
@@ -142,7 +147,7 @@ class RsyncTarget(SshTarget):
             f"--timeout={math.ceil(self.io_timeout)}",
             "-e",
             _rsync_rsh(self.ssh_command()),
-            f"{context.case_dir}/",
+            f"{source or context.case_dir}/",
             f"{host}:{self.remote_case_dir(context)}/",
         ]
 
@@ -226,7 +231,10 @@ class RsyncTarget(SshTarget):
         files = case_files(context.case_dir, self.file_filter)
         remote_case = self.remote_case_dir(context)
         listing = b"".join(os.fsencode(rel) + b"\0" for rel in files)
-        done = self._run(self.rsync_command(context), timeout=self.transfer_timeout, stdin=listing)
+        with case_snapshot(context.files, files, self.where()) as snapshot:
+            size = sum((snapshot / rel).stat().st_size for rel in files)
+            command = self.rsync_command(context, snapshot)
+            done = self._run(command, timeout=self.transfer_timeout, stdin=listing)
         self._check(done, "rsync")
         # One ssh session for the marker and the script (mercure used up to three).
         marker = posixpath.join(remote_case, COMPLETE_MARKER)
@@ -243,7 +251,6 @@ class RsyncTarget(SshTarget):
             raise PermanentTargetError(f"{self.where()}: {self._script_missing()}")
         step = "touch .complete" if done.returncode == _NO_MARKER else COMPLETE_SCRIPT
         self._check(done, step)
-        size = sum((context.case_dir / rel).stat().st_size for rel in files)
         return SendResult(files=len(files), bytes=size, detail=detail)
 
     def test_connection(self) -> dict[str, Any]:

@@ -11,12 +11,12 @@ Pure functions, no I/O except ``write_report``.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import UID
+
+from tasks.safefiles import replace_file
 
 if TYPE_CHECKING:
     from blocks._dimse_results import InstanceResult, StoreResult
@@ -280,17 +280,9 @@ def parse_report(text: str) -> dict[str, Any]:
 
 
 def write_report(path: Path, result: StoreResult) -> Path:
-    """Write ``format_report(result)`` to ``path`` atomically (temp file in the same folder)."""
+    """Write ``format_report(result)`` to ``path`` atomically and never through a link planted
+    in the case folder (``replace_file``: a new random name beside it, then a rename)."""
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(format_report(result))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; dcmsend's report is world-readable
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    data = format_report(result).encode("utf-8")
+    replace_file(path, data, mode=0o644, fsync=True)  # dcmsend's report is world-readable
     return path

@@ -37,7 +37,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from blocks._receiver import Receiver, check_result
-from blocks.errors import PermanentTargetError
+from blocks.errors import PermanentTargetError, public_url
 from blocks.qr import (
     Filters,
     Level,
@@ -107,7 +107,9 @@ class _Qido:
                 response.raise_for_status()
                 page = response.json() if response.content else []
                 if not isinstance(page, list):
-                    raise PermanentTargetError(f"{url}: QIDO-RS answer is not a JSON array")
+                    raise PermanentTargetError(
+                        f"{public_url(url)}: QIDO-RS answer is not a JSON array"
+                    )
                 found.extend(page)
                 warning = response.headers.get("Warning", "").lower()
                 if not page or "299" not in warning:

@@ -42,6 +42,7 @@ from blocks.qr import (
     Filters,
     Level,
     Progress,
+    ReceiveLimits,
     RetrieveItem,
     RetrieveResult,
     check_query,
@@ -279,13 +280,14 @@ def retrieve(
     filters: Mapping[str, Any] | None,
     destination: Path,
     progress: Progress | None,
+    limits: ReceiveLimits | None = None,
 ) -> RetrieveResult:
     """``DicomWebTarget.retrieve``: QIDO-RS the series, then WADO-RS them into a folder."""
     begin = time.monotonic()
     accession, wanted = check_query(accession, filters, "series")
     client = None if target.is_file_url else target.get_client()
     try:
-        return _retrieve(target, client, accession, wanted, destination, progress, begin)
+        return _retrieve(target, client, accession, wanted, destination, progress, begin, limits)
     finally:
         if client is not None:
             client.close()
@@ -299,12 +301,13 @@ def _retrieve(
     destination: Path,
     progress: Progress | None,
     begin: float,
+    limits: ReceiveLimits | None,
 ) -> RetrieveResult:
     rows = _find(target, accession, wanted, "series", client)
     if not rows:
         raise not_found(accession, wanted)
     items = plan_retrieve(rows, wanted)
-    receiver = Receiver.for_items(destination, items, progress)
+    receiver = Receiver.for_items(destination, items, progress, limits)
     base = target.service_url("wado")
     for item in items:
         if client is None:

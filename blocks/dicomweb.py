@@ -55,7 +55,7 @@ from blocks.errors import (
     url_credentials,
     without_userinfo,
 )
-from blocks.qr import Progress, check_pull
+from blocks.qr import Progress, ReceiveLimits, check_pull
 
 if TYPE_CHECKING:
     from dicomweb_client import DICOMfileClient
@@ -384,12 +384,13 @@ class DicomWebTarget(QueryTarget):
         filters: dict[str, Any] | None,
         destination: Path,
         progress: Progress | None = None,
+        limits: ReceiveLimits | None = None,
     ) -> RetrieveResult:
         """WADO-RS (streamed) what ``find`` finds into ``destination``."""
         from blocks import _dicomweb_qr
 
         check_pull(self)
-        return _dicomweb_qr.retrieve(self, accession, filters, destination, progress)
+        return _dicomweb_qr.retrieve(self, accession, filters, destination, progress, limits)
 
     def case_origin(self) -> CaseOrigin:
         return CaseOrigin(

@@ -63,7 +63,7 @@ def _patch() -> bool:
             return original(self, primitive, assoc)
         for pdv in primitive.presentation_data_value_list:
             one = P_DATA()
-            one.presentation_data_value_list = [pdv]
+            one._presentation_data_value_list = [pdv]  # as received (the setter wants lists)
             if original(self, one, assoc):
                 return True
             if (

@@ -205,6 +205,8 @@ def _run_retrieve(
             return
         if code == 0xB000:  # warning: some sub-operations failed; checked by the caller
             return
+        if receiver.rejected_count:  # the peer's failure is our refusal: said by the caller
+            return
         comment = str(response.get("ErrorComment", "")) if response is not None else ""
         raise _status_error(peer, service, code, comment)
     raise _status_error(peer, service, None)

@@ -392,6 +392,19 @@ def test_retrieve_into_outgoing_is_then_dispatched_to_a_storescp(
     assert received == expected(peer.studies["QR-A"], "head", "neck")
 
 
+def test_the_settings_bound_what_a_retrieve_receives(
+    env: DispatchEnv, peer: Peer, tmp_path: Path
+) -> None:
+    """``retrieve_max_instance_bytes`` reaches the receiver: nothing of the accession is kept."""
+    from flows.query import retrieve
+
+    env.save_target(peer.dicom_target(retrieve_method="get"), SOURCE)
+    env.save_settings(retrieve_max_instance_bytes=1024, quick_retry_delays=[])
+    with pytest.raises(PermanentTargetError, match="larger than retrieve_max_instance_bytes"):
+        asyncio.run(retrieve(SOURCE, "QR-C", None, str(tmp_path / "jobs")))
+    assert not [p for p in (tmp_path / "jobs").rglob("*") if p.is_file()]
+
+
 def test_url_credentials_reach_no_error_text_nor_task_json(
     env: DispatchEnv, peer: Peer, tmp_path: Path
 ) -> None:

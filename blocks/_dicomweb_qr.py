@@ -37,11 +37,12 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from blocks._receiver import Receiver, check_result
-from blocks.errors import PermanentTargetError
+from blocks.errors import PermanentTargetError, public_url
 from blocks.qr import (
     Filters,
     Level,
     Progress,
+    ReceiveLimits,
     RetrieveItem,
     RetrieveResult,
     check_query,
@@ -107,7 +108,9 @@ class _Qido:
                 response.raise_for_status()
                 page = response.json() if response.content else []
                 if not isinstance(page, list):
-                    raise PermanentTargetError(f"{url}: QIDO-RS answer is not a JSON array")
+                    raise PermanentTargetError(
+                        f"{public_url(url)}: QIDO-RS answer is not a JSON array"
+                    )
                 found.extend(page)
                 warning = response.headers.get("Warning", "").lower()
                 if not page or "299" not in warning:
@@ -277,13 +280,14 @@ def retrieve(
     filters: Mapping[str, Any] | None,
     destination: Path,
     progress: Progress | None,
+    limits: ReceiveLimits | None = None,
 ) -> RetrieveResult:
     """``DicomWebTarget.retrieve``: QIDO-RS the series, then WADO-RS them into a folder."""
     begin = time.monotonic()
     accession, wanted = check_query(accession, filters, "series")
     client = None if target.is_file_url else target.get_client()
     try:
-        return _retrieve(target, client, accession, wanted, destination, progress, begin)
+        return _retrieve(target, client, accession, wanted, destination, progress, begin, limits)
     finally:
         if client is not None:
             client.close()
@@ -297,12 +301,13 @@ def _retrieve(
     destination: Path,
     progress: Progress | None,
     begin: float,
+    limits: ReceiveLimits | None,
 ) -> RetrieveResult:
     rows = _find(target, accession, wanted, "series", client)
     if not rows:
         raise not_found(accession, wanted)
     items = plan_retrieve(rows, wanted)
-    receiver = Receiver.for_items(destination, items, progress)
+    receiver = Receiver.for_items(destination, items, progress, limits)
     base = target.service_url("wado")
     for item in items:
         if client is None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,12 +41,13 @@ from pynetdicom.status import code_to_category
 from blocks._association import DicomPeer, association
 from blocks._dcmtk_qr import dcmtk_retrieve
 from blocks._receiver import Receiver, check_result
-from blocks._storage_scp import RECEIVE_SYNTAXES, STORAGE_CLASSES, MoveSCP
+from blocks._storage_scp import MOVE_MAX_PDU, RECEIVE_SYNTAXES, STORAGE_CLASSES, MoveSCP
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
 from blocks.qr import (
     Filters,
     Level,
     Progress,
+    ReceiveLimits,
     RetrieveItem,
     RetrieveResult,
     check_query,
@@ -180,12 +181,20 @@ class _Counters:
 
 def _run_retrieve(
     peer: DicomPeer,
+    assoc: Association,
     responses: Iterator[tuple[Dataset, Dataset | None]],
     service: str,
     counters: _Counters,
+    receiver: Receiver,
 ) -> None:
-    """Consume the responses of one C-GET/C-MOVE; raise unless the final status is success."""
+    """Consume the responses of one C-GET/C-MOVE; raise unless the final status is success.
+
+    When the receiver stopped (free space), the association is aborted: the peer stops sending.
+    """
     for response, _ in responses:
+        if receiver.stopped:
+            assoc.abort()
+            raise PermanentTargetError(f"{service} from {peer.describe()}: {receiver.stopped}")
         code = _status(response)
         if code is None:
             raise _status_error(peer, service, None)
@@ -195,6 +204,8 @@ def _run_retrieve(
         if code == 0x0000:
             return
         if code == 0xB000:  # warning: some sub-operations failed; checked by the caller
+            return
+        if receiver.rejected_count:  # the peer's failure is our refusal: said by the caller
             return
         comment = str(response.get("ErrorComment", "")) if response is not None else ""
         raise _status_error(peer, service, code, comment)
@@ -211,14 +222,19 @@ def _get_contexts() -> tuple[list[PresentationContext], list[Any]]:
 def _c_get(peer: DicomPeer, items: Sequence[RetrieveItem], receiver: Receiver) -> _Counters:
     total = _Counters()
     contexts, roles = _get_contexts()
-    handlers = [(evt.EVT_C_STORE, receiver.on_c_store)]
+    handlers = [
+        (evt.EVT_CONN_OPEN, receiver.on_conn_open),
+        (evt.EVT_C_STORE, receiver.on_c_store),
+    ]
+    if not 0 < peer.max_pdu <= MOVE_MAX_PDU:  # what the peer can make us buffer at once
+        peer = replace(peer, max_pdu=MOVE_MAX_PDU)
     with association(peer, contexts, roles=roles, handlers=handlers) as assoc:
         for item in items:
             counters = _Counters()
             responses = assoc.send_c_get(
                 _identifier_of(item), StudyRootQueryRetrieveInformationModelGet
             )
-            _run_retrieve(peer, responses, "C-GET", counters)
+            _run_retrieve(peer, assoc, responses, "C-GET", counters, receiver)
             total.completed += counters.completed
             total.failed += counters.failed
             total.warning += counters.warning
@@ -241,7 +257,7 @@ def _c_move(
                 responses = assoc.send_c_move(
                     _identifier_of(item), move_aet, StudyRootQueryRetrieveInformationModelMove
                 )
-                _run_retrieve(peer, responses, "C-MOVE", counters)
+                _run_retrieve(peer, assoc, responses, "C-MOVE", counters, receiver)
                 total.completed += counters.completed
                 total.failed += counters.failed
                 total.warning += counters.warning
@@ -264,12 +280,14 @@ def retrieve(
     listen: tuple[str, int] = ("127.0.0.1", 11113),
     backend: Literal["pynetdicom", "dcmtk"] = "pynetdicom",
     progress: Progress | None = None,
+    limits: ReceiveLimits | None = None,
 ) -> RetrieveResult:
     """C-GET or C-MOVE ``items`` into ``folder`` (created), as ``<SOPInstanceUID>.dcm``.
 
     Raises a ``TargetError`` unless the peer reported success, no sub-operation failed, every
     received object passed the checks, and (when the peer's C-FIND gave counts) as many
-    instances arrived as were expected. The files that did arrive stay in ``folder`` either way.
+    instances arrived as were expected. The files that did arrive stay in ``folder`` either way;
+    nothing half-received does. ``limits``: see ``blocks._receiver``.
     """
     begin = time.monotonic()
     service = "C-GET" if method == "get" else "C-MOVE"
@@ -277,15 +295,18 @@ def retrieve(
         raise PermanentTargetError(
             f"{peer.describe()}: C-MOVE needs move_destination_aet (our Storage SCP's AE title)"
         )
-    receiver = Receiver.for_items(folder, items, progress)
-    if backend == "dcmtk":
-        staging = folder.parent / f".{folder.name}.dcmtk-{os.getpid()}"
-        failed = dcmtk_retrieve(peer, items, receiver, method, move_aet, listen, staging)
-        counters = _Counters(completed=len(receiver.instances), failed=failed)
-    elif method == "get":
-        counters = _c_get(peer, items, receiver)
-    else:
-        counters = _c_move(peer, items, receiver, move_aet, listen)
+    receiver = Receiver.for_items(folder, items, progress, limits)
+    try:
+        if backend == "dcmtk":
+            staging = folder.parent / f".{folder.name}.dcmtk-{os.getpid()}"
+            failed = dcmtk_retrieve(peer, items, receiver, method, move_aet, listen, staging)
+            counters = _Counters(completed=len(receiver.instances), failed=failed)
+        elif method == "get":
+            counters = _c_get(peer, items, receiver)
+        else:
+            counters = _c_move(peer, items, receiver, move_aet, listen)
+    finally:
+        receiver.discard_partials()
     result = receiver.result(
         service,
         backend,

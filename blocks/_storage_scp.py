@@ -160,6 +160,7 @@ class MoveSCP:
             ae.add_supported_context(uid, RECEIVE_SYNTAXES)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_CONN_OPEN, self.receiver.on_conn_open),
             (evt.EVT_C_STORE, self.receiver.on_c_store),
         ]
         deadline = time.monotonic() + self.port_wait
@@ -199,7 +200,8 @@ class MoveSCP:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             busy = self._server is not None and self._server.active_associations
-            if len(self.receiver.instances) + len(self.receiver.rejected) >= wanted and not busy:
+            done = len(self.receiver.instances) + self.receiver.rejected_count
+            if (done >= wanted or self.receiver.stopped) and not busy:
                 return
             time.sleep(0.02)
 

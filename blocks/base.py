@@ -22,7 +22,7 @@ from tasks.safefiles import CaseFiles
 from tasks.taskjson import Task
 
 if TYPE_CHECKING:
-    from blocks.qr import Progress, RetrieveResult
+    from blocks.qr import Progress, ReceiveLimits, RetrieveResult
 
 __all__ = [
     "CaseOrigin",
@@ -174,8 +174,10 @@ class QueryTarget(DispatchTarget):
         filters: dict[str, Any] | None,
         destination: Path,
         progress: Progress | None = None,
+        limits: ReceiveLimits | None = None,
     ) -> RetrieveResult:
-        """Fetch what :meth:`find` finds into ``destination`` as ``<SOPInstanceUID>.dcm``."""
+        """Fetch what :meth:`find` finds into ``destination`` as ``<SOPInstanceUID>.dcm``,
+        within ``limits`` (object size, free space; default ``ReceiveLimits()``)."""
 
     @abstractmethod
     def case_origin(self) -> CaseOrigin:

@@ -38,6 +38,7 @@ from blocks.errors import ConfigError, PermanentTargetError, TransientTargetErro
 from blocks.qr import (
     Level,
     Progress,
+    ReceiveLimits,
     RetrieveResult,
     check_accession,
     check_pull,
@@ -312,6 +313,7 @@ class DicomTarget(QueryTarget):
         filters: dict[str, Any] | None,
         destination: Path,
         progress: Progress | None = None,
+        limits: ReceiveLimits | None = None,
     ) -> RetrieveResult:
         """C-GET or C-MOVE (``retrieve_method``) what ``find`` finds into ``destination``."""
         check_pull(self)
@@ -329,6 +331,7 @@ class DicomTarget(QueryTarget):
             listen=(self.move_listen_address, int(self.move_destination_port)),
             backend=self._retrieve_backend(),
             progress=progress,
+            limits=limits,
         )
 
     def case_origin(self) -> CaseOrigin:

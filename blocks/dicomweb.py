@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from pydantic import Field, SecretStr, field_validator
@@ -46,8 +46,16 @@ from blocks.base import (
     ca_bundle_verify,
     dicom_files,
 )
-from blocks.errors import PermanentTargetError, TargetError, TransientTargetError, one_line
-from blocks.qr import Progress, check_pull
+from blocks.errors import (
+    PermanentTargetError,
+    TargetError,
+    TransientTargetError,
+    one_line,
+    public_url,
+    url_credentials,
+    without_userinfo,
+)
+from blocks.qr import Progress, ReceiveLimits, check_pull
 
 if TYPE_CHECKING:
     from dicomweb_client import DICOMfileClient
@@ -64,18 +72,6 @@ DEFAULT_READ_TIMEOUT = 300.0
 _TRANSIENT_STATUSES = {408, 425, 429, 500, 502, 503, 504, 507}
 _ACCEPT_JSON = "application/dicom+json, application/json;q=0.9, application/dicom+xml;q=0.5"
 Service = Literal["qido", "wado", "stow"]
-
-
-def public_url(url: str) -> str:
-    """``url`` without user info, query and fragment: safe to show in logs and reasons."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<invalid URL>"
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class DicomWebTarget(QueryTarget):
@@ -167,12 +163,15 @@ class DicomWebTarget(QueryTarget):
             "wado": self.wado_url_prefix,
             "stow": self.stow_url_prefix,
         }[service]
-        base = self.url.strip().rstrip("/")
+        base = without_userinfo(self.url.strip()).rstrip("/")
         return f"{base}/{prefix.strip('/')}" if prefix and prefix.strip("/") else base
 
     def _auth(self) -> tuple[httpx.Auth | None, dict[str, str]]:
         if self.http_user and self.http_password is not None:
             return httpx.BasicAuth(self.http_user, self.http_password.get_secret_value()), {}
+        in_url = url_credentials(self.url.strip())  # sent as this header, never in a URL
+        if in_url is not None:
+            return httpx.BasicAuth(*in_url), {}
         if self.access_token is not None:
             return None, {"Authorization": f"Bearer {self.access_token.get_secret_value()}"}
         return None, {}
@@ -181,7 +180,7 @@ class DicomWebTarget(QueryTarget):
         """An HTTP client with this target's credentials, timeouts and ``TCP_NODELAY``."""
         auth, headers = self._auth()
         transport = httpx.HTTPTransport(
-            verify=_httpx_verify(self.ca_bundle, f"DICOMweb target {self.url}"),
+            verify=_httpx_verify(self.ca_bundle, f"DICOMweb target {public_url(self.url)}"),
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         return httpx.Client(
@@ -388,16 +387,19 @@ class DicomWebTarget(QueryTarget):
         filters: dict[str, Any] | None,
         destination: Path,
         progress: Progress | None = None,
+        limits: ReceiveLimits | None = None,
     ) -> RetrieveResult:
         """WADO-RS (streamed) what ``find`` finds into ``destination``."""
         from blocks import _dicomweb_qr
 
         check_pull(self)
-        return _dicomweb_qr.retrieve(self, accession, filters, destination, progress)
+        return _dicomweb_qr.retrieve(self, accession, filters, destination, progress, limits)
 
     def case_origin(self) -> CaseOrigin:
         return CaseOrigin(
-            address=self.url or "MISSING", sender_aet="MISSING", receiver_aet="MISSING"
+            address=public_url(self.url) if self.url else "MISSING",
+            sender_aet="MISSING",
+            receiver_aet="MISSING",
         )
 
     # -- test ---------------------------------------------------------------------------------
@@ -421,7 +423,9 @@ class DicomWebTarget(QueryTarget):
         try:
             with self.get_client() as client:
                 with self._translate("connecting", self.url):
-                    probe = client.get(self.url.strip(), headers={"Accept": _ACCEPT_JSON})
+                    probe = client.get(
+                        without_userinfo(self.url.strip()), headers={"Accept": _ACCEPT_JSON}
+                    )
                 if probe.status_code in (401, 403):
                     result["Authentication"] = False
                     result["Reason"] = _status_error(self._where(), "login", probe).args[0]

@@ -20,10 +20,14 @@ library internals::
         └── JobNotQueuedError       the job already started or ended: it cannot be unqueued
 
 Messages name the target and the peer, never a secret. :func:`one_line` and :func:`first_line`
-are how every module shortens a foreign error for a status line, a log or an artifact.
+are how every module shortens a foreign error for a status line, a log or an artifact; both drop
+the user info of any URL in it (:func:`redact_urls`).
 """
 
 from __future__ import annotations
+
+import re
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 __all__ = [
     "AccessionNotFound",
@@ -41,6 +45,10 @@ __all__ = [
     "describe_error",
     "first_line",
     "one_line",
+    "public_url",
+    "redact_urls",
+    "url_credentials",
+    "without_userinfo",
 ]
 
 #: Longest one-line reason kept for a task.json status, a log line or an artifact.
@@ -105,12 +113,12 @@ def one_line(value: object, limit: int = ONE_LINE_LIMIT, empty: str | None = Non
     Peers answer with multi-line HTML, tracebacks and XML; a status line must stay one line.
     An empty text becomes ``empty`` (default: the value's type name).
     """
-    return " ".join(str(value).split())[:limit] or (empty or type(value).__name__)
+    return " ".join(redact_urls(str(value)).split())[:limit] or (empty or type(value).__name__)
 
 
 def first_line(value: object) -> str:
     """The first non-empty line of ``value`` (an exception's headline), or its type's name."""
-    lines = [line for line in str(value).strip().splitlines() if line.strip()]
+    lines = [line for line in redact_urls(str(value)).strip().splitlines() if line.strip()]
     return lines[0].strip() if lines else type(value).__name__
 
 
@@ -123,3 +131,53 @@ def describe_error(error: object, limit: int = ONE_LINE_LIMIT) -> str:
     if isinstance(error, DispatchError | str):
         return one_line(error, limit)
     return one_line(f"{type(error).__name__}: {error}", limit)
+
+
+# -- credentials out of texts -------------------------------------------------------------
+# A DICOMweb URL may carry its login as user info (``https://user:pass@host/...``). Every place
+# that shows a URL uses :func:`public_url`; every one-line error text goes through
+# :func:`redact_urls`, so a forgotten place still shows no password.
+
+#: What replaces the user info of a URL in a text.
+REDACTED = "***"
+#: ``scheme://`` then user info up to the ``@`` before the host (no ``/``, space or ``@`` in it).
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s@?#]*@")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the user info of every URL in it replaced by ``***``."""
+    return _USERINFO.sub(rf"\1{REDACTED}@", text) if "@" in text else text
+
+
+def public_url(url: str) -> str:
+    """``url`` without user info, query and fragment: safe to show in logs and reasons."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return "<invalid URL>"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` as it is, minus its user info (what a request is sent to)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact_urls(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def url_credentials(url: str) -> tuple[str, str] | None:
+    """(user, password) from the user info of ``url`` (percent-decoded), or ``None``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.username is None:
+        return None
+    return unquote(parts.username), unquote(parts.password or "")

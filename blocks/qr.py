@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from blocks.base import DispatchTarget
 
 __all__ = [
+    "DEFAULT_FREE_SPACE_RESERVE_BYTES",
+    "DEFAULT_MAX_INSTANCE_BYTES",
     "RETURN_KEYS",
     "SERIES_KEYS",
     "SERIES_KEYWORDS",
@@ -46,6 +48,7 @@ __all__ = [
     "Level",
     "Progress",
     "QueryError",
+    "ReceiveLimits",
     "RetrieveItem",
     "RetrieveResult",
     "RowSource",
@@ -392,8 +395,29 @@ class RetrieveResult:
     completed: int = 0
     failed: int = 0
     warning: int = 0
+    #: The reasons of the first refused objects (at most ``REJECTED_KEPT``) ...
     rejected: list[str] = field(default_factory=list)
     elapsed: float = 0.0
+    #: ... and how many were refused in all.
+    rejected_count: int = 0
+    #: Why receiving stopped before the peer was done (free space), else empty.
+    stopped: str = ""
+
+
+#: Default of ``DispatcherSettings.retrieve_max_instance_bytes``.
+DEFAULT_MAX_INSTANCE_BYTES = 4 * 1024**3
+#: Default of ``DispatcherSettings.retrieve_free_space_reserve_bytes``.
+DEFAULT_FREE_SPACE_RESERVE_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ReceiveLimits:
+    """What one retrieve may cost the destination: no object over ``max_instance_bytes``, and
+    never less than ``free_space_reserve_bytes`` free on its file system (the queue, the
+    database and other cases share it)."""
+
+    max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
+    free_space_reserve_bytes: int = DEFAULT_FREE_SPACE_RESERVE_BYTES
 
 
 def check_pull(target: DispatchTarget) -> None:

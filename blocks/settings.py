@@ -14,6 +14,11 @@ from prefect.blocks.core import Block
 from pydantic import Field
 
 from blocks.host import DEPRECATED_OVERRIDES, data_dir, deprecated_override
+from blocks.qr import (
+    DEFAULT_FREE_SPACE_RESERVE_BYTES,
+    DEFAULT_MAX_INSTANCE_BYTES,
+    ReceiveLimits,
+)
 
 __all__ = ["DEFAULT_JOB_MODULES", "DEFAULT_SETTINGS_NAME", "DispatcherSettings", "data_dir"]
 
@@ -89,6 +94,17 @@ class DispatcherSettings(Block):
         default=2,
         ge=0,
         description="At most this many retrievals at once across all hosts (0: no limit).",
+    )
+    retrieve_max_instance_bytes: int = Field(
+        default=DEFAULT_MAX_INSTANCE_BYTES,
+        gt=0,
+        description="A retrieved object larger than this is refused (the retrieve fails).",
+    )
+    retrieve_free_space_reserve_bytes: int = Field(
+        default=DEFAULT_FREE_SPACE_RESERVE_BYTES,
+        ge=0,
+        description="A retrieve stops before the free space of its destination's file system "
+        "falls under this.",
     )
     jobs_poll_seconds: float = Field(
         default=0.5,
@@ -172,6 +188,13 @@ class DispatcherSettings(Block):
             if value != current:
                 update[field] = int(value) if isinstance(current, int) else value
         return self.model_copy(update=update) if update else self
+
+    def receive_limits(self) -> ReceiveLimits:
+        """What one retrieve may cost its destination (``blocks._receiver``)."""
+        return ReceiveLimits(
+            max_instance_bytes=self.retrieve_max_instance_bytes,
+            free_space_reserve_bytes=self.retrieve_free_space_reserve_bytes,
+        )
 
     def folders(self) -> tuple[Path, Path, Path]:
         """(outgoing, success, error), defaults under the data directory."""

@@ -9,7 +9,6 @@ executor (admission, processes, leases) is ``flows.background.executor``; its tu
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -29,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from deployments.api_auth import use_auth_string
     from deployments.environment import prepare_environment, read_service_record
+    from deployments.service_log import log_to_stderr
 
     parser = argparse.ArgumentParser(
         prog="python -m deployments.background_service",
@@ -47,12 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         os.environ["PREFECT_API_URL"] = str(record["api_url"])
         use_auth_string(home)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    ours = logging.getLogger("dicom_dispatch")
-    ours.addHandler(handler)
-    ours.setLevel(os.environ.get("DICOM_DISPATCH_LOG_LEVEL", "INFO"))
-    ours.propagate = False
+    log_to_stderr()
 
     async def run() -> None:
         stop = asyncio.Event()

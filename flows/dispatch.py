@@ -154,6 +154,18 @@ def run_name_for(case_dir: Path, task: Task | None = None, *, mrn: bool = True) 
     return " ".join(p for p in parts if p) or "case"
 
 
+def case_run_labels(
+    case_dir: Path,
+    task: Task | None,
+    priority: str | None,
+    settings: DispatcherSettings | None,
+) -> tuple[str, list[str]]:
+    """(run name, tags) of a case run created for the dispatcher, in process or on a work pool:
+    the one place that keeps the MRN out when ``mrn_in_run_names`` is off."""
+    mrn = _mrn_shown(settings)
+    return run_name_for(case_dir, task, mrn=mrn), case_tags(case_dir, task, priority, mrn=mrn)
+
+
 def case_run_name() -> str:
     """The run name of a case run; a Retry of a case that moved on keeps the name it had."""
     case = str(current_run.parameters.get("case", ""))
@@ -164,13 +176,15 @@ def case_run_name() -> str:
 
 
 def _mrn_shown(settings: DispatcherSettings | None) -> bool:
-    return settings is None or settings.mrn_in_run_names
+    """Settings not known yet (a worker's or a UI's run): the MRN stays out until they are."""
+    return settings is not None and settings.mrn_in_run_names
 
 
 async def _keep_mrn_out_of_name(case_dir: Path, settings: DispatcherSettings) -> None:
-    """A run started outside the loop was named before the settings were read: rename it."""
-    name = run_name_for(case_dir, mrn=False)
-    if settings.mrn_in_run_names or current_run.id is None or current_run.name == name:
+    """A run started outside the loop was named before the settings were read (without the
+    MRN): name it as the settings say."""
+    name = run_name_for(case_dir, mrn=settings.mrn_in_run_names)
+    if current_run.id is None or current_run.name == name:
         return
     async with get_client() as client:
         await client.update_flow_run(current_run.id, name=name)
@@ -471,13 +485,11 @@ async def run_case(
     """
     if settings is not None:
         set_loop_settings(settings)
-    mrn = _mrn_shown(settings)
-    run_tags = case_tags(case_dir, task, priority, mrn=mrn)
+    name, run_tags = case_run_labels(case_dir, task, priority, settings)
     started = False
     try:
         created = None
         if deployment is not None and FlowRunContext.get() is None:
-            name = run_name_for(case_dir, task, mrn=mrn)
             async with get_client() as client:
                 created = await deployment.create_run(
                     client, time.monotonic(), str(case_dir), name, run_tags

@@ -22,7 +22,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 
 from flows.case_states import CASE_DEPLOYMENT
-from flows.dispatch import case_tags, run_name_for
+from flows.dispatch import case_run_labels
 from tasks import casefolder as cf
 from tasks.claims import queue_claim
 
@@ -64,12 +64,13 @@ async def fan_out(dispatcher: Dispatcher, deployment_id: UUID) -> tuple[int, boo
                 return queued, True
             if not cf.claim_case(cand.path):
                 continue
+            name, tags = case_run_labels(cand.path, cand.task, cand.priority, dispatcher.settings)
             try:
                 run = await client.create_flow_run_from_deployment(
                     deployment_id,
                     parameters={"case": str(cand.path)},
-                    name=run_name_for(cand.path, cand.task),
-                    tags=case_tags(cand.path, cand.task, cand.priority),
+                    name=name,
+                    tags=tags,
                     work_queue_name=cand.priority,
                 )
             except Exception:

@@ -34,7 +34,13 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.base import QueryTarget
 from blocks.errors import ConfigError
-from blocks.qr import AccessionNotFound, not_found
+from blocks.qr import (
+    DEFAULT_FREE_SPACE_RESERVE_BYTES,
+    DEFAULT_MAX_INSTANCE_BYTES,
+    AccessionNotFound,
+    ReceiveLimits,
+    not_found,
+)
 from blocks.registry import aload_target
 from blocks.settings import DispatcherSettings
 from tasks import casefolder as cf
@@ -158,9 +164,15 @@ async def _follow(progress: _Progress, artifact: UUID) -> None:
 
 @peer_task("retrieve_accession", task_run_name="retrieve-{accession}")
 async def retrieve_accession(
-    target: str, accession: str, filters: dict[str, list[str]], folder: str
+    target: str,
+    accession: str,
+    filters: dict[str, list[str]],
+    folder: str,
+    max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
+    free_space_reserve_bytes: int = DEFAULT_FREE_SPACE_RESERVE_BYTES,
 ) -> dict[str, Any]:
-    """Fetch one accession's instances into ``folder`` (progress artifact on this run)."""
+    """Fetch one accession's instances into ``folder`` (progress artifact on this run), within
+    the settings' ``retrieve_max_instance_bytes`` and ``retrieve_free_space_reserve_bytes``."""
     logger = get_run_logger()
     block = await aload_source(target)
     progress = _Progress()
@@ -169,8 +181,9 @@ async def retrieve_accession(
     )
     follower = asyncio.create_task(_follow(progress, artifact))
     try:
+        limits = ReceiveLimits(max_instance_bytes, free_space_reserve_bytes)
         result = await anyio.to_thread.run_sync(
-            block.retrieve, accession, filters, Path(folder), progress
+            block.retrieve, accession, filters, Path(folder), progress, limits
         )
     finally:
         progress.done.set()
@@ -223,7 +236,15 @@ async def _fetch(
 ) -> dict[str, Any]:
     """The retrieve task, with the quick retries of ``DispatcherSettings`` (transient only)."""
     fetch = retrieve_accession.with_options(**quick_retries(settings.quick_retry_delays))
-    return await fetch(target, accession, filters, str(folder))
+    limits = settings.receive_limits()
+    return await fetch(
+        target,
+        accession,
+        filters,
+        str(folder),
+        limits.max_instance_bytes,
+        limits.free_space_reserve_bytes,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -294,6 +294,7 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
     from deployments.api_auth import external_api_warning
     from deployments.environment import _profile_api_url
     from deployments.serve import is_loopback, serve
+    from deployments.service_log import log_to_stderr
     from deployments.shutdown import join_within_budget
     from deployments.workers import default_workers
 
@@ -309,6 +310,7 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
         raise UsageError(str(exc)) from None
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    log_to_stderr()  # the cleaner's removals, started processes: INFO lines in the journal
     stop = threading.Event()
     outcome: list[int] = []
 

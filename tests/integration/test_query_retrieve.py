@@ -24,7 +24,13 @@ import pytest
 from blocks._dicomweb_qr import iter_multipart
 from blocks.dicom import DicomTarget
 from blocks.dicomweb import DicomWebTarget
-from blocks.errors import AccessionNotFound, ConfigError, PermanentTargetError, QueryError
+from blocks.errors import (
+    AccessionNotFound,
+    ConfigError,
+    PermanentTargetError,
+    QueryError,
+    TransientTargetError,
+)
 from tests.dicomfiles import pixel_digest
 from tests.integration.conftest import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
@@ -384,6 +390,48 @@ def test_retrieve_into_outgoing_is_then_dispatched_to_a_storescp(
         assert outcome["location"] == "success", outcome
         received = {uid: pixel_digest(path)[1] for uid, path in scp.received().items()}
     assert received == expected(peer.studies["QR-A"], "head", "neck")
+
+
+def test_the_settings_bound_what_a_retrieve_receives(
+    env: DispatchEnv, peer: Peer, tmp_path: Path
+) -> None:
+    """``retrieve_max_instance_bytes`` reaches the receiver: nothing of the accession is kept."""
+    from flows.query import retrieve
+
+    env.save_target(peer.dicom_target(retrieve_method="get"), SOURCE)
+    env.save_settings(retrieve_max_instance_bytes=1024, quick_retry_delays=[])
+    with pytest.raises(PermanentTargetError, match="larger than retrieve_max_instance_bytes"):
+        asyncio.run(retrieve(SOURCE, "QR-C", None, str(tmp_path / "jobs")))
+    assert not [p for p in (tmp_path / "jobs").rglob("*") if p.is_file()]
+
+
+def test_url_credentials_reach_no_error_text_nor_task_json(
+    env: DispatchEnv, peer: Peer, tmp_path: Path
+) -> None:
+    """A DICOMweb URL with a login in it: the login is used, and shown nowhere."""
+    from flows.query import retrieve
+
+    secret = "s3cr3t-Pw"
+    host = peer.orthanc.dicomweb_url.split("://", 1)[1]
+    env.save_target(peer.web_target(url=f"http://dispatch:{secret}@{host}"), WEB_SOURCE)
+    closed = DicomWebTarget(
+        url=f"http://dispatch:{secret}@127.0.0.1:{free_port()}/dicom-web", direction="both"
+    )
+    with pytest.raises(TransientTargetError) as refused:
+        closed.retrieve("QR-B", None, tmp_path / "nothing")
+    assert secret not in str(refused.value)
+    status = env.dispatch_unreachable(closed, "closed", within=60)
+    assert secret not in json.dumps(status)
+
+    result = asyncio.run(retrieve(WEB_SOURCE, "QR-B", None, "outgoing", ["closed"]))
+    case = Path(result["destination"])
+    task_text = (case / "task.json").read_text()
+    assert len(list(case.glob("*.dcm"))) == 2
+    assert secret not in task_text
+    assert env.task(case)["info"]["sender_address"] == peer.orthanc.dicomweb_url
+    outcome = env.dispatch(case)
+    assert secret not in json.dumps(outcome)
+    assert secret not in (case / "task.json").read_text()
 
 
 # ------------------------------------------------------------------------------- batches

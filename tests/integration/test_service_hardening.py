@@ -423,6 +423,54 @@ def test_mrn_kept_out_of_run_names_and_tags(env: DispatchEnv, tmp_path: Path) ->
         assert "acc:ACC-77" in run.tags
 
 
+def test_work_pool_fan_out_keeps_the_mrn_out_of_queued_runs(env: DispatchEnv) -> None:
+    """Work-pool mode: the runs the sweep queues for the workers honour ``mrn_in_run_names``."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from blocks.settings import DispatcherSettings
+    from flows.dispatch import dispatch_case
+    from flows.fanout import fan_out
+    from flows.sweep import Dispatcher
+    from tests.integration.test_scaleout import _remove_work_pool_deployments
+
+    pool = "mrn-check"
+    env.save_settings(mrn_in_run_names=False)
+    case = make_case(env.outgoing, ["share"], mrn="MRN-SECRET-8", acc="ACC-78")
+
+    async def queue_it() -> list[Any]:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+            await client.create_work_queue(name="normal", work_pool_name=pool)
+            flow_id = await client.create_flow(dispatch_case)
+            deployment = await client.create_deployment(flow_id, pool, work_pool_name=pool)
+        settings = await DispatcherSettings.aload("default")
+        queued, _ = await fan_out(Dispatcher(settings), deployment)
+        assert queued == 1
+        async with get_client() as client:
+            flt = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment]))
+            runs = list(
+                await client.read_flow_runs(flow_run_filter=flt, sort=FlowRunSort.ID_DESC, limit=10)
+            )
+            for run in runs:  # no worker will take them
+                await client.delete_flow_run(run.id)
+            return runs
+
+    try:
+        runs = asyncio.run(queue_it())
+    finally:
+        asyncio.run(_remove_work_pool_deployments(pool))
+    (run,) = runs
+    assert f"case:{case.name}" in run.tags
+    assert "acc:ACC-78" in run.tags
+    assert "MRN-SECRET-8" not in run.name
+    assert not any("MRN-SECRET-8" in tag for tag in run.tags), run.tags
+
+
 def test_serve_refuses_an_open_external_api(tmp_path: Path) -> None:
     """An external API without an auth string: refused off loopback (exit 2), before any
     connection is tried."""

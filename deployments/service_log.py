@@ -1,0 +1,30 @@
+"""The service's own log lines on stderr (the journal under systemd), at INFO by default.
+
+Our loggers (``dicom_dispatch.*``: the cleaner's removals, started processes, the executor's
+jobs) have no handler of their own; without one only their warnings reached the output, through
+Python's last-resort handler, and README's "every removal is logged with the case id" did not
+hold. ``DICOM_DISPATCH_LOG_LEVEL`` changes the level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+__all__ = ["LOG_LEVEL_ENV", "log_to_stderr"]
+
+LOG_LEVEL_ENV = "DICOM_DISPATCH_LOG_LEVEL"
+_MARK = "_dicom_dispatch_service_log"
+
+
+def log_to_stderr() -> None:
+    """Send ``dicom_dispatch.*`` records to stderr, once per process (idempotent)."""
+    ours = logging.getLogger("dicom_dispatch")
+    if any(getattr(h, _MARK, False) for h in ours.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    setattr(handler, _MARK, True)
+    ours.addHandler(handler)
+    ours.setLevel(os.environ.get(LOG_LEVEL_ENV, "INFO"))
+    ours.propagate = False  # not a second time through Prefect's root handler

@@ -132,12 +132,11 @@ def claim_case(case_dir: Path, flow_run_id: str | None = None) -> bool:
     try:
         # Exclusive and never through a link; on a full disk the half-made marker is removed
         # (an empty one would read as mercure's claim and hold the case forever).
-        made = create_new(
-            case_dir / PROCESSING, json.dumps(asdict(ClaimOwner.me(flow_run_id))).encode()
-        )
+        owner = ClaimOwner.me(flow_run_id)
+        made = create_new(case_dir / PROCESSING, json.dumps(asdict(owner)).encode())
     except FileExistsError:
         return False
-    _hold(case_dir, _file_id(made))
+    _hold(case_dir, (owner, _file_id(made)))
     return True
 
 
@@ -227,16 +226,17 @@ def record_claim_run(case_dir: Path, flow_run_id: str) -> None:
     A claim queued for this run is adopted: it becomes this process's, with a fresh heartbeat.
     """
     with _lock:
-        owner, ident = _read(case_dir / PROCESSING)
+        found = _read(case_dir / PROCESSING)
+        owner, ident = found
         if owner is None or ident is None:
             return
         if owner.is_queued_for(flow_run_id):
             mine = dataclasses.replace(ClaimOwner.me(flow_run_id), claimed_at=owner.claimed_at)
-        elif owner.is_this_process() and _held.get(_key(case_dir)) == ident:
+        elif owner.is_this_process() and _held.get(_key(case_dir)) == found:
             mine = dataclasses.replace(owner, flow_run_id=flow_run_id)
         else:
             return
-        written = _rewrite(case_dir, mine, ident)
+        written = _rewrite(case_dir, mine, (owner, ident))
         if written is None:
             return
         _held[_key(case_dir)] = written
@@ -247,14 +247,14 @@ def queue_claim(case_dir: Path, flow_run_id: str) -> bool:
     """Hand our claim to a flow run a worker will start; this process stops refreshing it."""
     with _lock:
         key = _key(case_dir)
-        owner, ident = _read(case_dir / PROCESSING)
-        if owner is None or not owner.is_this_process() or _held.get(key) != ident:
+        mine = _held.get(key)
+        if mine is None or _read(case_dir / PROCESSING) != mine:
             return False
-        assert ident is not None
+        owner = mine[0]
         queued = dataclasses.replace(
             owner, flow_run_id=flow_run_id, queued=True, heartbeat=time.time()
         )
-        written = _rewrite(case_dir, queued, ident)
+        written = _rewrite(case_dir, queued, mine)
         _held.pop(key, None)
         return written is not None
 
@@ -275,10 +275,10 @@ def release_own_claim(case_dir: Path) -> bool:
     back if it is not ours, never unlinked on a judgement made earlier).
     """
     with _lock:
-        ident = _held.pop(_key(case_dir), None)
-    if ident is None:
+        mine = _held.pop(_key(case_dir), None)
+    if mine is None:
         return False
-    return _take_away(case_dir, lambda aside: _lstat_id(aside) == ident)
+    return _take_away(case_dir, lambda aside: _read(aside) == mine)
 
 
 def release_dead_claim(case_dir: Path, judged: ClaimOwner) -> bool:
@@ -345,14 +345,15 @@ def _put_back(aside: Path, case_dir: Path) -> None:
 
 
 def holds_claim(case_dir: Path) -> bool:
-    """Whether the case's marker is still the file this process last wrote for it (one
-    ``lstat``). A claim found replaced is forgotten: it is no longer refreshed."""
+    """Whether the case's marker is still the file this process last wrote for it: the same
+    inode with the same owner (a freed inode number is soon reused, by the next claim made
+    there too). A claim found replaced is forgotten: it is no longer refreshed."""
     key = _key(case_dir)
     with _lock:
-        ident = _held.get(key)
-        if ident is None:
+        mine = _held.get(key)
+        if mine is None:
             return False
-        if _lstat_id(case_dir / PROCESSING) == ident:
+        if _read(case_dir / PROCESSING) == mine:
             return True
         _held.pop(key, None)
     LOGGER.warning(
@@ -402,8 +403,10 @@ def _owner_is_gone(owner: ClaimOwner) -> bool:
 # the heartbeat
 
 _lock = threading.RLock()
-#: The claims this process holds: case folder -> the identity of the marker file it last wrote.
-_held: dict[Path, FileId] = {}
+#: What this process last wrote as a case's claim: the owner recorded and the file's identity.
+Mine = tuple[ClaimOwner, FileId]
+#: The claims this process holds, by case folder.
+_held: dict[Path, Mine] = {}
 _refresher: threading.Thread | None = None
 
 
@@ -411,15 +414,15 @@ def _key(case_dir: Path) -> Path:
     return Path(os.path.abspath(case_dir))
 
 
-def _hold(case_dir: Path, ident: FileId) -> None:
+def _hold(case_dir: Path, mine: Mine) -> None:
     with _lock:
-        _held[_key(case_dir)] = ident
+        _held[_key(case_dir)] = mine
     _ensure_refresher()
 
 
-def _rewrite(case_dir: Path, owner: ClaimOwner, expected: FileId) -> FileId | None:
-    """Replace the marker atomically if it is still the file ``expected``; the new file's id,
-    or None when the marker was replaced by someone else (then it is left as it is).
+def _rewrite(case_dir: Path, owner: ClaimOwner, expected: Mine) -> Mine | None:
+    """Replace the marker atomically if it is still the claim ``expected``; the new claim, or
+    None when the marker was replaced by someone else (then it is left as it is).
 
     The temp file lives beside the case, not in it, so a case moved away meanwhile never
     carries a stray temp file into success/. The check and the rename are a few system calls
@@ -431,14 +434,14 @@ def _rewrite(case_dir: Path, owner: ClaimOwner, expected: FileId) -> FileId | No
         with open_new(tmp) as fh:  # exclusive, no link followed: nothing planted is written
             fh.write(json.dumps(asdict(owner)).encode())
             written = _file_id(os.fstat(fh.fileno()))
-        if _lstat_id(case_dir / PROCESSING) != expected:
+        if _read(case_dir / PROCESSING) != expected:
             tmp.unlink(missing_ok=True)
             return None
         os.replace(tmp, case_dir / PROCESSING)
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    return written
+    return owner, written
 
 
 def refresh_held_claims(now: float | None = None) -> int:
@@ -450,15 +453,16 @@ def refresh_held_claims(now: float | None = None) -> int:
     now = time.time() if now is None else now
     refreshed = 0
     with _lock:
-        for case_dir, ident in list(_held.items()):
-            owner, found = _read(case_dir / PROCESSING)
-            if found != ident or owner is None or not owner.is_this_process():
+        for case_dir, mine in list(_held.items()):
+            found = _read(case_dir / PROCESSING)
+            if found != mine:  # released, moved on, or taken over
                 del _held[case_dir]
-                if found is not None:
+                if found[1] is not None:
                     LOGGER.warning("case %s: the claim was taken over", case_dir.name)
                 continue
+            owner = mine[0]
             try:
-                written = _rewrite(case_dir, dataclasses.replace(owner, heartbeat=now), ident)
+                written = _rewrite(case_dir, dataclasses.replace(owner, heartbeat=now), mine)
             except OSError as exc:
                 del _held[case_dir]
                 LOGGER.debug("claim of %s not refreshed: %s", case_dir.name, exc)

@@ -148,7 +148,7 @@ def read_claim(case_dir: Path) -> ClaimOwner | None:
     return _read(case_dir / PROCESSING)[0]
 
 
-def _read(marker: Path) -> tuple[ClaimOwner | None, FileId | None]:
+def _read(marker: Path, *, report: bool = True) -> tuple[ClaimOwner | None, FileId | None]:
     """The owner in the claim file ``marker`` and the file's identity (None, None if absent).
 
     Read without following a link and without blocking, the type checked on the open
@@ -160,7 +160,8 @@ def _read(marker: Path) -> tuple[ClaimOwner | None, FileId | None]:
     except (FileNotFoundError, NotADirectoryError):
         return None, None  # no marker, or the case folder is gone
     except OSError as exc:
-        _foreign(marker, _FOREIGN.get(exc.errno or 0, exc.strerror or str(exc)))
+        if report:
+            _foreign(marker, _FOREIGN.get(exc.errno or 0, exc.strerror or str(exc)))
         return None, None
     try:
         fields = json.loads(data or b"null")
@@ -278,7 +279,7 @@ def release_own_claim(case_dir: Path) -> bool:
         mine = _held.pop(_key(case_dir), None)
     if mine is None:
         return False
-    return _take_away(case_dir, lambda aside: _read(aside) == mine)
+    return _take_away(case_dir, lambda aside: _read(aside, report=False) == mine)
 
 
 def release_dead_claim(case_dir: Path, judged: ClaimOwner) -> bool:
@@ -289,7 +290,7 @@ def release_dead_claim(case_dir: Path, judged: ClaimOwner) -> bool:
     ``O_EXCL``). Anything else found there (a live claim someone made meanwhile) is put back
     with ``link()``, which never overwrites a claim made in between.
     """
-    return _take_away(case_dir, lambda aside: _read(aside)[0] == judged)
+    return _take_away(case_dir, lambda aside: _read(aside, report=False)[0] == judged)
 
 
 def _take_away(case_dir: Path, is_the_one: Callable[[Path], bool]) -> bool:
@@ -312,11 +313,15 @@ def _take_away(case_dir: Path, is_the_one: Callable[[Path], bool]) -> bool:
 
 def _grab(case_dir: Path) -> Path | None:
     """Rename the marker to a unique name beside the case (not in it: a case moved meanwhile
-    carries nothing of ours); None if there is no marker to take."""
+    carries nothing of ours); None if there is no marker to take, or it cannot be moved (a
+    folder the service may not write: the case stays as it is)."""
     aside = case_dir.parent / f".{case_dir.name}{PROCESSING}.{secrets.token_hex(8)}.taken"
     try:
         os.rename(case_dir / PROCESSING, aside)
     except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        LOGGER.debug("case %s: claim not taken aside: %s", case_dir.name, exc)
         return None
     return aside
 

@@ -49,6 +49,7 @@ from flows.case_states import (
 from flows.metrics import case_ready_at, record_case_outcome
 from tasks import casefolder as cf
 from tasks.admission import shared_admission
+from tasks.claims import ClaimLost, ensure_claim_held, holds_claim, release_own_claim
 from tasks.retry import quick_retries
 from tasks.safefiles import case_links_problem
 from tasks.send import send_tags, send_to_target
@@ -260,12 +261,18 @@ async def dispatch_case(case: str) -> Any:
     try:
         await _keep_mrn_out_of_name(case_dir, settings)
         outcome = await _dispatch_claimed(case_dir, settings)
+    except ClaimLost as exc:
+        # Taken over (this process was judged dead): nothing more is sent, moved, counted or
+        # released by this attempt; the case is its new owner's.
+        LOGGER.warning("%s", exc)
+        lost = CaseOutcome(case_dir.name, "skipped", str(case_dir), str(exc))
+        return skipped(str(exc), lost.as_result())
     except (asyncio.CancelledError, KeyboardInterrupt):
         # Stopping: the case goes back to the queue as it is; an abort after the shutdown grace
         # period counts the attempt (issue 11).
         if aborting():
             give_up_attempt(case_dir, settings, ABORT_REASON)
-        cf.release_claim(case_dir)
+        release_own_claim(case_dir)
         raise
     except BaseException as exc:
         if is_api_outage(exc):
@@ -297,6 +304,7 @@ async def dispatch_case(case: str) -> Any:
 
 
 def _to_error(case_dir: Path, settings: DispatcherSettings, reason: str) -> CaseOutcome:
+    ensure_claim_held(case_dir)
     _, _, error = settings.folders()
     dest = cf.move_case(case_dir, error, fail_stage=cf.FAIL_STAGE, reason=reason)
     return CaseOutcome(case_dir.name, "error", str(dest), reason)
@@ -308,8 +316,7 @@ def give_up_attempt(case_dir: Path, settings: DispatcherSettings, reason: str) -
     Recording may itself fail (the disk is full): the claim is released all the same, so the
     case is dispatched again rather than stuck behind a live process that is not working on it.
     """
-    owner = cf.read_claim(case_dir)
-    if owner is None or not owner.is_this_process():
+    if not holds_claim(case_dir):
         return
     try:
         _fail_attempt(case_dir, settings, reason)
@@ -321,12 +328,13 @@ def give_up_attempt(case_dir: Path, settings: DispatcherSettings, reason: str) -
 
 def _fail_attempt(case_dir: Path, settings: DispatcherSettings, reason: str) -> CaseOutcome:
     """mercure's failure path: count the attempt; retry later, or error/ when exhausted."""
+    ensure_claim_held(case_dir)
     try:
         retry = cf.record_failed_attempt(case_dir, settings.retry_max, settings.retry_delay)
     except TaskFileError as exc:
         return _to_error(case_dir, settings, f"{reason}; {exc}")
     if retry:
-        cf.release_claim(case_dir)
+        release_own_claim(case_dir)
         return CaseOutcome(case_dir.name, "outgoing", str(case_dir), reason)
     return _to_error(case_dir, settings, f"Max retries reached: {reason}")
 
@@ -373,6 +381,7 @@ async def _dispatch_claimed(case_dir: Path, settings: DispatcherSettings) -> Cas
             raise result["error"]
     per_target = dict(zip(pending, cast(list[dict[str, Any]], results), strict=True))
     failed = {name: r["message"] for name, r in per_target.items() if r["state"] != "complete"}
+    ensure_claim_held(case_dir)  # sends may take long: the case is still ours to move
     # A link planted after the check above was refused by the senders (never followed), or
     # hid a sub-folder from them: the case is unusable as it is, whatever the peers said, so
     # it goes to error/ with the reason at once rather than to a retry or to success/.
@@ -431,6 +440,8 @@ async def _send_one(
     except Exception as exc:  # the result itself could not be read
         outcome = exc
     error = outcome if isinstance(outcome, BaseException) else None
+    if isinstance(error, ClaimLost):
+        raise error  # nothing was sent; the case, its task.json included, is no longer ours
     if error is not None and is_api_outage(error):
         # Not the target's failure: its slot or its state could not reach the Prefect API.
         return {"state": "outage", "message": describe_error(error), "error": error}
@@ -520,6 +531,4 @@ async def run_case(
 
 def _release_own_claim(case_dir: Path) -> None:
     """Free the case's claim if this process holds it (another may have taken it over)."""
-    owner = cf.read_claim(case_dir)
-    if owner is not None and owner.is_this_process():
-        cf.release_claim(case_dir)
+    release_own_claim(case_dir)

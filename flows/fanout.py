@@ -24,7 +24,7 @@ from prefect.exceptions import ObjectNotFound
 from flows.case_states import CASE_DEPLOYMENT
 from flows.dispatch import case_run_labels
 from tasks import casefolder as cf
-from tasks.claims import queue_claim
+from tasks.claims import queue_claim, release_own_claim
 
 if TYPE_CHECKING:
     from flows.sweep import Dispatcher
@@ -74,7 +74,7 @@ async def fan_out(dispatcher: Dispatcher, deployment_id: UUID) -> tuple[int, boo
                     work_queue_name=cand.priority,
                 )
             except Exception:
-                cf.release_claim(cand.path)
+                release_own_claim(cand.path)
                 raise
             queue_claim(cand.path, str(run.id))
             queued += 1

@@ -30,6 +30,7 @@ from flows.dispatch import give_up_attempt, run_case
 from flows.fanout import case_pool_deployment, fan_out
 from flows.takeover import ForeignClaims
 from tasks import casefolder as cf
+from tasks.claims import release_stale_claim
 
 __all__ = ["Dispatcher", "PassResult", "sweep_outgoing"]
 
@@ -99,11 +100,10 @@ class Dispatcher:
             except OSError as exc:
                 LOGGER.error("case %s could not be moved to error/: %s", path.name, exc)
         for path in scan.claimed:
-            owner = cf.read_claim(path)
-            if cf.claim_is_stale(path):
-                cf.release_claim(path)
+            owner = release_stale_claim(path)  # atomic: one of several sweeps releases it
+            if owner is not None:
                 LOGGER.warning("case %s: released the claim of a process that is gone", path.name)
-                if owner is not None and owner.flow_run_id:
+                if owner.flow_run_id:
                     who = f"{owner.host}:{owner.pid}"
                     self._orphaned_runs.append((path.name, owner.flow_run_id))
                     LOGGER.info("case %s: run %s of %s ended", path.name, owner.flow_run_id, who)

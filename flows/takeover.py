@@ -9,6 +9,10 @@ provably dead, which takes two independent signs:
 * the claim's own heartbeat, which a live owner rewrites every ``CLAIM_HEARTBEAT_SECONDS``
   without needing the API, is older than the takeover window.
 
+The release itself is atomic (``tasks.claims.release_dead_claim``): of several processes or hosts
+that judged one claim dead, only the first to take it aside finds the owner it judged; the others
+find the new claim and put it back untouched.
+
 So an owner cut off from the Prefect API (its run set Crashed meanwhile) keeps its cases, and an
 owner whose run the API still shows Running keeps them too. A queued claim has no process yet:
 its run's end alone frees it. A claim with a heartbeat but no run (its owner died between claim
@@ -30,7 +34,13 @@ from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient, get_client
 
-from tasks.claims import CLAIM_HEARTBEAT_SECONDS, ClaimOwner, claim_age, read_claim, release_claim
+from tasks.claims import (
+    CLAIM_HEARTBEAT_SECONDS,
+    ClaimOwner,
+    claim_age,
+    read_claim,
+    release_dead_claim,
+)
 
 __all__ = ["ForeignClaims"]
 
@@ -67,8 +77,9 @@ class ForeignClaims:
         async with get_client() as client:
             for path, owner in suspects:
                 why = await self._proof_of_death(client, path, owner)
-                if why and read_claim(path) == owner:  # unchanged since it was judged
-                    release_claim(path)
+                # Atomic: released only if the claim taken aside is still the one judged dead
+                # (a sibling that got there first has claimed it anew: that claim is put back).
+                if why and release_dead_claim(path, owner):
                     released.append(path.name)
                     LOGGER.warning(
                         "case %s: released the claim of %s:%s: %s",

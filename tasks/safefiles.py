@@ -39,6 +39,7 @@ __all__ = [
     "open_new",
     "private_snapshot",
     "read_regular",
+    "read_regular_stat",
     "replace_file",
 ]
 
@@ -49,7 +50,14 @@ _NEW_FLAGS = (
     | getattr(os, "O_NOFOLLOW", 0)
     | getattr(os, "O_CLOEXEC", 0)
 )
-_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+#: Reads never follow a link and never wait: a FIFO opened for reading would block the open
+#: until a writer came; the type is checked on the open descriptor before anything is read.
+_READ_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
 #: The start of every reason a case is refused for its links (tests and logs look for it).
 LINK_REFUSED = "refused: the case folder holds"
 
@@ -61,11 +69,13 @@ def open_new(path: Path, mode: int = 0o644, buffering: int = -1) -> BinaryIO:
     return os.fdopen(fd, "wb", buffering=buffering)
 
 
-def create_new(path: Path, data: bytes = b"", mode: int = 0o644) -> None:
-    """Write ``data`` to a new file at ``path`` (``FileExistsError`` if the name is taken)."""
+def create_new(path: Path, data: bytes = b"", mode: int = 0o644) -> os.stat_result:
+    """Write ``data`` to a new file at ``path`` (``FileExistsError`` if the name is taken);
+    the new file's status, taken on its descriptor (its inode is the file we made)."""
     try:
         with open_new(path, mode) as fh:
             fh.write(data)
+            return os.fstat(fh.fileno())
     except FileExistsError:
         raise
     except BaseException:
@@ -116,14 +126,25 @@ def replace_file(path: Path, data: bytes, *, mode: int = 0o644, fsync: bool = Fa
         os.replace(tmp, path)
 
 
-def read_regular(path: Path) -> bytes:
+def read_regular(path: Path, limit: int | None = None) -> bytes:
     """The bytes of the regular file at ``path``, without following a link: a link there is
-    ``OSError(ELOOP)``, anything else but a regular file ``OSError(EINVAL)``."""
+    ``OSError(ELOOP)``, anything else but a regular file ``OSError(EINVAL)``, a file over
+    ``limit`` bytes ``OSError(EFBIG)`` (at most ``limit + 1`` bytes are read)."""
+    return read_regular_stat(path, limit)[0]
+
+
+def read_regular_stat(path: Path, limit: int | None = None) -> tuple[bytes, os.stat_result]:
+    """:func:`read_regular`, with the status of the file read (taken on its descriptor: the
+    inode is the one the bytes came from, whatever is renamed meanwhile)."""
     fd = os.open(path, _READ_FLAGS)
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             raise OSError(errno.EINVAL, f"{path.name} is not a regular file")
-        return fh.read()
+        data = fh.read() if limit is None else fh.read(limit + 1)
+        if limit is not None and len(data) > limit:
+            raise OSError(errno.EFBIG, f"{path.name} is over {limit} bytes")
+        return data, status
 
 
 def case_links_problem(case_dir: Path, *, allow_inside: bool = False) -> str | None:

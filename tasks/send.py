@@ -16,6 +16,7 @@ from prefect.logging import get_run_logger
 
 from blocks.base import SendContext
 from blocks.registry import aload_target
+from tasks.claims import ensure_claim_held
 from tasks.retry import peer_task
 from tasks.tags import TOTAL_TAG, send_tags, target_tag, type_tag
 from tasks.taskjson import read_task
@@ -37,6 +38,8 @@ async def send_to_target(
     _, case_task = read_task(folder)
     report = folder / report_name if report_name else None
     context = SendContext(folder, case_task, report, links_inside=links_inside)
+    # Before every send (quick retries included): a claim taken over meanwhile stops it here.
+    ensure_claim_held(folder)
     result = await anyio.to_thread.run_sync(target.send, context)
     logger.info(
         "sent %d file(s), %d bytes to %s: %s",

@@ -30,7 +30,7 @@ class CountingSCP:
 
 @contextmanager
 def counting_scp(
-    aet: str = "COUNTER", gate: threading.Event | None = None
+    aet: str = "COUNTER", gate: threading.Event | None = None, port: int = 0
 ) -> Iterator[CountingSCP]:
     ae = AE(ae_title=aet)
     ae.maximum_associations = 64
@@ -60,7 +60,7 @@ def counting_scp(
         return 0x0000
 
     server: Any = ae.start_server(
-        ("127.0.0.1", 0),
+        ("127.0.0.1", port),
         block=False,
         evt_handlers=[
             (evt.EVT_ACCEPTED, opened),

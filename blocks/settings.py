@@ -15,14 +15,12 @@ from pydantic import Field
 
 from blocks.host import DEPRECATED_OVERRIDES, data_dir, deprecated_override
 
-__all__ = ["DEFAULT_JOB_MODULES", "DEFAULT_SETTINGS_NAME", "DispatcherSettings", "data_dir"]
+__all__ = ["DEFAULT_SETTINGS_NAME", "DispatcherSettings", "data_dir"]
 
 DEFAULT_SETTINGS_NAME = "default"
 #: Seconds before each quick retry of a transient send failure within one attempt.
 DEFAULT_QUICK_RETRY_DELAYS: tuple[float, ...] = (2.0, 10.0)
 Priority = Literal["normal", "urgent", "offpeak"]
-#: Packages whose functions background jobs may run when a site added none (our own).
-DEFAULT_JOB_MODULES: tuple[str, ...] = ("blocks", "tasks", "flows", "deployments")
 
 
 class DispatcherSettings(Block):
@@ -117,11 +115,12 @@ class DispatcherSettings(Block):
         "that must keep it out of Prefect.",
     )
 
-    # Issue 11 (hardened by default): what background jobs may run, which links a case may hold.
+    # Issue 11 (hardened by default): which links a case may hold.
     jobs_modules: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_JOB_MODULES),
-        description="Background jobs run only functions of these modules and their submodules "
-        "(e.g. add 'remapp' for OpenREM); any other job ends Failed without running.",
+        default_factory=list,
+        description="Deprecated and ignored (kept so older documents load): background jobs run "
+        "only functions registered on the executor's host, in DICOM_DISPATCH_JOBS or the "
+        "entry-point group dicom_dispatch.jobs.",
     )
     case_links_inside: bool = Field(
         default=False,

@@ -27,6 +27,7 @@ from flows.background.registered import ENTRY_POINT_GROUP
 from tasks.notification_payload import RuleNotification
 
 __all__ = ["ImportReport", "cleaning_summary", "import_mercure_config", "infer_target_type"]
+FOLDER_KEYS = ("outgoing_folder", "success_folder", "error_folder")
 SETTINGS_KEYS = (
     "outgoing_folder",
     "success_folder",
@@ -135,6 +136,13 @@ def notification_rules(rules: dict[str, Any]) -> list[RuleNotification]:
     return announcing
 
 
+async def check_folders(data: dict[str, Any]) -> None:
+    """``ConfigError`` if the folders the import would leave could hurt each other."""
+    current = await aload_settings()
+    update = {key: data[key] for key in FOLDER_KEYS if data.get(key) not in (None, "")}
+    current.model_copy(update=update).checked_folders()
+
+
 def ignored_job_modules(data: dict[str, Any], report: ImportReport) -> None:
     """A ``jobs_modules`` key (ours, deprecated) is ignored with one warning: which functions
     background jobs run is the hosts' configuration, never the imported settings."""
@@ -154,6 +162,7 @@ async def import_mercure_config(path: Path) -> ImportReport:
     _check_slugs(list(targets))
     rules = data.get("rules") or {}
     announcing = notification_rules(rules) if isinstance(rules, dict) else []
+    await check_folders(data)  # a bad layout is refused before anything changes
     report = ImportReport()
     ignored_job_modules(data, report)
     for name, spec in targets.items():

@@ -83,7 +83,9 @@ async def run_dispatcher_loop(
             if stop.is_set():
                 return
             try:
-                dispatcher.settings = await aload_settings()
+                settings = await aload_settings()
+                settings.checked_folders()  # a bad layout keeps the last good settings
+                dispatcher.settings = settings
                 if on_refresh is not None:
                     await on_refresh(dispatcher.settings)
             except Exception:

@@ -42,6 +42,8 @@ __all__ = [
 
 #: A render taking longer is stopped (its worker process killed).
 TIME_LIMIT_SECONDS = 2.0
+#: A worker process that has not started (imported Jinja) after this long is given up.
+START_LIMIT_SECONDS = 30.0
 #: Longest text a render may produce (characters).
 OUTPUT_LIMIT_CHARS = 256 * 1024
 #: Address space of the worker process: a template cannot take the host's memory.
@@ -63,7 +65,7 @@ class TemplateRenderError(ValueError):
 
 
 class _Worker:
-    """One worker process and its pipes."""
+    """One worker process and its pipes; ready (Jinja imported) when constructed."""
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(  # noqa: S603 - our interpreter, this file
@@ -72,31 +74,39 @@ class _Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
+        try:  # its start (imports, on a loaded host) does not count against a render's limit
+            self._read_line(START_LIMIT_SECONDS, " to start")
+        except RenderLimitError:
+            self.kill()
+            raise
 
     def ask(self, request: Mapping[str, Any], seconds: float) -> dict[str, Any]:
         """Send one request and read its reply; ``RenderLimitError`` after ``seconds``."""
         assert self.process.stdin is not None
-        assert self.process.stdout is not None
         try:
             self.process.stdin.write(json.dumps(request).encode() + b"\n")
             self.process.stdin.flush()
         except OSError as exc:
             raise RenderLimitError(f"the render process is gone ({exc})") from None
+        return dict(json.loads(self._read_line(seconds, "")))
+
+    def _read_line(self, seconds: float, what: str) -> bytes:
+        assert self.process.stdout is not None
         fd = self.process.stdout.fileno()
         deadline = time.monotonic() + seconds
         most = OUTPUT_LIMIT_CHARS * 12 + 4096  # JSON escapes a character in at most 12 bytes
-        reply = bytearray()
-        while not reply.endswith(b"\n"):
+        line = bytearray()
+        while not line.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise RenderLimitError(f"took longer than {seconds:g} s")
+                raise RenderLimitError(f"took longer than {seconds:g} s{what}")
             chunk = os.read(fd, 65536)
             if not chunk:
                 raise RenderLimitError("the render process died (memory?)")
-            reply += chunk
-            if len(reply) > most:
+            line += chunk
+            if len(line) > most:
                 raise RenderLimitError("the render process answered too much")
-        return dict(json.loads(reply))
+        return bytes(line)
 
     def kill(self) -> None:
         self.process.kill()
@@ -213,6 +223,8 @@ def _serve() -> None:
 
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
     environment = _environment()
+    sys.stdout.write("{}\n")  # ready
+    sys.stdout.flush()
     for line in sys.stdin:
         reply = _render_one(environment, json.loads(line))
         sys.stdout.write(json.dumps(reply) + "\n")

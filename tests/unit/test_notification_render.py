@@ -100,7 +100,7 @@ def test_huge_nested_loops_send_the_fallback_within_the_limit_and_the_loop_keeps
     assert note.email_body.startswith("Rule ct: COMPLETED for case c1.")
     assert len(note.problems) == 2
     # two renders (webhook and mail), each stopped at the limit; a fresh worker for the second
-    assert elapsed < 2 * TIME_LIMIT_SECONDS + 3.0
+    assert elapsed < 2 * TIME_LIMIT_SECONDS + 5.0
     assert worst_gap < 0.5, f"the event loop stalled for {worst_gap:.2f} s"
 
 

@@ -18,6 +18,7 @@ for ordinary values is mercure's, byte for byte. No Prefect here.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -88,7 +89,10 @@ class _Worker:
             self.process.stdin.flush()
         except OSError as exc:
             raise RenderLimitError(f"the render process is gone ({exc})") from None
-        return dict(json.loads(self._read_line(seconds, "")))
+        reply = dict(json.loads(self._read_line(seconds, "")))
+        if reply.get("id") != request["id"]:  # never take another request's answer
+            raise RenderLimitError("the render process answered out of turn")
+        return reply
 
     def _read_line(self, seconds: float, what: str) -> bytes:
         assert self.process.stdout is not None
@@ -118,6 +122,7 @@ class _Worker:
 
 _lock = threading.Lock()
 _worker: _Worker | None = None
+_ids = itertools.count()
 
 
 def render_bounded(
@@ -137,7 +142,12 @@ def render_bounded(
     """
     global _worker
     values = {PLACEHOLDERS[key]: value for key, value in (placeholders or {}).items()}
-    request = {"source": source, "variables": {**variables, **values}, "limit": limit}
+    request = {
+        "id": next(_ids),
+        "source": source,
+        "variables": {**variables, **values},
+        "limit": limit,
+    }
     with _lock:
         if _worker is None or _worker.process.poll() is not None:  # none yet, or it died idle
             _worker = _Worker()
@@ -226,7 +236,8 @@ def _serve() -> None:
     sys.stdout.write("{}\n")  # ready
     sys.stdout.flush()
     for line in sys.stdin:
-        reply = _render_one(environment, json.loads(line))
+        request = json.loads(line)
+        reply = {**_render_one(environment, request), "id": request.get("id")}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import select
@@ -147,6 +148,7 @@ def render_bounded(
         "source": source,
         "variables": {**variables, **values},
         "limit": limit,
+        "seconds": seconds,
     }
     with _lock:
         if _worker is None or _worker.process.poll() is not None:  # none yet, or it died idle
@@ -232,11 +234,19 @@ def _serve() -> None:
     import resource
 
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
+    hard_cpu = resource.getrlimit(resource.RLIMIT_CPU)[1]
     environment = _environment()
     sys.stdout.write("{}\n")  # ready
     sys.stdout.flush()
     for line in sys.stdin:
         request = json.loads(line)
+        # The kernel stops a render its caller can no longer stop (the caller was killed):
+        # SIGXCPU once it used a few seconds of CPU more than the worker has so far.
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        spent = math.ceil(used.ru_utime + used.ru_stime)
+        cap = spent + math.ceil(float(request.get("seconds", TIME_LIMIT_SECONDS))) + 2
+        if hard_cpu == resource.RLIM_INFINITY or cap < hard_cpu:
+            resource.setrlimit(resource.RLIMIT_CPU, (cap, hard_cpu))
         reply = {**_render_one(environment, request), "id": request.get("id")}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()

@@ -27,6 +27,7 @@ from flows.background.registered import ENTRY_POINT_GROUP
 from tasks.notification_payload import RuleNotification
 
 __all__ = ["ImportReport", "cleaning_summary", "import_mercure_config", "infer_target_type"]
+
 FOLDER_KEYS = ("outgoing_folder", "success_folder", "error_folder")
 SETTINGS_KEYS = (
     "outgoing_folder",

@@ -1,13 +1,14 @@
 """A case's end announced as Prefect events, one per (case, rule): the rules' automations send them.
 
 mercure notifies per rule when a case reached success/ (``COMPLETED``) or was moved to error/
-(``ERROR``), never for an attempt that will be retried. The text is rendered here, from the case's
-``task.json`` and the rule as imported (``tasks.notification_payload``), and travels in the event's
-payload; the automation of the rule and channel (``deployments.rule_automations``) only sends it
-on. The render runs in a worker thread (it waits for a render process with a time limit,
-``tasks.template_render``), so a slow template never holds up the dispatcher's loop. The resource
-labels say which channels have something to send, so an automation whose channel could not be
-rendered for this case does not fire.
+(``ERROR``), never for an attempt that will be retried. The text is rendered here, from the
+case's ``task.json`` and the rule as imported (``tasks.notification_payload``), and travels in
+the event's payload; the automation of the rule and channel (``deployments.rule_automations``)
+only sends it on. The resource labels say which channels have something to send, so an
+automation whose channel could not be rendered for this case does not fire.
+
+The render runs in a worker thread (it waits for a render process with a time limit,
+``tasks.template_render``), so a slow template never holds up the dispatcher's loop.
 """
 
 from __future__ import annotations

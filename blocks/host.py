@@ -1,13 +1,15 @@
 """Host-level settings: what differs per machine, read from the environment in this one place.
 
 Everything a site tunes lives in :class:`~blocks.settings.DispatcherSettings` (a block, editable in
-the Prefect UI, the same for every host). The environment only says where this host keeps its data
-(``DICOM_DISPATCH_HOME``), where it exposes metrics (``DICOM_DISPATCH_METRICS_*``), how much run
-history the server it starts keeps (``DICOM_DISPATCH_HISTORY_RETENTION``: read before any block can
-be loaded), which functions its background jobs may run (``DICOM_DISPATCH_JOBS``: not a block,
-which anyone with the API key can edit) and, for compatibility, carries the deprecated overrides
-that earlier releases documented before those values moved into the settings block. Prefect's own
+the Prefect UI, the same for every host). The environment only says where this host keeps its
+data (``DICOM_DISPATCH_HOME``), where it exposes metrics (``DICOM_DISPATCH_METRICS_*``), how much
+run history the server it starts keeps (``DICOM_DISPATCH_HISTORY_RETENTION``: read before any
+block can be loaded) and, for compatibility, carries the deprecated overrides that earlier
+releases documented before those values moved into the settings block. Prefect's own
 variables (``PREFECT_*``) are Prefect's business and are handled in ``deployments.environment``.
+
+Which functions this host's background jobs may run (``DICOM_DISPATCH_JOBS``) is here too, not in
+a block: anyone with the API key can edit blocks.
 
 No Prefect here: the folder protocol and the blocks import it.
 """

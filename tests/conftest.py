@@ -1,10 +1,10 @@
 """Session fixtures: a real Prefect server on embedded PostgreSQL, and per-test dispatcher folders.
 
 The environment is set before Prefect is imported (Prefect reads it once): no telemetry, a
-throw-away PREFECT_HOME and data directory, and the test suite's job functions registered as
-background jobs the way a site registers its own (``DICOM_DISPATCH_JOBS``). The session server
-requires an auth string, as the service's does: every client in the tests (this process, CLI and
-``serve`` subprocesses) gets it as ``PREFECT_API_AUTH_STRING``.
+throw-away PREFECT_HOME and data directory. The session server requires an auth string, as the
+service's does: every client in the tests (this process, CLI and ``serve`` subprocesses) gets it
+as ``PREFECT_API_AUTH_STRING``. The suite's job functions are registered as background jobs the
+way a site registers its own (``DICOM_DISPATCH_JOBS``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ block can be loaded) and, for compatibility, carries the deprecated overrides th
 releases documented before those values moved into the settings block. Prefect's own
 variables (``PREFECT_*``) are Prefect's business and are handled in ``deployments.environment``.
 
+Which functions this host's background jobs may run (``DICOM_DISPATCH_JOBS``) is here too, not in
+a block: anyone with the API key can edit blocks.
+
 No Prefect here: the folder protocol and the blocks import it.
 """
 
@@ -24,12 +27,14 @@ __all__ = [
     "HISTORY_RETENTION_ENV",
     "HOME_ENV",
     "HOST_ID_ENV",
+    "JOBS_ENV",
     "METRICS_ADDRESS_ENV",
     "METRICS_PORT_ENV",
     "data_dir",
     "deprecated_override",
     "history_retention_seconds",
     "host_id",
+    "job_functions",
     "metrics_address",
     "restrict_data_dir",
     "write_private_file",
@@ -58,6 +63,12 @@ DEFAULT_METRICS_PORT = 9464
 #: share the folders must never have the same one; set it where host names are not unique (e.g.
 #: containers that all call themselves ``localhost``).
 HOST_ID_ENV = "DICOM_DISPATCH_HOST_ID"
+
+#: The functions this host's background jobs may run: comma-separated ``module:function``
+#: (besides those packages declare in the ``dicom_dispatch.jobs`` entry points). Host
+#: configuration (``/etc/default/dicom-dispatch`` for the service), never a block: whoever can
+#: edit blocks must not be able to choose what code a job runs.
+JOBS_ENV = "DICOM_DISPATCH_JOBS"
 
 #: ``DispatcherSettings`` field → the environment variable that used to set it. Still honoured,
 #: with a warning, so a site's unit file keeps working while it moves the value into the block.
@@ -126,6 +137,12 @@ def write_private_file(path: Path, text: str) -> None:
 def host_id() -> str:
     """Who this host is in the claims it writes: ``$DICOM_DISPATCH_HOST_ID`` or the host name."""
     return os.environ.get(HOST_ID_ENV, "").strip() or socket.gethostname()
+
+
+def job_functions() -> list[str]:
+    """The ``module:function`` references of ``$DICOM_DISPATCH_JOBS``, as written (unchecked)."""
+    text = os.environ.get(JOBS_ENV, "")
+    return [ref.strip() for ref in text.split(",") if ref.strip()]
 
 
 def deprecated_override(field: str, value: float) -> float:

@@ -7,12 +7,14 @@ no configuration.
 
 from __future__ import annotations
 
+from itertools import permutations
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect.blocks.core import Block
 from pydantic import Field
 
+from blocks.errors import ConfigError
 from blocks.host import DEPRECATED_OVERRIDES, data_dir, deprecated_override
 from blocks.qr import (
     DEFAULT_FREE_SPACE_RESERVE_BYTES,
@@ -20,14 +22,12 @@ from blocks.qr import (
     ReceiveLimits,
 )
 
-__all__ = ["DEFAULT_JOB_MODULES", "DEFAULT_SETTINGS_NAME", "DispatcherSettings", "data_dir"]
+__all__ = ["DEFAULT_SETTINGS_NAME", "DispatcherSettings", "check_folder_layout", "data_dir"]
 
 DEFAULT_SETTINGS_NAME = "default"
 #: Seconds before each quick retry of a transient send failure within one attempt.
 DEFAULT_QUICK_RETRY_DELAYS: tuple[float, ...] = (2.0, 10.0)
 Priority = Literal["normal", "urgent", "offpeak"]
-#: Packages whose functions background jobs may run when a site added none (our own).
-DEFAULT_JOB_MODULES: tuple[str, ...] = ("blocks", "tasks", "flows", "deployments")
 
 
 class DispatcherSettings(Block):
@@ -133,11 +133,12 @@ class DispatcherSettings(Block):
         "that must keep it out of Prefect.",
     )
 
-    # Issue 11 (hardened by default): what background jobs may run, which links a case may hold.
+    # Issue 11 (hardened by default): which links a case may hold.
     jobs_modules: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_JOB_MODULES),
-        description="Background jobs run only functions of these modules and their submodules "
-        "(e.g. add 'remapp' for OpenREM); any other job ends Failed without running.",
+        default_factory=list,
+        description="Deprecated and ignored (kept so older documents load): background jobs run "
+        "only functions registered on the executor's host, in DICOM_DISPATCH_JOBS or the "
+        "entry-point group dicom_dispatch.jobs.",
     )
     case_links_inside: bool = Field(
         default=False,
@@ -204,3 +205,30 @@ class DispatcherSettings(Block):
             Path(self.success_folder or base / "success"),
             Path(self.error_folder or base / "error"),
         )
+
+    def checked_folders(self) -> tuple[Path, Path, Path]:
+        """:meth:`folders`, or ``ConfigError`` if they could hurt each other
+        (:func:`check_folder_layout`)."""
+        folders = self.folders()
+        check_folder_layout(*folders)
+        return folders
+
+
+def check_folder_layout(outgoing: Path, success: Path, error: Path) -> None:
+    """``ConfigError`` (one line) unless outgoing, success and error are three distinct folders,
+    none inside another, after resolving links: the cleaner empties success/ and the scan takes
+    every folder in outgoing/ for a case, so a folder nested in another would be cleaned or
+    dispatched as a case."""
+    named = {
+        "outgoing_folder": outgoing.resolve(),
+        "success_folder": success.resolve(),
+        "error_folder": error.resolve(),
+    }
+    for (name, path), (other, other_path) in permutations(named.items(), 2):
+        if path == other_path:
+            raise ConfigError(f"{name} and {other} are the same folder ({path}); use three")
+        if path.is_relative_to(other_path):
+            raise ConfigError(
+                f"{name} ({path}) is inside {other} ({other_path}); the three folders must "
+                "not be nested"
+            )

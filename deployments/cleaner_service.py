@@ -26,9 +26,10 @@ LOGGER = logging.getLogger("dicom_dispatch.cleaner")
 def clean_once(settings: DispatcherSettings, now: dt.datetime | None = None) -> CleanReport:
     """One pass with these settings: the emergency clean if due; the regular one if off-peak."""
     moment = now or dt.datetime.now()
-    _, success, _ = settings.folders()
+    outgoing, success, error = settings.folders()
     return clean_success(
         success,
+        protected=(outgoing, error),
         retention=settings.retention,
         emergency_percentage=settings.emergency_clean_percentage,
         offpeak_now=cf.is_offpeak(settings.offpeak_start, settings.offpeak_end, moment.time()),

@@ -19,13 +19,16 @@ from pydantic import ValidationError
 
 from blocks.base import target_slug
 from blocks.errors import ConfigError
+from blocks.host import JOBS_ENV
 from blocks.registry import NOT_YET_SUPPORTED, TARGET_TYPES, aload_settings, aremove_other_types
 from blocks.settings import DEFAULT_SETTINGS_NAME, DispatcherSettings
 from deployments.rule_automations import sync_rule_notifications
+from flows.background.registered import ENTRY_POINT_GROUP
 from tasks.notification_payload import RuleNotification
 
 __all__ = ["ImportReport", "cleaning_summary", "import_mercure_config", "infer_target_type"]
 
+FOLDER_KEYS = ("outgoing_folder", "success_folder", "error_folder")
 SETTINGS_KEYS = (
     "outgoing_folder",
     "success_folder",
@@ -134,13 +137,21 @@ def notification_rules(rules: dict[str, Any]) -> list[RuleNotification]:
     return announcing
 
 
-def job_modules(data: dict[str, Any], current: list[str]) -> list[str]:
-    """``current`` plus the modules of the file's ``jobs_modules`` (our key, not mercure's: the
-    modules whose functions background jobs may run, e.g. ``["remapp"]`` for OpenREM)."""
-    extra = data.get("jobs_modules") or []
-    if not isinstance(extra, list) or not all(isinstance(m, str) and m for m in extra):
-        raise ConfigError("'jobs_modules' must be a list of module names")
-    return [*current, *(m for m in extra if m not in current)]
+async def check_folders(data: dict[str, Any]) -> None:
+    """``ConfigError`` if the folders the import would leave could hurt each other."""
+    current = await aload_settings()
+    update = {key: data[key] for key in FOLDER_KEYS if data.get(key) not in (None, "")}
+    current.model_copy(update=update).checked_folders()
+
+
+def ignored_job_modules(data: dict[str, Any], report: ImportReport) -> None:
+    """A ``jobs_modules`` key (ours, deprecated) is ignored with one warning: which functions
+    background jobs run is the hosts' configuration, never the imported settings."""
+    if "jobs_modules" in data:
+        report.warnings["jobs_modules"] = [
+            "ignored (deprecated): register job functions in "
+            f"{JOBS_ENV} or the entry-point group {ENTRY_POINT_GROUP!r} on each host"
+        ]
 
 
 async def import_mercure_config(path: Path) -> ImportReport:
@@ -152,8 +163,9 @@ async def import_mercure_config(path: Path) -> ImportReport:
     _check_slugs(list(targets))
     rules = data.get("rules") or {}
     announcing = notification_rules(rules) if isinstance(rules, dict) else []
-    job_modules(data, [])  # a bad jobs_modules is refused before anything changes
+    await check_folders(data)  # a bad layout is refused before anything changes
     report = ImportReport()
+    ignored_job_modules(data, report)
     for name, spec in targets.items():
         if not isinstance(spec, dict):
             report.skipped[name] = "not an object"
@@ -198,7 +210,6 @@ async def import_mercure_config(path: Path) -> ImportReport:
         }
     settings.rule_notifications = {rule.rule: rule.as_mercure() for rule in announcing}
     settings.phi_notifications = bool(data.get("phi_notifications", False))
-    settings.jobs_modules = job_modules(data, settings.jobs_modules)
     await settings.save(DEFAULT_SETTINGS_NAME, overwrite=True)
     sender = data.get("email_notification_from")
     report.notifications = await sync_rule_notifications(

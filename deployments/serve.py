@@ -112,6 +112,7 @@ async def _run_service(
     async with get_client() as client:
         await aregister_block_types(client)
         settings = await aload_settings()
+        settings.checked_folders()  # folders that could hurt each other: refuse to start
         await ensure_zombie_automation(client, settings.takeover_window_seconds)
         on_pool = await _deployments_on_work_pools(client)
     await _sync_limits(settings)

@@ -14,6 +14,7 @@ import grp
 import pwd
 import shutil
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def spec_for(user: str, group: str | None = None, data_dir: Path | None = None) 
 
 
 def render_unit(spec: UnitSpec) -> str:
+    """The unit's text; ``ValueError`` if a value holds a control character (a newline in a
+    value would add lines of its own to the unit: another ``ExecStart``, ``User=root``)."""
     text = TEMPLATE.read_text(encoding="utf-8")
     for key, value in {
         "@USER@": spec.user,
@@ -61,14 +64,17 @@ def render_unit(spec: UnitSpec) -> str:
         "@EXEC@": spec.executable,
         "@STOP_TIMEOUT@": str(STOP_TIMEOUT_SECONDS),
     }.items():
+        if any(unicodedata.category(char) == "Cc" for char in value):
+            raise ValueError(f"{key.strip('@').lower()} {value!r} holds a control character")
         text = text.replace(key, value)
     return text
 
 
 def install_unit(spec: UnitSpec, output: Path = DEFAULT_UNIT_PATH) -> Path:
     """Write the unit and create the data directory owned by the user; returns the unit's path."""
+    text = render_unit(spec)  # refused values leave nothing behind
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render_unit(spec), encoding="utf-8")
+    output.write_text(text, encoding="utf-8")
     spec.data_dir.mkdir(parents=True, exist_ok=True)
     shutil.chown(spec.data_dir, spec.user, spec.group)
     return output

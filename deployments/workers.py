@@ -74,6 +74,7 @@ async def run_dispatcher_loop(
 ) -> None:
     """The dispatcher loop, its settings reloaded every ``SETTINGS_REFRESH_SECONDS``; on stop,
     runs in flight get the shutdown grace period (at most ``max_grace``)."""
+    from blocks.errors import ConfigError
     from blocks.registry import aload_settings
 
     async def refresh() -> None:
@@ -83,9 +84,13 @@ async def run_dispatcher_loop(
             if stop.is_set():
                 return
             try:
-                dispatcher.settings = await aload_settings()
+                settings = await aload_settings()
+                settings.checked_folders()  # a bad layout keeps the last good settings
+                dispatcher.settings = settings
                 if on_refresh is not None:
                     await on_refresh(dispatcher.settings)
+            except ConfigError as exc:
+                LOGGER.error("the new settings are not taken up: %s", exc)
             except Exception:
                 LOGGER.exception("could not refresh the settings")
 

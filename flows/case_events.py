@@ -6,10 +6,14 @@ case's ``task.json`` and the rule as imported (``tasks.notification_payload``), 
 the event's payload; the automation of the rule and channel (``deployments.rule_automations``)
 only sends it on. The resource labels say which channels have something to send, so an
 automation whose channel could not be rendered for this case does not fire.
+
+The render runs in a worker thread (it waits for a render process with a time limit,
+``tasks.template_render``), so a slow template never holds up the dispatcher's loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +29,7 @@ from tasks.notification_payload import (
     announced_rules,
     render_case_notification,
 )
-from tasks.taskjson import TaskFileError, read_task
+from tasks.taskjson import Task, TaskFileError, read_task
 
 __all__ = [
     "CASE_EVENT",
@@ -35,6 +39,7 @@ __all__ = [
     "WEBHOOK_LABEL",
     "announce_outcome",
     "case_event",
+    "render_notification",
 ]
 
 #: Event name per mercure event.
@@ -75,6 +80,13 @@ def case_event(note: CaseNotification) -> dict[str, Any]:
     }
 
 
+async def render_notification(
+    rule: RuleNotification, event: str, task: Task, phi_notifications: bool
+) -> CaseNotification | None:
+    """``render_case_notification`` off the event loop (it blocks up to the render limit)."""
+    return await asyncio.to_thread(render_case_notification, rule, event, task, phi_notifications)
+
+
 async def announce_outcome(outcome: Outcome, settings: DispatcherSettings) -> int:
     """Emit the notification events of a case that reached success/ or error/; how many.
 
@@ -101,11 +113,11 @@ async def announce_outcome(outcome: Outcome, settings: DispatcherSettings) -> in
                 logger.error("Rule %s does not exist in the imported configuration", name)
             continue
         rule = RuleNotification.from_mercure(name, spec)
-        note = render_case_notification(rule, event, task, settings.phi_notifications)
+        note = await render_notification(rule, event, task, settings.phi_notifications)
         if note is None:
             continue
         for problem in note.problems:
-            logger.error("case %s: notification not sent: %s", task.id, problem)
+            logger.error("case %s: notification: %s", task.id, problem)
         if note.webhook_body is None and note.email_body is None:
             continue
         emit_event(**case_event(note))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,8 +111,10 @@ def clean_success(
     offpeak_now: bool,
     now: float,
     usage: Callable[[Path], DiskUsage] | None = None,
+    protected: Sequence[Path] = (),
 ) -> CleanReport:
-    """One cleaner pass over ``success``: the emergency clean if due, then the off-peak clean."""
+    """One cleaner pass over ``success``: the emergency clean if due, then the off-peak clean.
+    Nothing that is or holds a ``protected`` folder (outgoing/, error/) is removed."""
     measure = usage or _disk_usage
     report = CleanReport()
     if not success.is_dir():
@@ -129,7 +131,7 @@ def clean_success(
             emergency_percentage,
             success,
         )
-        _remove_all(urgent, "emergency clean", report)
+        _remove_all(urgent, "emergency clean", report, success, protected)
         gone = {c.path for c in urgent}
         cases = [c for c in cases if c.path not in gone]
         after = measure(success)
@@ -142,14 +144,21 @@ def clean_success(
                 success,
             )
     if offpeak_now:
-        _remove_all(regular_plan(cases, now, retention), "retention", report)
+        _remove_all(regular_plan(cases, now, retention), "retention", report, success, protected)
     return report
 
 
-def _remove_all(cases: list[SentCase], why: str, report: CleanReport) -> None:
+def _remove_all(
+    cases: list[SentCase],
+    why: str,
+    report: CleanReport,
+    success: Path,
+    protected: Sequence[Path],
+) -> None:
     for case in cases:
         case_id = _case_id(case.path)
         try:
+            _check_removable(case.path, success, protected)
             shutil.rmtree(case.path)
         except FileNotFoundError:
             continue
@@ -159,6 +168,17 @@ def _remove_all(cases: list[SentCase], why: str, report: CleanReport) -> None:
         report.removed.append(case_id)
         report.freed += case.size
         LOGGER.info("removed case %s (%s, %s, %d bytes)", case_id, case.path, why, case.size)
+
+
+def _check_removable(path: Path, success: Path, protected: Sequence[Path]) -> None:
+    """``OSError`` unless ``path`` is a folder directly in success/ (links resolved) that neither
+    is nor holds a ``protected`` folder: the last check before a removal, whatever the layout."""
+    real, home = path.resolve(), success.resolve()
+    if path.is_symlink() or real.parent != home:
+        raise OSError(f"{path} is not a folder directly in {home}; not removed")
+    for folder in protected:
+        if folder.resolve().is_relative_to(real):
+            raise OSError(f"{path} is or holds {folder}; not removed")
 
 
 def _case_id(path: Path) -> str:

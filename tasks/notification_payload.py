@@ -2,11 +2,15 @@
 
 A receiver written for mercure (a chat hook, a script) must not see a difference, so this follows
 mercure's ``common/notification.py`` step by step: the ``@rule@`` / ``@task_id@`` / ``@event@``
-placeholders, then a sandboxed Jinja render with mercure's context (``acc``, ``mrn`` and
+placeholders and a sandboxed Jinja render with mercure's context (``acc``, ``mrn`` and
 ``patient_name`` are "UNKNOWN" in a webhook unless ``phi_notifications``; ``body`` is
 ``notification_payload_body`` rendered and JSON-string-escaped), then ``"{" + payload + "}"``
-parsed and dumped again exactly as aiohttp's ``json=`` does. Which rules and events a case
-announces is decided here too, so the dispatcher and the importer agree. No Prefect here.
+parsed and dumped again exactly as aiohttp's ``json=`` does. Deliberately different: the
+placeholders are template variables, never template text (case data is not run as template
+code), and a render runs in a worker process with a time, size and memory limit
+(``tasks.template_render``); a text that passes one is replaced by a short fallback text. Which
+rules and events a case announces is decided here too, so the dispatcher and the importer
+agree. No Prefect here.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from jinja2.sandbox import SandboxedEnvironment
 from jinja2.utils import htmlsafe_json_dumps
 
 from tasks.taskjson import Task
+from tasks.template_render import RenderLimitError, render_bounded
 
 __all__ = [
     "COMPLETED",
@@ -31,6 +35,7 @@ __all__ = [
     "announced_rules",
     "custom_details",
     "email_text",
+    "fallback_text",
     "notification_requested",
     "render_case_notification",
     "render_text",
@@ -114,15 +119,16 @@ def render_text(
     context: dict[str, Any],
     device_serial_number: str | None,
 ) -> str:
-    """mercure's ``parse_payload``: placeholders, then a sandboxed Jinja render.
+    """mercure's ``parse_payload``: a sandboxed Jinja render, the placeholders as variables.
 
     ``context`` gains ``DeviceSerialNumber`` in place, as in mercure (the webhook's context
-    is built from the dict the body was rendered with).
+    is built from the dict the body was rendered with). ``RenderLimitError`` when the render
+    passes a limit; the template's own errors as in mercure.
     """
-    parsed = text.replace("@rule@", rule).replace("@task_id@", task_id).replace("@event@", event)
     context["DeviceSerialNumber"] = device_serial_number
     full = {"rule": rule, "task_id": task_id, "event": event, "details": details, **context}
-    return SandboxedEnvironment().from_string(parsed).render(full)
+    placeholders = {"@rule@": rule, "@task_id@": task_id, "@event@": event}
+    return render_bounded(text, full, placeholders)
 
 
 def _phi(task: Task, phi_notifications: bool, webhook: bool) -> dict[str, Any]:
@@ -197,6 +203,19 @@ def custom_details(process: Any) -> str:
     return "\n".join(lines)
 
 
+#: Longest case id quoted in a fallback text.
+_FALLBACK_ID_CHARS = 200
+
+
+def fallback_text(rule: str, event: str, task_id: str, why: str) -> str:
+    """What is sent instead of a text that passed a render limit: short, and says where to look."""
+    case = task_id if len(task_id) <= _FALLBACK_ID_CHARS else f"{task_id[:_FALLBACK_ID_CHARS]}..."
+    return (
+        f"Rule {rule}: {event} for case {case}. The rule's notification text could not be "
+        f"rendered ({why}); see the dispatcher's log."
+    )
+
+
 @dataclass
 class CaseNotification:
     """What one rule announces for one case; a channel that could not be rendered is None."""
@@ -216,7 +235,8 @@ def render_case_notification(
     """The rule's announcement of ``event`` for ``task``, or None when the rule sends none.
 
     mercure logs a payload it cannot render and goes on; a broken channel is left out here and
-    its reason is kept, so the other channel still goes.
+    its reason is kept, so the other channel still goes. A text that passed a render limit is
+    sent as :func:`fallback_text` (a webhook gets it as ``{"text": ...}``), with the reason kept.
     """
     if not rule.announces or not rule.sends(event, notification_requested(task.process)):
         return None
@@ -225,13 +245,21 @@ def render_case_notification(
     if rule.webhook:
         try:
             out.webhook_body = webhook_body(rule, event, task, phi_notifications, details)
+        except RenderLimitError as exc:
+            text = fallback_text(rule.rule, event, task.id, str(exc))
+            out.webhook_body = json.dumps({"text": text})
+            out.problems.append(f"webhook payload of rule {rule.rule}: {exc}; sent a fallback")
         except Exception as exc:  # Jinja and JSON errors alike: mercure sends nothing
-            out.problems.append(f"webhook payload of rule {rule.rule}: {exc}")
+            out.problems.append(f"webhook payload of rule {rule.rule}: {exc}; not sent")
     if rule.email:
         try:
             out.email_subject, out.email_body = email_text(
                 rule, event, task, phi_notifications, details
             )
+        except RenderLimitError as exc:
+            out.email_subject = f"{SUBJECT_PREFIX}Rule {rule.rule}: {event}"
+            out.email_body = fallback_text(rule.rule, event, task.id, str(exc))
+            out.problems.append(f"e-mail body of rule {rule.rule}: {exc}; sent a fallback")
         except Exception as exc:
-            out.problems.append(f"e-mail body of rule {rule.rule}: {exc}")
+            out.problems.append(f"e-mail body of rule {rule.rule}: {exc}; not sent")
     return out

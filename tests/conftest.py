@@ -3,7 +3,8 @@
 The environment is set before Prefect is imported (Prefect reads it once): no telemetry, a
 throw-away PREFECT_HOME and data directory. The session server requires an auth string, as the
 service's does: every client in the tests (this process, CLI and ``serve`` subprocesses) gets it
-as ``PREFECT_API_AUTH_STRING``.
+as ``PREFECT_API_AUTH_STRING``. The suite's job functions are registered as background jobs the
+way a site registers its own (``DICOM_DISPATCH_JOBS``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,16 @@ from pathlib import Path
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="dicom-dispatch-tests-"))
 #: The session server's auth string.
 API_AUTH_STRING = f"tests:{secrets.token_urlsafe(16)}"
+#: The functions of ``tests.jobs_fixtures`` that the suite runs as background jobs.
+TEST_JOBS = (
+    "timed",
+    "wait_for_file",
+    "report_identity",
+    "error_exit",
+    "boom",
+    "exit_with",
+    "quick",
+)
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect-home"))
 os.environ["DICOM_DISPATCH_HOME"] = str(_SESSION_DIR / "data")
 os.environ.update(
@@ -29,6 +40,7 @@ os.environ.update(
         # The test server's run-history vacuum (configured as serve does) looks every few
         # seconds, so a test can watch it delete runs whose end it backdated.
         "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "3",
+        "DICOM_DISPATCH_JOBS": ",".join(f"tests.jobs_fixtures:{name}" for name in TEST_JOBS),
     }
 )
 

@@ -1,7 +1,9 @@
 """Job functions for the background-job tests (importable by the executor's job processes).
 
-Each job records what it saw in a JSON file under ``out`` named after ``name``: its start and
-end times (``time.time()``), its pid, and anything else a test wants to check.
+The session registers them as jobs in ``DICOM_DISPATCH_JOBS`` (``tests/conftest.py``), as a site
+does; :func:`unregistered` is deliberately left out. Each job records what it saw in a JSON file
+under ``out`` named after ``name``: its start and end times (``time.time()``), its pid, and
+anything else a test wants to check.
 """
 
 from __future__ import annotations
@@ -15,28 +17,12 @@ from typing import Any
 
 from prefect import flow
 
-from blocks.settings import DEFAULT_JOB_MODULES
 from flows.background import (
     get_current_task,
     get_or_generate_task_uuid,
     record_task_error_exit,
     record_task_info,
 )
-
-#: What the test suite lets background jobs run: the project's modules and this one.
-JOB_MODULES = [*DEFAULT_JOB_MODULES, __name__]
-
-
-def allow_test_jobs() -> None:
-    """Add this module to the saved settings' ``jobs_modules`` (as a site adds its own)."""
-    import asyncio
-
-    from blocks.registry import aload_settings
-
-    settings = asyncio.run(aload_settings())
-    if __name__ not in settings.jobs_modules:
-        settings.jobs_modules = [*settings.jobs_modules, __name__]
-        settings.save("default", overwrite=True)
 
 
 def _write(out: str, name: str, data: dict[str, Any]) -> None:
@@ -86,6 +72,11 @@ def error_exit(out: str, name: str, message: str) -> None:
     """OpenREM's pattern: record the error, then return normally."""
     record_task_error_exit(message)
     _write(out, name, {"current_after_error": get_current_task() is not None})
+
+
+def unregistered(path: str) -> None:
+    """Not registered as a job: the executor must refuse it (it would write ``path``)."""
+    Path(path).write_text("ran")
 
 
 def boom(message: str) -> None:

@@ -21,12 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blocks.errors import DispatchError
+from blocks.errors import ConfigError, DispatchError
 from deployments.cli.core import (
+    EXIT_FAILED,
     CommandFailed,
     ProgressBar,
     UsageError,
     add_command,
+    error_line,
     poll_while,
     print_json,
     table,
@@ -316,7 +318,11 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
 
     def service() -> None:
         workers = args.workers or default_workers()
-        outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop, workers)))
+        try:
+            outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop, workers)))
+        except ConfigError as exc:  # e.g. folders that could hurt each other: one line
+            error_line(str(exc))
+            outcome.append(EXIT_FAILED)
 
     worker = threading.Thread(target=service, name="dicom-dispatch-service")
     # `kill -USR1` writes every thread's stack to stderr: what a hung service is doing.

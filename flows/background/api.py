@@ -21,7 +21,6 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Cancelling, Scheduled
 
 from blocks.errors import JobNotFoundError, JobNotQueuedError
-from blocks.settings import DEFAULT_JOB_MODULES, DEFAULT_SETTINGS_NAME, DispatcherSettings
 from flows.background.checks import (
     check_allowed,
     check_limits,
@@ -53,6 +52,7 @@ from flows.background.records import (
     QueuedTask,
     record_of,
 )
+from flows.background.registered import JobRegistry, registered_jobs
 
 __all__ = [
     "get_queued_tasks",
@@ -66,9 +66,9 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger(__name__)
-#: Seconds the caller trusts its last read of ``jobs_modules`` (a web view may queue many jobs).
-JOB_MODULES_TTL = 10.0
-_job_modules_read: tuple[float, tuple[str, ...]] | None = None
+#: Seconds the caller trusts its last read of the registry (a web view may queue many jobs).
+REGISTRY_TTL = 10.0
+_registry_read: tuple[float, JobRegistry] | None = None
 
 
 # --------------------------------------------------------------------------- queueing
@@ -99,7 +99,8 @@ def run_in_background_with_limits(
 
     Raises:
         JobRefusedError: a lambda/nested/non-importable ``func``, one outside the settings'
-            ``jobs_modules``, non-JSON arguments, a bad type or limit; nothing was queued.
+            functions registered as jobs on this host (``DICOM_DISPATCH_JOBS``, entry points
+            ``dicom_dispatch.jobs``), non-JSON arguments, a bad type or limit; nothing was queued.
     """
     priority = check_priority(kwargs.pop("priority", 0))
     ref = func_ref(func)
@@ -116,7 +117,7 @@ def run_in_background_with_limits(
         "priority": priority,
     }
     with get_client(sync_client=True) as client:
-        check_allowed(ref, _job_modules(client))
+        check_allowed(ref, _registry())
         try:
             run = _create_run(client, parameters)
         except ObjectNotFound:  # the deployment was deleted since we looked it up
@@ -126,21 +127,14 @@ def run_in_background_with_limits(
     return record_of(run)
 
 
-def _job_modules(client: SyncPrefectClient) -> tuple[str, ...]:
-    """The settings' ``jobs_modules`` (the executor decides; this is for an early error)."""
-    global _job_modules_read
+def _registry() -> JobRegistry:
+    """This host's registered jobs (the executor decides on its own host; this is for an early
+    error, so register the functions on the hosts that queue jobs too)."""
+    global _registry_read
     now = time.monotonic()
-    if _job_modules_read is not None and now - _job_modules_read[0] < JOB_MODULES_TTL:
-        return _job_modules_read[1]
-    try:
-        doc = client.read_block_document_by_name(
-            DEFAULT_SETTINGS_NAME, DispatcherSettings.get_block_type_slug()
-        )
-        modules = tuple(doc.data.get("jobs_modules", DEFAULT_JOB_MODULES))
-    except ObjectNotFound:
-        modules = DEFAULT_JOB_MODULES
-    _job_modules_read = (now, modules)
-    return modules
+    if _registry_read is None or now - _registry_read[0] >= REGISTRY_TTL:
+        _registry_read = (now, registered_jobs())
+    return _registry_read[1]
 
 
 def _create_run(client: SyncPrefectClient, parameters: dict[str, Any]) -> FlowRun:

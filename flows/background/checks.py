@@ -4,10 +4,11 @@ A job runs in another process, maybe on another host, long after the call: its f
 importable there by name and its arguments must survive the trip through the run's parameters
 (JSON) unchanged. Refusing at the call is the only moment the caller can still be told.
 
-Which functions may run at all is the executor's decision (:func:`refused_func`, against
-``DispatcherSettings.jobs_modules``): anyone who can create a run on the API can name any
-``func``, so the executor checks every run before its process imports anything. The caller
-checks the same list first, only for an early, clear error.
+Which functions may run at all is the executor's decision (:func:`refused_func`, against the
+functions registered as jobs on its host, ``flows.background.registered``): anyone who can
+create a run on the API can name any ``func``, so the executor checks every run before its
+process imports anything. The caller checks its own host's registry first, only for an early,
+clear error.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from blocks.errors import JobRefusedError
+from flows.background.registered import JobRegistry
 
 __all__ = [
     "check_allowed",
@@ -32,7 +34,6 @@ __all__ = [
 
 _TASK_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 def func_ref(func: Any) -> str:
@@ -63,28 +64,15 @@ def func_ref(func: Any) -> str:
     return ref
 
 
-def refused_func(ref: Any, modules: Sequence[str]) -> str | None:
-    """Why the job ``ref`` (``module:name``) may not run, or None: its module must be one of
-    ``modules`` or inside one of them, and its name a public identifier. Imports nothing."""
-    if not isinstance(ref, str):
-        return f"func {ref!r} is not a 'module:function' reference"
-    module_name, sep, name = ref.partition(":")
-    if not sep or not _MODULE.match(module_name) or not _IDENTIFIER.match(name):
-        return f"func {ref!r} is not of the form 'module:function'"
-    if name.startswith("_"):
-        return f"func {ref!r}: private functions are not run as jobs"
-    if not any(module_name == m or module_name.startswith(f"{m}.") for m in modules):
-        allowed = ", ".join(modules) or "none"
-        return (
-            f"func {ref!r}: module {module_name!r} is not allowed to run as a background job "
-            f"(jobs_modules of the dispatcher settings: {allowed})"
-        )
-    return None
+def refused_func(ref: Any, registry: JobRegistry) -> str | None:
+    """Why the job ``ref`` (``module:name``) may not run, or None: it must be registered as a
+    job on this host and not be a program's entry point. Imports nothing."""
+    return registry.refused(ref)
 
 
-def check_allowed(ref: str, modules: Sequence[str]) -> str:
+def check_allowed(ref: str, registry: JobRegistry) -> str:
     """``ref`` if :func:`refused_func` lets it run, else ``JobRefusedError`` with the reason."""
-    reason = refused_func(ref, modules)
+    reason = refused_func(ref, registry)
     if reason is not None:
         raise JobRefusedError(reason)
     return ref

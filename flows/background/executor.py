@@ -7,8 +7,8 @@ against the same Prefect API. Each executor, in a loop (every ``jobs_poll_second
 1. takes the admission lock on the server (``queue.try_admission_lock``);
 2. reads the queued ``background_job`` runs (``queue.queue_order``) and the counts of active
    jobs on every host (``queue.active_counts``);
-3. ends Failed, without starting anything, each queued job whose ``func`` is outside
-   ``jobs_modules`` (``checks.refused_func``: anyone who can create a run names its ``func``);
+3. ends Failed, without starting anything, each queued job whose ``func`` is not registered as
+   a job on this host (``checks.refused_func``: anyone who can create a run names its ``func``);
    for each other queued job whose ``num_proc`` / ``num_of_task_type`` allow it
    (``JobLimits.admissible``): takes one slot of the total and of its type's counter with a
    lease (``queue.take_slots``) and moves the run to Pending (``BackgroundExecutor.admit``);
@@ -150,11 +150,13 @@ class BackgroundExecutor:
         if stop.is_set():
             return
         LOGGER.info(
-            "background executor on %s: poll %.2f s, lease %.0f s, at most %d processes",
+            "background executor on %s: poll %.2f s, lease %.0f s, at most %d processes, "
+            "%d registered job functions",
             HOSTNAME,
             self.settings.poll_seconds,
             self.settings.lease_seconds,
             self.settings.max_processes,
+            len(self.settings.jobs.jobs),
         )
         async with get_client() as client:
             self._client = client
@@ -265,7 +267,7 @@ class BackgroundExecutor:
 
     async def _refused(self, run: FlowRun) -> bool:
         """End a job Failed (nothing imported, nothing run) if its ``func`` may not run."""
-        reason = refused_func(run.parameters.get("func"), self.settings.job_modules)
+        reason = refused_func(run.parameters.get("func"), self.settings.jobs)
         if reason is None:
             return False
         LOGGER.warning("job %s refused: %s", run.id, reason)
@@ -276,7 +278,7 @@ class BackgroundExecutor:
         assert self._ctx is not None
         try:
             process = await asyncio.to_thread(
-                start_job_process, self._ctx, job.run_id, self.settings.job_modules
+                start_job_process, self._ctx, job.run_id, self.settings.jobs
             )
         except Exception as exc:  # noqa: BLE001
             LOGGER.exception("could not start the process of job %s", job.run_id)

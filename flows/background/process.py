@@ -14,14 +14,13 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Sequence
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from uuid import UUID
 
-from blocks.settings import DEFAULT_JOB_MODULES
 from flows.background.checks import refused_func
 from flows.background.flow import background_job
+from flows.background.registered import JobRegistry
 
 __all__ = [
     "JOB_PRELOAD",
@@ -64,14 +63,12 @@ def job_process_context() -> BaseContext:
     return ctx
 
 
-def start_job_process(
-    ctx: BaseContext, run_id: UUID, job_modules: Sequence[str] = DEFAULT_JOB_MODULES
-) -> BaseProcess:
+def start_job_process(ctx: BaseContext, run_id: UUID, jobs: JobRegistry) -> BaseProcess:
     """Start the process of an admitted job (it runs the flow run to its end, if its ``func``
-    is in ``job_modules``)."""
+    is one of ``jobs``)."""
     process: BaseProcess = ctx.Process(  # type: ignore[attr-defined]
         target=run_job_process,
-        args=(str(run_id), list(job_modules)),
+        args=(str(run_id), jobs),
         name=f"background-job-{run_id}",
     )
     process.start()
@@ -128,10 +125,10 @@ def _leave_fork_server() -> None:
         server._forkserver_alive_fd = None  # type: ignore[union-attr]
 
 
-def run_job_process(flow_run_id: str, job_modules: Sequence[str] = DEFAULT_JOB_MODULES) -> None:
+def run_job_process(flow_run_id: str, jobs: JobRegistry) -> None:
     """The body of a job's process (forked by the executor): run the flow run to its end.
 
-    ``func`` is checked against ``job_modules`` once more, as the run is now (it could have
+    ``func`` is checked against ``jobs`` once more, as the run is now (it could have
     been changed since it was admitted), before anything of the job's is imported.
     """
     os.setsid()  # its own process group: terminating the job stops its children too
@@ -144,7 +141,7 @@ def run_job_process(flow_run_id: str, job_modules: Sequence[str] = DEFAULT_JOB_M
     from prefect.logging.handlers import APILogWorker
 
     run = load_flow_run(UUID(flow_run_id))
-    refused = refused_func(run.parameters.get("func"), job_modules)
+    refused = refused_func(run.parameters.get("func"), jobs)
     if refused is not None:
         _refuse(run.id, refused)
         return

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from tests.cases import make_case
-from tests.jobs_fixtures import JOB_MODULES
 from tests.peers.sshd import SshServer
 
 
@@ -35,7 +34,6 @@ class DispatchEnv:
             "dispatcher_scan_interval": 0.2,
             "invalid_grace_seconds": 3600,
             "quick_retry_delays": [0.2, 0.2],
-            "jobs_modules": JOB_MODULES,
         }
         fields.update(changes)
         DispatcherSettings(**fields).save("default", overwrite=True)

@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 REPO = Path(__file__).resolve().parents[2]
 JOBS_CLI = [sys.executable, "-m", "deployments.cli", "jobs"]
 FIXTURES = "tests.jobs_fixtures"
+INSTALLER = "deployments.service_unit:main"
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
@@ -79,6 +80,9 @@ class Executor:
             "DICOM_DISPATCH_HOME": str(home),
             "DICOM_DISPATCH_JOBS_POLL_SECONDS": "0.3",
             "DICOM_DISPATCH_LOG_LEVEL": "DEBUG",
+            # listed by mistake (or by an attacker who can edit the host's environment file):
+            # an installer is never run as a job all the same
+            "DICOM_DISPATCH_JOBS": f"{os.environ['DICOM_DISPATCH_JOBS']},{INSTALLER}",
         }
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
@@ -108,7 +112,6 @@ class Executor:
 @pytest.fixture(scope="module")
 def executor(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Executor]:
     base = tmp_path_factory.mktemp("executor")
-    jobs_fixtures.allow_test_jobs()
     ex = Executor(prefect_server, base / "home", base / "executor.log")
     try:
         yield ex
@@ -404,51 +407,79 @@ def test_retry_from_the_ui_runs_the_job_again(executor: Executor) -> None:
     assert record.error == "the job called sys.exit(3)"
 
 
-def test_executor_runs_only_allowed_modules(executor: Executor, tmp_path: Path) -> None:
-    """A run created on the API (not through our API's checks) naming ``os:system`` ends
-    Failed with the reason, and nothing ran; an allowed one next to it still runs."""
+def _plant_run(func: str, args: list[Any], task_type: str) -> Any:
+    """A run created on the API directly (not through our API's checks), as an attacker would."""
     from prefect.client.orchestration import get_client
     from prefect.states import Scheduled
 
-    from flows.background import get_task, wait_task
+    from flows.background import get_task
     from flows.background.queue import ensure_deployment
 
-    planted = tmp_path / "planted"
-    t = f"S-{kinds()}"
     with get_client(sync_client=True) as client:
         deployment_id = ensure_deployment(client)
         assert deployment_id is not None
         run = client.create_flow_run_from_deployment(
             deployment_id,
-            parameters={"func": "os:system", "args": [f"touch {planted}"], "task_type": t},
+            parameters={"func": func, "args": args, "task_type": task_type},
             state=Scheduled(),
-            tags=["background-job", f"task-type:{t}"],
+            tags=["background-job", f"task-type:{task_type}"],
         )
-    record = wait_task(get_task(run.id), timeout=60)
-    assert record.state == "Failed"
-    assert "'os' is not allowed to run as a background job" in (record.error or "")
+    return get_task(run.id)
+
+
+def test_executor_runs_only_registered_functions(executor: Executor, tmp_path: Path) -> None:
+    """Runs created on the API naming ``os:system``, or an unregistered function of a module
+    whose other functions are registered, end Failed with the reason, and nothing ran; a
+    registered one next to them still runs."""
+    from flows.background import wait_task
+
+    planted, unregistered = tmp_path / "planted", tmp_path / "unregistered"
+    t = f"S-{kinds()}"
+    system = _plant_run("os:system", [f"touch {planted}"], t)
+    other = _plant_run(f"{FIXTURES}:unregistered", [str(unregistered)], t)
+    fine = _plant_run(f"{FIXTURES}:quick", [], t)
+    for job in (system, other):
+        record = wait_task(job, timeout=60)
+        assert record.state == "Failed"
+        assert "is not registered as a background job" in (record.error or "")
+    assert wait_task(fine, timeout=60).completed_successfully
     assert not planted.exists(), "the refused job's function ran"
+    assert not unregistered.exists(), "the unregistered job's function ran"
     assert "refused" in executor.text()
 
 
-def test_import_config_adds_job_modules(prefect_server: str, tmp_path: Path) -> None:
-    """A site lets its own modules run as jobs with ``jobs_modules`` in the imported JSON."""
+def test_an_installer_never_runs_as_a_job(executor: Executor, tmp_path: Path) -> None:
+    """``deployments.service_unit:main`` writes a unit file wherever it is told: listed in the
+    executor's ``DICOM_DISPATCH_JOBS`` or not, it never runs as a job; nothing is written."""
+    import getpass
+
+    from flows.background import JobRefusedError, run_in_background, wait_task
+
+    unit = tmp_path / "evil.service"
+    argv = ["--user", getpass.getuser(), "--data-dir", str(tmp_path), "--output", str(unit)]
+    job = _plant_run(INSTALLER, [argv], f"I-{kinds()}")
+    record = wait_task(job, timeout=60)
+    assert record.state == "Failed"
+    assert "never a job" in (record.error or "")
+    assert not unit.exists(), "the installer ran as a job"
+    with pytest.raises(JobRefusedError, match="never a job"):
+        run_in_background(INSTALLER, f"I-{kinds()}", argv)
+
+
+def test_import_config_ignores_job_modules(prefect_server: str, tmp_path: Path) -> None:
+    """``jobs_modules`` in the imported JSON (of earlier releases) is ignored with a warning
+    naming it; the settings keep none."""
     import asyncio
 
-    from blocks.errors import ConfigError
     from blocks.registry import aload_settings
-    from blocks.settings import DEFAULT_JOB_MODULES
     from deployments.importer import import_mercure_config
 
     config = tmp_path / "mercure.json"
-    config.write_text(json.dumps({"targets": {}, "jobs_modules": ["remapp"]}))
-    asyncio.run(import_mercure_config(config))
-    modules = asyncio.run(aload_settings()).jobs_modules
-    assert set(DEFAULT_JOB_MODULES) | {"remapp"} <= set(modules)
-
-    config.write_text(json.dumps({"targets": {}, "jobs_modules": "remapp"}))
-    with pytest.raises(ConfigError, match="jobs_modules"):
-        asyncio.run(import_mercure_config(config))
+    for value in (["remapp"], "remapp"):
+        config.write_text(json.dumps({"targets": {}, "jobs_modules": value}))
+        report = asyncio.run(import_mercure_config(config))
+        assert "DICOM_DISPATCH_JOBS" in report.warnings["jobs_modules"][0]
+        assert "remapp" not in asyncio.run(aload_settings()).jobs_modules
 
 
 def _nested() -> Callable[[], None]:
@@ -469,8 +500,10 @@ def _nested() -> Callable[[], None]:
         (jobs_fixtures.quick, (object(),), {}, "JSON"),
         (jobs_fixtures.quick, (), {"when": dt.datetime.now()}, "JSON"),
         (jobs_fixtures.quick, ([1, (2, 3)],), {}, "round trip"),
-        ("os:system", ("true",), {}, "not allowed to run as a background job"),
-        ("subprocess:run", (["true"],), {}, "not allowed to run as a background job"),
+        ("os:system", ("true",), {}, "not registered as a background job"),
+        ("subprocess:run", (["true"],), {}, "not registered as a background job"),
+        (f"{FIXTURES}:unregistered", ("x",), {}, "not registered as a background job"),
+        (INSTALLER, (["--help"],), {}, "never a job"),
     ],
 )
 def test_refused_before_anything_is_queued(
@@ -560,7 +593,6 @@ def test_slow_server_restart_and_killed_executor(
     r, s = f"R-{kinds()}", f"S-{kinds()}"
     with running_prefect_server(tmp_path / "server") as server:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            jobs_fixtures.allow_test_jobs()  # a fresh server: no settings document yet
             first = Executor(server.api_url, tmp_path / "home", tmp_path / "executor1.log")
             try:
                 flag = out / "go"

@@ -175,3 +175,26 @@ def test_rules_notify_as_mercure_does(
     assert len(mails) == 2
     assert {m.message["Subject"] for m in mails} == {"[Mercure] Rule A: ERROR"}
     assert {m.message.get_content() for m in mails} == {f"Case {failing.name} ERROR acc=ACC0001\n"}
+
+
+def test_template_code_in_a_case_id_arrives_literally(
+    env: DispatchEnv, tmp_path: Path, receivers: tuple[str, list[HttpCall], int, list[Mail]]
+) -> None:
+    """mercure pasted ``@task_id@`` into the template before rendering it: a case id
+    ``{{ 7*7 }}`` arrived as ``49``. Here it arrives as it is."""
+    base, calls, _, _ = receivers
+    config = mercure_json(env, tmp_path, base)
+    changed = json.loads(config.read_text())
+    changed["rules"]["B"]["notification_payload"] = '"text": "@rule@ @event@ @task_id@"'
+    config.write_text(json.dumps(changed))
+    asyncio.run(import_mercure_config(config))
+
+    case_id = "{{ 7*7 }}"
+    sent = make_case(
+        env.outgoing, ["share"], case_id=case_id, applied_rule="B", triggered_rules={"B": True}
+    )
+    assert env.dispatch(sent)["location"] == "success"
+    settle(lambda: len(calls) >= 1, "rule B's COMPLETED webhook")
+    (call,) = calls
+    assert call.path == "/hooks/B"
+    assert call.body == b'{"text": "B COMPLETED {{ 7*7 }}"}'

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from flows.background.checks import refused_func
 from tasks import casefolder as cf
 from tasks.safefiles import (
     LINK_REFUSED,
@@ -140,23 +139,3 @@ def test_received_objects_replace_a_planted_link(tmp_path: Path, victim: Path) -
     assert victim.read_bytes() == SECRET
     assert not (folder / f"{uid}.dcm").is_symlink()
     assert (folder / f"{uid}.dcm").read_bytes() == path.read_bytes()
-
-
-@pytest.mark.parametrize(
-    ("ref", "allowed"),
-    [
-        ("tests.jobs_fixtures:quick", True),
-        ("tests:quick", True),
-        ("tests_other:quick", False),
-        ("os:system", False),
-        ("subprocess:run", False),
-        ("tests.jobs_fixtures:_private", False),
-        ("tests..x:quick", False),
-        ("tests.jobs_fixtures", False),
-        (42, False),
-    ],
-)
-def test_job_modules_allow_list(ref: object, allowed: bool) -> None:
-    reason = refused_func(ref, ["blocks", "tests"])
-    assert (reason is None) is allowed, reason
-    assert refused_func("blocks.x:f", []) is not None, "an empty list allows nothing"

@@ -26,6 +26,25 @@ def test_unit_names_user_group_data_dir_restart_and_stop_timeout(tmp_path: Path)
     assert (tmp_path / "data").is_dir()
 
 
+@pytest.mark.parametrize("bad", ["\n", "\r", "\x00", "\x1b", "\x85"])
+def test_a_control_character_in_a_value_is_refused_and_nothing_is_written(
+    tmp_path: Path, bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A newline in a value would add lines of its own to the unit (another ExecStart...)."""
+    unit = tmp_path / "dicom-dispatch.service"
+    data = tmp_path / f"data{bad}ExecStartPre=/bin/touch {tmp_path}/pwned"
+    assert main(["--user", "root", "--data-dir", str(data), "--output", str(unit)]) == 1
+    err = capsys.readouterr().err
+    assert "control character" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not unit.exists()
+    assert list(tmp_path.iterdir()) == []
+    spec = UnitSpec("root", "root", tmp_path, f"/usr/bin/dicom-dispatch{bad}")
+    with pytest.raises(ValueError, match="exec"):
+        install_unit(spec, unit)
+    assert not unit.exists()
+
+
 def test_unknown_user_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--user", "no-such-user-here", "--output", os.devnull]) == 1
     assert "no such user" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import BinaryIO
 __all__ = [
     "LINK_REFUSED",
     "case_links_problem",
+    "copy_regular",
     "create_new",
     "ensure_marker",
     "open_new",
@@ -38,7 +40,13 @@ _NEW_FLAGS = (
     | getattr(os, "O_NOFOLLOW", 0)
     | getattr(os, "O_CLOEXEC", 0)
 )
-_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+#: Non-blocking too: opening a FIFO planted where a file was expected must not wait forever.
+_READ_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+)
 #: The start of every reason a case is refused for its links (tests and logs look for it).
 LINK_REFUSED = "refused: the case folder holds"
 
@@ -105,14 +113,44 @@ def replace_file(path: Path, data: bytes, *, mode: int = 0o644, fsync: bool = Fa
         os.replace(tmp, path)
 
 
-def read_regular(path: Path) -> bytes:
+def read_regular(path: Path, limit: int | None = None) -> bytes:
     """The bytes of the regular file at ``path``, without following a link: a link there is
-    ``OSError(ELOOP)``, anything else but a regular file ``OSError(EINVAL)``."""
+    ``OSError(ELOOP)``, anything else but a regular file ``OSError(EINVAL)``, a file larger
+    than ``limit`` bytes ``OSError(EFBIG)``.
+
+    The open never blocks (a FIFO) and the type is checked on the open descriptor, so what
+    is read is what was checked; nothing beyond ``limit`` is read (a file that grows).
+    """
     fd = os.open(path, _READ_FLAGS)
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, f"{path.name} is not a regular file")
-        return fh.read()
+        if limit is None:
+            return fh.read()
+        data = fh.read(limit + 1) if info.st_size <= limit else b""
+        if info.st_size > limit or len(data) > limit:
+            raise OSError(errno.EFBIG, f"{path.name} is larger than {limit} bytes")
+        return data
+
+
+def copy_regular(src: Path, dst: Path) -> None:
+    """Copy the regular file ``src`` to a new file ``dst`` (times and mode kept), opening
+    neither through a link: ``src`` as :func:`read_regular` does (anything but a regular file
+    is ``OSError(EINVAL)``, a link ``OSError(ELOOP)``), ``dst`` as :func:`open_new`."""
+    fd = os.open(src, _READ_FLAGS)
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"{src} is not a regular file")
+        try:
+            with open_new(dst, stat.S_IMODE(info.st_mode)) as out:
+                shutil.copyfileobj(fh, out, 2**20)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                dst.unlink()
+            raise
+    os.utime(dst, ns=(info.st_atime_ns, info.st_mtime_ns), follow_symlinks=False)
 
 
 def case_links_problem(case_dir: Path, *, allow_inside: bool = False) -> str | None:

@@ -107,7 +107,7 @@ def huge_task(task: Path) -> None:
 
 
 def latin1_task(task: Path) -> None:
-    raw = json.dumps(task_json(task.parent.name, ["share"], acc="M\u00fcller"))
+    raw = json.dumps(task_json(task.parent.name, ["share"], acc="M\u00fcller"), ensure_ascii=False)
     task.write_bytes(raw.encode("latin-1"))
 
 
@@ -157,6 +157,17 @@ def churn(outgoing: Path, user: pwd.struct_passwd, done: threading.Event) -> Non
         shutil.rmtree(second)
         i += 1
         time.sleep(0.1)
+
+
+def warnings(log: Path) -> str:
+    """The service's warnings and errors: what a failure needs to be understood from CI."""
+    lines = log.read_text(errors="replace").splitlines()
+    worth = [
+        line
+        for line in lines
+        if ("WARNING" in line or "ERROR" in line or "Trace" in line) and "churn" not in line
+    ]
+    return "\n".join(["service warnings:", *worth[-80:]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,17 +259,15 @@ def test_hostile_entries_cost_only_themselves(
                     120,
                     "every good case in success/",
                 )
+                took = time.monotonic() - dropped
+                wait_for(
+                    lambda: all((error / name).is_dir() for name in tasks),
+                    60,
+                    "every bad task.json in error/",
+                )
             except AssertionError as exc:
-                left = [c.name for c in good if not (success / c.name).is_dir()]
-                raise AssertionError(
-                    f"{exc}: {len(left)} left; log:\n{log.read_text(errors='replace')[-4000:]}"
-                ) from None
-            took = time.monotonic() - dropped
-            wait_for(
-                lambda: all((error / name).is_dir() for name in tasks),
-                60,
-                "every bad task.json in error/",
-            )
+                left = [c.name for c in [*good, *tasks.values()] if (outgoing / c.name).exists()]
+                raise AssertionError(f"{exc}: left {left}\n{warnings(log)}") from None
             done.set()
             churner.join(10)
             time.sleep(2)  # a few more scans over the entries that stay

@@ -54,6 +54,20 @@ def service_user() -> pwd.struct_passwd:
         pytest.skip("no user 'nobody' to run the service as")
 
 
+@pytest.fixture
+def chaos_root() -> Iterator[Path]:
+    """A folder every user can reach (pytest's tmp_path is private to root), removed after."""
+    root = Path(tempfile.mkdtemp(prefix="dicom-dispatch-chaos-"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        for folder in root.rglob("*"):  # the 000 folder of the test: removable again
+            if folder.is_dir() and not folder.is_symlink():
+                folder.chmod(0o755)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def traversable(paths: list[Path]) -> Iterator[None]:
     """Every folder above ``paths`` searchable by others (``o+x``), as long as the block runs."""
@@ -175,11 +189,10 @@ def warnings(log: Path) -> str:
 
 @pytest.mark.timeout(300)
 def test_hostile_entries_cost_only_themselves(
-    env: DispatchEnv, service_user: pwd.struct_passwd
+    env: DispatchEnv, service_user: pwd.struct_passwd, chaos_root: Path
 ) -> None:
     """SLOW (about a minute): the service as ``nobody`` among every kind of hostile entry."""
-    root = Path(tempfile.mkdtemp(prefix="dicom-dispatch-chaos-"))
-    root.chmod(0o755)
+    root = chaos_root
     folders = {name: root / name for name in ("outgoing", "success", "error", "share", "home")}
     for folder in folders.values():
         folder.mkdir()
@@ -287,28 +300,24 @@ def test_hostile_entries_cost_only_themselves(
             done.set()
             if proc.poll() is None:
                 stop(proc, log)
-            unreadable.chmod(0o755)
     print(f"{GOOD_CASES} good cases in success/ {took:.1f} s after they were dropped")
-    try:
-        # Every good case sent, once, whole.
-        received = [f for f in folders["share"].rglob("*.dcm") if f.is_file()]
-        assert len(received) == 2 * GOOD_CASES
-        assert all((success / c.name / "task.json").is_file() for c in good)
-        # Every bad task.json in error/, with its reason.
-        for name, (_, why) in TASK_JSON_ENTRIES.items():
-            assert why in (error / name / REASON_FILE).read_text(), name
-        # Every odd claim left exactly as it was, its case where it was.
-        for name, case in claims.items():
-            assert os.lstat(case / PROCESSING) == markers[name], name
-        # The folders the service cannot read or write: untouched.
-        for case in (unreadable, unwritable):
-            assert sorted(p.name for p in case.iterdir()) == ["task.json"], case.name
-        # The churn: neither sent nor quarantined.
-        assert not [p for p in (*success.iterdir(), *error.iterdir()) if "churn" in p.name]
-        # Counted as invalid by status and the metrics (4 claims, 2 folders).
-        assert status.returncode == 0, status.stderr
-        assert json.loads(status.stdout)["outgoing"]["invalid"] == 6
-        assert sample[("dicom_dispatch_queue_depth", (("folder", "invalid"),))] == 6
-        assert "Traceback" not in log.read_text(errors="replace")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    # Every good case sent, once, whole.
+    received = [f for f in folders["share"].rglob("*.dcm") if f.is_file()]
+    assert len(received) == 2 * GOOD_CASES
+    assert all((success / c.name / "task.json").is_file() for c in good)
+    # Every bad task.json in error/, with its reason.
+    for name, (_, why) in TASK_JSON_ENTRIES.items():
+        assert why in (error / name / REASON_FILE).read_text(), name
+    # Every odd claim left exactly as it was, its case where it was.
+    for name, case in claims.items():
+        assert os.lstat(case / PROCESSING) == markers[name], name
+    # The folders the service cannot read or write: untouched.
+    for case in (unreadable, unwritable):
+        assert sorted(p.name for p in case.iterdir()) == ["task.json"], case.name
+    # The churn: neither sent nor quarantined.
+    assert not [p for p in (*success.iterdir(), *error.iterdir()) if "churn" in p.name]
+    # Counted as invalid by status and the metrics (4 claims, 2 folders).
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["outgoing"]["invalid"] == 6
+    assert sample[("dicom_dispatch_queue_depth", (("folder", "invalid"),))] == 6
+    assert "Traceback" not in log.read_text(errors="replace")

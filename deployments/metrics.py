@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from flows.metrics import (
     record_limits,
     use_multiprocess_dir,
 )
+from tasks.casefolder import scan_outgoing
 from tasks.tags import TOTAL_TAG
 
 if TYPE_CHECKING:
@@ -53,7 +55,9 @@ def prepare_metrics_dir(home: Path) -> Path:
 
 
 class QueueDepth(Collector):
-    """Case folders in outgoing/, success/ and error/, counted when scraped."""
+    """Case folders in outgoing/, success/ and error/, counted when scraped; ``invalid``: the
+    entries of outgoing/ that are not cases to dispatch (a bad task.json, a folder the service
+    cannot read or write, a planted claim marker)."""
 
     def __init__(self, settings: Callable[[], DispatcherSettings]) -> None:
         self._settings = settings
@@ -62,9 +66,11 @@ class QueueDepth(Collector):
         family = GaugeMetricFamily(
             "dicom_dispatch_queue_depth", "Case folders in each folder now.", labels=["folder"]
         )
-        outgoing, success, error = self._settings().folders()
+        settings = self._settings()
+        outgoing, success, error = settings.folders()
         for name, folder in (("outgoing", outgoing), ("success", success), ("error", error)):
             family.add_metric([name], _count_cases(folder))
+        family.add_metric(["invalid"], _count_invalid(settings))
         yield family
 
 
@@ -76,6 +82,14 @@ def _count_cases(folder: Path) -> int:
             )
     except OSError:
         return 0
+
+
+def _count_invalid(settings: DispatcherSettings) -> int:
+    """Entries of outgoing/ that are not cases to dispatch (``status``'s ``invalid``)."""
+    scan = scan_outgoing(
+        settings.folders()[0], rule_priorities=settings.rule_priorities, invalid_grace=math.inf
+    )
+    return len(scan.problems())
 
 
 class MetricsEndpoint:

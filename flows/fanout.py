@@ -62,7 +62,7 @@ async def fan_out(dispatcher: Dispatcher, deployment_id: UUID) -> tuple[int, boo
         for cand in ordered[:room]:
             if cf.is_halted(outgoing):
                 return queued, True
-            if not cf.claim_case(cand.path):
+            if not dispatcher.claim(cand.path):
                 continue
             name, tags = case_run_labels(cand.path, cand.task, cand.priority, dispatcher.settings)
             try:

@@ -31,6 +31,7 @@ from flows.fanout import case_pool_deployment, fan_out
 from flows.takeover import ForeignClaims
 from tasks import casefolder as cf
 from tasks.claims import release_stale_claim
+from tasks.oncelog import OnceLog
 
 __all__ = ["Dispatcher", "PassResult", "sweep_outgoing"]
 
@@ -61,7 +62,8 @@ class Dispatcher:
 
     def __init__(self, settings: DispatcherSettings) -> None:
         self.settings = settings
-        self._reported_invalid: set[Path] = set()
+        #: Problems of entries already logged (each once, until the entry goes away).
+        self._said = OnceLog(LOGGER)
         self._foreign_claims = ForeignClaims()
         self._in_flight: set[asyncio.Task[bool]] = set()
         #: The case folder of each run in flight: never claimed twice, aborted on stop.
@@ -82,32 +84,57 @@ class Dispatcher:
             folder.mkdir(parents=True, exist_ok=True)
 
     def _scan(self) -> cf.Scan:
+        """Look at outgoing/; each entry's problem costs only that entry and is logged once."""
         outgoing, _, error = self.settings.folders()
         scan = cf.scan_outgoing(
             outgoing,
             rule_priorities=self.settings.rule_priorities,
             invalid_grace=self.settings.invalid_grace_seconds,
         )
+        self._said.forget_gone()
         for path, reason in scan.invalid:
-            if path not in self._reported_invalid:
-                self._reported_invalid.add(path)
-                LOGGER.warning("case %s is not dispatchable yet: %s", path.name, reason)
+            self._said.log(
+                logging.WARNING,
+                path,
+                reason,
+                "case %s is not dispatchable yet: %s",
+                path.name,
+                reason,
+            )
+        for path, reason in scan.blocked:
+            self._said.log(logging.ERROR, path, reason, "case %s left alone: %s", path.name, reason)
         for path, reason in scan.expired_invalid:
-            self._reported_invalid.discard(path)
             try:
                 dest = cf.move_case(path, error, fail_stage=cf.FAIL_STAGE, reason=reason)
                 LOGGER.error("case %s moved to %s: %s", path.name, dest, reason)
             except OSError as exc:
-                LOGGER.error("case %s could not be moved to error/: %s", path.name, exc)
+                self._said.log(
+                    logging.ERROR,
+                    path,
+                    "move",
+                    "case %s could not be moved to error/ (%s): %s",
+                    path.name,
+                    reason,
+                    exc,
+                )
         for path in scan.claimed:
-            owner = release_stale_claim(path)  # atomic: one of several sweeps releases it
-            if owner is not None:
-                LOGGER.warning("case %s: released the claim of a process that is gone", path.name)
-                if owner.flow_run_id:
-                    who = f"{owner.host}:{owner.pid}"
-                    self._orphaned_runs.append((path.name, owner.flow_run_id))
-                    LOGGER.info("case %s: run %s of %s ended", path.name, owner.flow_run_id, who)
+            try:
+                self._release_if_stale(path)
+            except OSError as exc:
+                self._said.log(
+                    logging.ERROR, path, "claim", "case %s: its claim: %s", path.name, exc
+                )
         return scan
+
+    def _release_if_stale(self, path: Path) -> None:
+        owner = release_stale_claim(path)  # atomic: one of several sweeps releases it
+        if owner is None:
+            return
+        LOGGER.warning("case %s: released the claim of a process that is gone", path.name)
+        if owner.flow_run_id:
+            who = f"{owner.host}:{owner.pid}"
+            self._orphaned_runs.append((path.name, owner.flow_run_id))
+            LOGGER.info("case %s: run %s of %s ended", path.name, owner.flow_run_id, who)
 
     async def _crash_orphaned_runs(self) -> None:
         """A run whose process died mid-case is Crashed, not Running forever (a ghost)."""
@@ -137,11 +164,30 @@ class Dispatcher:
         offpeak = cf.is_offpeak(self.settings.offpeak_start, self.settings.offpeak_end, now)
         return scan, cf.order_cases(scan.ready, offpeak_now=offpeak)
 
+    def claim(self, case_dir: Path) -> bool:
+        """Claim one case; False if someone holds it, it is gone, or it cannot be claimed
+        (e.g. a folder the service cannot write: logged once, and only this case waits)."""
+        try:
+            return cf.claim_case(case_dir)
+        except FileNotFoundError:
+            return False  # moved away since the scan
+        except OSError as exc:
+            self._said.log(
+                logging.ERROR,
+                case_dir,
+                "claim",
+                "case %s cannot be claimed, it stays where it is: %s (fix the folder's owner "
+                "or mode for the service user)",
+                case_dir.name,
+                exc,
+            )
+            return False
+
     def _start(self, cand: cf.Candidate) -> asyncio.Task[bool] | None:
         outgoing = self.settings.folders()[0]
         if cf.is_halted(outgoing) or not cand.path.is_dir() or cand.path in self._cases.values():
             return None
-        if not cf.claim_case(cand.path):
+        if not self.claim(cand.path):
             return None
         job = asyncio.create_task(
             run_case(cand.path, cand.priority, cand.task, self.settings, self._deployment)
@@ -238,8 +284,11 @@ class Dispatcher:
         scan, ordered = await self.ready_cases()
         if scan.halted or (ordered and not await self._api.up()):
             return  # the API is down: claim nothing until it is back
-        for cand in ordered[:free]:
-            self._start(cand)
+        started = 0
+        for cand in ordered:  # a case that cannot be claimed leaves its slot to the next one
+            if started >= free:
+                break
+            started += self._start(cand) is not None
 
 
 @flow(name="sweep_outgoing", persist_result=False)

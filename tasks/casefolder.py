@@ -19,7 +19,10 @@ import datetime as dt
 import errno
 import logging
 import os
+import pwd
+import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.claims import (
+    MAX_CLAIM_BYTES,
     PROCESSING,
     ClaimOwner,
     claim_case,
@@ -35,7 +39,7 @@ from tasks.claims import (
     record_claim_run,
     release_claim,
 )
-from tasks.safefiles import ensure_marker, replace_file
+from tasks.safefiles import copy_regular, ensure_marker, replace_file
 from tasks.taskjson import (
     TASKFILE,
     Task,
@@ -148,18 +152,39 @@ class Scan:
     busy: list[Path] = field(default_factory=list)
     invalid: list[tuple[Path, str]] = field(default_factory=list)
     expired_invalid: list[tuple[Path, str]] = field(default_factory=list)
+    #: Folders left where they are until a person acts, and the fix: one the service cannot
+    #: read or write, or whose ``.processing`` is not a small regular file (a foreign claim
+    #: that is never released automatically, and never read).
+    blocked: list[tuple[Path, str]] = field(default_factory=list)
+
+    def problems(self) -> list[tuple[Path, str]]:
+        """Every entry that is not a case to dispatch, and why (``status``'s ``invalid``)."""
+        return [*self.invalid, *self.expired_invalid, *self.blocked]
+
+
+def _present(path: Path) -> bool:
+    """Whether any entry is at ``path``, without following a link (a dangling link counts)."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def is_halted(outgoing: Path) -> bool:
-    return (outgoing / HALT).exists()
+    return _present(outgoing / HALT)
 
 
 def halt(outgoing: Path) -> None:
-    (outgoing / HALT).touch()
+    """Create ``HALT``; a link or anything but a file there is replaced, never followed."""
+    try:
+        ensure_marker(outgoing / HALT)
+    except OSError:
+        replace_file(outgoing / HALT, b"")
 
 
 def unhalt(outgoing: Path) -> None:
-    (outgoing / HALT).unlink(missing_ok=True)
+    (outgoing / HALT).unlink(missing_ok=True)  # unlink removes a link itself
 
 
 def scan_outgoing(
@@ -183,61 +208,129 @@ def scan_outgoing(
         return scan
     seen: set[Path] = set()
     for entry in entries:
-        if not entry.is_dir(follow_symlinks=False):
-            continue
         path = Path(entry.path)
-        if (path / PROCESSING).exists():
-            scan.claimed.append(path)
-            continue
-        if (path / LOCK).exists() or (path / ERROR).exists():
-            scan.busy.append(path)
-            continue
         try:
-            task = _read_task_cached(path, seen)
-            if task.dispatch is None:
-                raise TaskFileError("task.json has an empty dispatch section: nothing to send")
-        except TaskFileError as exc:
-            if not path.is_dir():
-                continue  # moved away (sent, or taken by another dispatcher) since the listing
-            reason = str(exc)
-            if now - _last_change(path) >= invalid_grace:
-                scan.expired_invalid.append((path, reason))
-            else:
-                scan.invalid.append((path, reason))
-            continue
-        cand = Candidate(path, task, case_priority(task, rule_priorities), _mtime(path))
-        due_at = task.dispatch.next_retry_at or 0
-        (scan.ready if now >= due_at else scan.not_due).append(cand)
+            if entry.is_dir(follow_symlinks=False):
+                _classify(scan, path, seen, rule_priorities, invalid_grace, now)
+        except FileNotFoundError:
+            continue  # vanished or renamed since the listing: the next scan sees it anew
+        except OSError as exc:
+            if _present(path):
+                scan.blocked.append((path, f"{path.name} cannot be looked at: {exc}"))
     for gone in _parsed.keys() - seen:
-        del _parsed[gone]
+        _parsed.pop(gone, None)
     return scan
 
 
-#: Parsed task.json per case folder, valid while the file's (mtime, size) is unchanged: a
-#: backlog of hundreds of cases is scanned every second, and validation dominates the scan.
-_parsed: dict[Path, tuple[tuple[int, int], Task]] = {}
+def _classify(
+    scan: Scan,
+    path: Path,
+    seen: set[Path],
+    rule_priorities: Mapping[str, str],
+    invalid_grace: float,
+    now: float,
+) -> None:
+    """Put one case folder in its list of ``scan``. Markers are looked at with ``lstat`` only:
+    nothing planted under their names is ever opened here."""
+    blocked = _access_problem(path) or _odd_claim(path)
+    if blocked:
+        scan.blocked.append((path, blocked))
+        return
+    if _present(path / PROCESSING):
+        scan.claimed.append(path)
+        return
+    if _present(path / LOCK) or _present(path / ERROR):
+        scan.busy.append(path)
+        return
+    try:
+        task = _read_task_cached(path, seen)
+        if task.dispatch is None:
+            raise TaskFileError("task.json has an empty dispatch section: nothing to send")
+    except TaskFileError as exc:
+        if not _present(path):
+            return  # moved away (sent, or taken by another dispatcher) since the listing
+        reason = str(exc)
+        if now - _last_change(path) >= invalid_grace:
+            scan.expired_invalid.append((path, reason))
+        else:
+            scan.invalid.append((path, reason))
+        return
+    cand = Candidate(path, task, case_priority(task, rule_priorities), _mtime(path))
+    due_at = task.dispatch.next_retry_at or 0
+    (scan.ready if now >= due_at else scan.not_due).append(cand)
+
+
+def _access_problem(path: Path) -> str | None:
+    """Why the service cannot claim or move the folder (it cannot list, enter or write it)."""
+    if os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        return None
+    info = os.lstat(path)
+    can = "read" if not os.access(path, os.R_OK | os.X_OK) else "write"
+    user = _service_user()
+    return (
+        f"the service user {user} cannot {can} the folder {path.name} (owner uid "
+        f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):03o}); it stays where it is: "
+        f"give it to {user} (chown -R {user} '{path}') or make it readable and writable "
+        "(chmod u+rwx)"
+    )
+
+
+def _service_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def _odd_claim(path: Path) -> str | None:
+    """Why ``.processing`` is not a claim of a dispatcher: a link, FIFO, device, or too large."""
+    try:
+        info = os.lstat(path / PROCESSING)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        what = "a symbolic link"
+    elif not stat.S_ISREG(info.st_mode):
+        what = "not a regular file"
+    elif info.st_size > MAX_CLAIM_BYTES:
+        what = f"larger than {MAX_CLAIM_BYTES // 2**10} KiB"
+    else:
+        return None
+    return (
+        f"{PROCESSING} in {path.name} is {what}: taken for a foreign claim, never released "
+        "automatically; remove it once nothing works on the case"
+    )
+
+
+#: Parsed task.json per case folder, valid while the file is unchanged (same inode, change
+#: time, mtime and size): a backlog of hundreds of cases is scanned every second, and validation
+#: dominates the scan. A refusal is remembered too, so a bad file is read once, not per scan.
+_parsed: dict[Path, tuple[tuple[int, ...], Task | TaskFileError]] = {}
 
 
 def _read_task_cached(path: Path, seen: set[Path]) -> Task:
     try:
-        st = (path / TASKFILE).stat()
+        st = os.lstat(path / TASKFILE)
     except FileNotFoundError:
         raise TaskFileError(f"{TASKFILE} is missing") from None
-    key = (st.st_mtime_ns, st.st_size)
+    key = (st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size)
     hit = _parsed.get(path)
-    if hit is not None and hit[0] == key:
-        seen.add(path)
-        return hit[1]
-    _, task = read_task(path)
-    _parsed[path] = (key, task)
     seen.add(path)
-    return task
+    if hit is None or hit[0] != key:
+        try:
+            hit = (key, read_task(path)[1])
+        except TaskFileError as exc:
+            hit = (key, exc)
+        _parsed[path] = hit
+    if isinstance(hit[1], TaskFileError):
+        raise TaskFileError(str(hit[1]))
+    return hit[1]
 
 
 def _mtime(path: Path) -> float:
     try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
+        return os.lstat(path).st_mtime
+    except OSError:
         return 0.0
 
 
@@ -357,7 +450,7 @@ def move_case(
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        shutil.move(str(case_dir), str(dest))
+        _move_across_devices(case_dir, dest)
     if reason:
         replace_file(dest / REASON_FILE, (reason.rstrip() + "\n").encode("utf-8"))
     if fail_stage:
@@ -365,6 +458,31 @@ def move_case(
             update_task(dest, lambda raw: _set_fail(raw, fail_stage, reason))
     release_claim(dest)
     return dest
+
+
+def _move_across_devices(case_dir: Path, dest: Path) -> None:
+    """Copy to a hidden temporary name beside ``dest``, rename it into place once complete,
+    then remove the original: ``dest`` never holds half a case, and a failed copy leaves the
+    case where it was. Links inside the case are copied as links, never followed; files are
+    read no-follow (``tasks.safefiles.read_regular``'s flags), and FIFOs and devices, which
+    hold no data of the case, are left out."""
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.moving")
+    try:
+        shutil.copytree(case_dir, tmp, symlinks=True, copy_function=_copy_regular)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(case_dir)
+
+
+def _copy_regular(src: str, dst: str) -> None:
+    try:
+        copy_regular(Path(src), Path(dst))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        LOGGER.warning("moving a case: %s, left out", src)
 
 
 def _set_fail(raw: dict[str, Any], stage: str, reason: str | None) -> None:

@@ -13,6 +13,7 @@ No Prefect: the service's periodic task and the tests call it directly.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasks.oncelog import OnceLog
 from tasks.taskjson import TaskFileError, read_task_raw
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger("dicom_dispatch.cleaner")
+#: What was said about entries the cleaner cannot handle (each once, until it goes away).
+_SAID = OnceLog(LOGGER)
 #: Markers that say someone is still working on the folder.
 BUSY_MARKERS = (".processing", ".lock")
 
@@ -84,7 +88,11 @@ def emergency_plan(
 
 
 def scan_sent(success: Path) -> list[SentCase]:
-    """Every removable case folder directly in ``success``."""
+    """Every removable case folder directly in ``success``.
+
+    One entry that cannot be looked at (a folder the service cannot read) is skipped, and
+    logged once: it never ends the pass. Markers are looked at without following a link.
+    """
     found: list[SentCase] = []
     try:
         entries = list(os.scandir(success))
@@ -95,11 +103,16 @@ def scan_sent(success: Path) -> list[SentCase]:
         try:
             if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
                 continue
-            if any((path / marker).exists() for marker in BUSY_MARKERS):
+            if any(os.path.lexists(path / marker) for marker in BUSY_MARKERS):
                 continue
+            if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "the service user cannot read or write it")
             found.append(SentCase(path, entry.stat(follow_symlinks=False).st_mtime, _du(path)))
         except FileNotFoundError:  # removed meanwhile (another cleaner)
             continue
+        except OSError as exc:
+            _SAID.log(logging.WARNING, path, "scan", "cleaner skips %s: %s", path, exc)
+    _SAID.forget_gone()
     return found
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "LINK_REFUSED",
     "CaseFiles",
     "case_links_problem",
+    "copy_regular",
     "create_new",
     "descriptor_path",
     "ensure_marker",
@@ -126,6 +127,18 @@ def replace_file(path: Path, data: bytes, *, mode: int = 0o644, fsync: bool = Fa
         os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """``path`` opened for reading with :data:`_READ_FLAGS`, and its status taken on the
+    descriptor; anything but a regular file is ``OSError(EINVAL)``."""
+    fd = os.open(path, _READ_FLAGS)
+    with os.fdopen(fd, "rb") as fh:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(errno.EINVAL, f"{path.name} is not a regular file")
+        yield fh, status
+
+
 def read_regular(path: Path, limit: int | None = None) -> bytes:
     """The bytes of the regular file at ``path``, without following a link: a link there is
     ``OSError(ELOOP)``, anything else but a regular file ``OSError(EINVAL)``, a file over
@@ -136,15 +149,26 @@ def read_regular(path: Path, limit: int | None = None) -> bytes:
 def read_regular_stat(path: Path, limit: int | None = None) -> tuple[bytes, os.stat_result]:
     """:func:`read_regular`, with the status of the file read (taken on its descriptor: the
     inode is the one the bytes came from, whatever is renamed meanwhile)."""
-    fd = os.open(path, _READ_FLAGS)
-    with os.fdopen(fd, "rb") as fh:
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
-            raise OSError(errno.EINVAL, f"{path.name} is not a regular file")
+    with _open_regular(path) as (fh, status):
         data = fh.read() if limit is None else fh.read(limit + 1)
         if limit is not None and len(data) > limit:
             raise OSError(errno.EFBIG, f"{path.name} is over {limit} bytes")
         return data, status
+
+
+def copy_regular(src: Path, dst: Path) -> None:
+    """Copy the regular file ``src`` to a new file ``dst`` (times and mode kept), opening
+    neither through a link: ``src`` as :func:`read_regular` does (anything but a regular file
+    is ``OSError(EINVAL)``, a link ``OSError(ELOOP)``), ``dst`` as :func:`open_new`."""
+    with _open_regular(src) as (fh, info):
+        try:
+            with open_new(dst, stat.S_IMODE(info.st_mode)) as out:
+                shutil.copyfileobj(fh, out, 2**20)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                dst.unlink()
+            raise
+    os.utime(dst, ns=(info.st_atime_ns, info.st_mtime_ns), follow_symlinks=False)
 
 
 def case_links_problem(case_dir: Path, *, allow_inside: bool = False) -> str | None:

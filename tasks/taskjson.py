@@ -11,7 +11,10 @@ random and created exclusively, and ``task.json`` is read without following a li
 from __future__ import annotations
 
 import errno
+import itertools
 import json
+import operator
+import re
 import socket
 import threading
 import time
@@ -25,6 +28,8 @@ from blocks.errors import CaseError
 from tasks.safefiles import read_regular, replace_file
 
 __all__ = [
+    "MAX_TASKFILE_BYTES",
+    "MAX_TASK_DEPTH",
     "TASKFILE",
     "Task",
     "TaskDispatch",
@@ -42,6 +47,10 @@ __all__ = [
 ]
 
 TASKFILE = "task.json"
+#: mercure's task.json is a few KiB; anything this large was not written by a router.
+MAX_TASKFILE_BYTES = 16 * 2**20
+#: mercure nests four levels; keys of its processing modules a few more.
+MAX_TASK_DEPTH = 64
 TMP_PREFIX = ".task.json."
 TMP_SUFFIX = ".tmp"
 
@@ -161,25 +170,63 @@ def new_task(case_id: str, targets: list[str] | str, **info: Any) -> dict[str, A
 
 
 def read_task_raw(case_dir: Path) -> dict[str, Any]:
-    """The parsed JSON of ``task.json`` (a dict), or :class:`TaskFileError`."""
+    """The parsed JSON of ``task.json`` (a dict), or :class:`TaskFileError` saying why not.
+
+    Whatever was planted under the name costs only its case: a link, FIFO or device is never
+    followed, waited on or read; more than ``MAX_TASKFILE_BYTES``, text that is not UTF-8 and
+    nesting deeper than ``MAX_TASK_DEPTH`` are refused before the JSON parser sees them.
+    """
     path = case_dir / TASKFILE
     try:
-        text = read_regular(path).decode("utf-8")
+        data = read_regular(path, MAX_TASKFILE_BYTES)
     except FileNotFoundError:
         raise TaskFileError(f"{path.name} is missing") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise TaskFileError(f"{path.name} is a symbolic link, not a file") from None
-        raise TaskFileError(f"{path.name} cannot be read: {exc.strerror}") from None
+        raise TaskFileError(_unreadable(path, exc)) from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise TaskFileError(f"{path.name} is not valid JSON: {exc}") from None
+        raise TaskFileError(f"{path.name} is not UTF-8 text: {exc}") from None
+    too_deep = f"{path.name} is nested deeper than {MAX_TASK_DEPTH} levels"
+    if _nested_deeper_than(text, MAX_TASK_DEPTH):
+        raise TaskFileError(too_deep)
     try:
         raw = json.loads(text)
+    except RecursionError:  # pragma: no cover - the depth check comes first
+        raise TaskFileError(too_deep) from None
     except ValueError as exc:
         raise TaskFileError(f"{path.name} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise TaskFileError(f"{path.name} must hold a JSON object")
     return raw
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return f"{path.name} is a symbolic link, not a file"
+    if exc.errno == errno.EINVAL:
+        return f"{path.name} is not a regular file (a FIFO, device or folder)"
+    if exc.errno == errno.EFBIG:
+        return f"{path.name} is larger than {MAX_TASKFILE_BYTES // 2**20} MiB"
+    return f"{path.name} cannot be read: {exc.strerror}"
+
+
+#: JSON strings (their brackets do not nest), and everything that is not a bracket.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+#: Opening brackets count 2, closing 0: the running sum minus the count is the depth.
+_BRACKET_WEIGHT = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def _nested_deeper_than(text: str, limit: int) -> bool:
+    """Whether the JSON ``text`` nests arrays/objects deeper than ``limit``, in linear time and
+    without recursion (the parser's own guard is a ``RecursionError`` near the stack's end)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii")
+    weights = brackets.translate(_BRACKET_WEIGHT)
+    depths = map(operator.sub, itertools.accumulate(weights), itertools.count(1))
+    return max(depths, default=0) > limit
 
 
 def parse_task(raw: dict[str, Any]) -> Task:

@@ -236,7 +236,7 @@ async def cmd_status(args: argparse.Namespace, home: Path) -> int:
             "waiting_for_retry": len(scan.not_due),
             "running": [p.name for p in scan.claimed],
             "locked": len(scan.busy),
-            "invalid": len(scan.invalid),
+            "invalid": len(scan.problems()),
         },
         "success": {"folder": str(success), "cases": _count_cases(success)},
         "error": {"folder": str(error), "cases": _count_cases(error)},
@@ -251,7 +251,7 @@ async def cmd_status(args: argparse.Namespace, home: Path) -> int:
     print(f"dispatching: {'HALTED' if scan.halted else 'on'}")
     counts = (
         f"ready {len(scan.ready)}, waiting {len(scan.not_due)}, running {len(scan.claimed)}, "
-        f"locked {len(scan.busy)}, invalid {len(scan.invalid)}"
+        f"locked {len(scan.busy)}, invalid {len(scan.problems())}"
     )
     print(f"outgoing:    {outgoing}  {counts}")
     print(f"success:     {success}  {status['success']['cases']} case(s)")

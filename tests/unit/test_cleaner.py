@@ -11,6 +11,17 @@ import pytest
 
 from tasks.cleaner import DiskUsage, SentCase, clean_success, emergency_plan, regular_plan
 
+from .entry_helpers import (
+    as_service_user,
+    fifo_at,
+    finishes,
+    give_to_service_user,
+    shared_root,
+    unblock,
+)
+
+__all__ = ["shared_root"]  # the fixture, imported for the tests below
+
 DAY = 86400.0
 NOW = 1_800_000_000.0
 
@@ -115,3 +126,53 @@ def test_a_missing_or_empty_success_folder_is_no_error(tmp_path: Path, missing: 
         success, retention=0, emergency_percentage=1, offpeak_now=True, now=NOW, usage=roomy
     )
     assert report.removed == []
+
+
+# --------------------------------------------------------------------------------------------
+# one entry costs only itself (issue 17): the pass goes on past what it cannot handle
+
+
+def test_pass_survives_a_folder_it_cannot_read(shared_root: Path) -> None:
+    success = shared_root / "success"
+    old = sent_case(success, "old", 4 * DAY)
+    give_to_service_user(old)
+    locked = sent_case(success, "locked", 5 * DAY)  # root's, mode 000
+    locked.chmod(0o000)
+
+    def clean() -> list[str]:
+        report = clean_success(
+            success,
+            retention=3 * DAY,
+            emergency_percentage=90,
+            offpeak_now=True,
+            now=NOW,
+            usage=roomy,
+        )
+        return report.removed
+
+    assert as_service_user(clean) == ["id-old"]
+    assert names(success) == {"locked"}
+
+
+def test_pass_never_blocks_on_a_fifo_task_json(tmp_path: Path) -> None:
+    success = tmp_path / "success"
+    sent_case(success, "old", 4 * DAY)
+    odd = sent_case(success, "odd", 5 * DAY)
+    (odd / "task.json").unlink()
+    fifo_at(odd / "task.json")
+    os.utime(odd, (NOW - 5 * DAY, NOW - 5 * DAY))
+    try:
+        report = finishes(
+            lambda: clean_success(
+                success,
+                retention=3 * DAY,
+                emergency_percentage=90,
+                offpeak_now=True,
+                now=NOW,
+                usage=roomy,
+            )
+        )
+    finally:
+        unblock(odd / "task.json")
+    assert sorted(report.removed) == ["id-old", "odd"]
+    assert names(success) == set()

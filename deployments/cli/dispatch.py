@@ -29,6 +29,7 @@ from deployments.cli.core import (
     add_command,
     poll_while,
     print_json,
+    report_failure,
     table,
 )
 from deployments.environment import read_service_record
@@ -134,6 +135,8 @@ async def cmd_dispatch(args: argparse.Namespace, home: Path) -> int:
         result = await (
             poll_while(work, bar, f"case {Path(args.case).name}", look) if look else work
         )
+    if "case_id" not in result:  # the run ended before it had an outcome (the API went away)
+        raise CommandFailed(f"case {Path(args.case).name}: {result.get('reason') or 'no outcome'}")
     if args.json:
         print_json(result)
     else:
@@ -314,7 +317,10 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
 
     def service() -> None:
         workers = args.workers or default_workers()
-        outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop, workers)))
+        try:
+            outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop, workers)))
+        except Exception as exc:  # one line, as every command's error (deployments/cli/core.py)
+            outcome.append(report_failure(exc))
 
     worker = threading.Thread(target=service, name="dicom-dispatch-service")
     # `kill -USR1` writes every thread's stack to stderr: what a hung service is doing.

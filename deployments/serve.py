@@ -35,7 +35,7 @@ from deployments.environment import (
 )
 from deployments.metrics import prepare_metrics_dir
 from deployments.server import PrefectServer
-from deployments.shutdown import ShutdownClock
+from deployments.shutdown import ShutdownClock, drain_prefect_services
 from deployments.supervisor import ServerSupervisor
 from deployments.workers import SETTINGS_REFRESH_SECONDS, DispatcherChildren, run_dispatcher_loop
 
@@ -80,6 +80,9 @@ async def serve(
         await _run_service(stop_flag, clock, supervisor, workers)
     finally:
         remove_service_record(home)
+        # Prefect's queued logs and events, shipped while the API still answers (within the
+        # budget: what is left is dropped at exit, deployments/shutdown.py).
+        await asyncio.to_thread(drain_prefect_services, clock.left(1.5))
         if supervisor is not None:
             supervisor.stop()
             supervisor.remove_state()

@@ -24,11 +24,13 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 __all__ = [
     "EXIT_BUDGET",
     "ShutdownClock",
+    "at_last_resort",
     "drain_prefect_services",
     "join_within_budget",
     "leave_process",
@@ -81,17 +83,26 @@ def join_within_budget(
             _abandoned()
             leave_process(outcome[0] if outcome else 0)
     code = outcome[0] if outcome else 1
-    if deadline is None:  # ended by itself (a refused start): a short drain, then exit
-        deadline = time.monotonic() + FINAL_DRAIN_SECONDS
-    while _lingering() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _lingering():
-        _abandoned()
-    leave_process(code, deadline)
+    if deadline is not None:
+        while _lingering() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _lingering():
+            _abandoned()
+    # The service drained Prefect's queues while its API answered; what was queued since
+    # (its own stop's lines) gets a moment, never the rest of the budget.
+    leave_process(code, time.monotonic() + FINAL_DRAIN_SECONDS)
 
 
-#: What a process that was not asked to stop (its service ended) gives Prefect's queues.
-FINAL_DRAIN_SECONDS = 2.0
+#: The last drain of Prefect's queues, after the service's own (the API may be gone by then).
+FINAL_DRAIN_SECONDS = 1.0
+_LAST_RESORT: list[Callable[[], object]] = []
+
+
+def at_last_resort(stop_now: Callable[[], object]) -> None:
+    """``stop_now`` runs just before the process ends, whether the service stopped cleanly or
+    hung past the budget: a child process (server, database, dispatcher) must not outlive
+    ``serve``. It must be quick, and do nothing if its process has already stopped."""
+    _LAST_RESORT.append(stop_now)
 
 
 def drain_prefect_services(timeout: float) -> Counter[str]:
@@ -135,8 +146,32 @@ def leave_process(code: int, deadline: float | None = None) -> NoReturn:
     if left:
         dropped = ", ".join(f"{name} {count}" for name, count in sorted(left.items()))
         LOGGER.warning("stopping: dropped what Prefect still had queued (%s)", dropped)
+    for stop_now in reversed(_LAST_RESORT):
+        try:
+            stop_now()
+        except Exception as exc:
+            LOGGER.warning("stopping: %s", exc)
+    _kill_descendants()
     _flush_output()
     os._exit(code)
+
+
+def _kill_descendants() -> None:
+    """Kill what this process started and is still running: a sender's tool (``dcmsend``
+    waiting out a silent peer's timeout), a pool worker, a child that did not stop. After a
+    clean stop there is none."""
+    import psutil
+
+    try:
+        left = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in left:
+        try:
+            LOGGER.warning("stopping: killing %s (pid %d), still running", child.name(), child.pid)
+            child.kill()
+        except psutil.Error:
+            continue
 
 
 def _flush_output() -> None:

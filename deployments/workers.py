@@ -144,6 +144,12 @@ class DispatcherChildren:
                 with contextlib.suppress(OSError):
                     proc.stdin.close()
 
+    def kill(self) -> None:
+        """Kill every child still running (``serve`` is ending past its budget)."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+
     def stop(self, timeout: float = 60.0) -> None:
         """Ask every child to stop, wait for their sends to finish, then kill."""
         self.ask_to_stop()

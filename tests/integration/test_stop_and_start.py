@@ -76,14 +76,15 @@ def test_every_stop_in_time_and_a_start_after_a_kill(tmp_path: Path) -> None:
                 tree = every_process(proc, home)
                 proc.send_signal(signal.SIGTERM)
                 started = time.monotonic()
-                _, alive = psutil.wait_procs(tree, timeout=60)
+                _, late = psutil.wait_procs(tree, timeout=STOP_PROMISE)
+                psutil.wait_procs(late, timeout=45)  # cleanup; the assertion below says why
                 took.append(time.monotonic() - started)
-                assert not alive, f"round {round_}: still running 60 s after SIGTERM: {alive}"
+                assert not late, f"round {round_}: running {STOP_PROMISE} s after SIGTERM: {late}"
                 assert proc.wait(5) == 0, log.read_text()[-3000:]
             finally:
                 if proc.poll() is None:
                     proc.kill()
-    assert max(took) < STOP_PROMISE, f"stop times {took}"
+    assert max(took) < STOP_PROMISE, f"stop times {took}"  # for the report: every round
 
     # Everything killed; the pid in postmaster.pid now belongs to another live process.
     log = tmp_path / "serve-killed.log"

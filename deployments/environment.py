@@ -220,7 +220,7 @@ def stop_embedded_postgres(pgdata: Path, timeout: float = 30.0) -> None:
     proc = _postmaster(pgdata)
     if proc is None:
         return
-    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGQUIT, 2.0)):
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGQUIT, min(2.0, max(0.5, timeout)))):
         try:
             proc.send_signal(sig)
             proc.wait(wait)

@@ -67,7 +67,7 @@ async def serve(
         if KEY_ENV in os.environ:  # the server's alone, not every job process's
             child_env[KEY_ENV] = os.environ.pop(KEY_ENV)
         server = PrefectServer(host, port, home / "logs" / "prefect-server.log", child_env)
-        at_last_resort(lambda: server.stop(0.5) if server else None)
+        at_last_resort(lambda: server.stop(0.1) if server else None)
         LOGGER.info("starting the Prefect server on %s", server.ui_url)
         await asyncio.to_thread(server.start)
         os.environ["PREFECT_API_URL"] = server.api_url
@@ -75,7 +75,7 @@ async def serve(
         write_service_record(home, server.api_url, server.ui_url)
         pgdata = home / "postgres" if embedded_db and db != "sqlite" else None
         if pgdata is not None:
-            at_last_resort(lambda: stop_embedded_postgres(pgdata, 0.2))
+            at_last_resort(lambda: stop_embedded_postgres(pgdata, 0.1))
         supervisor = ServerSupervisor(server, home, pgdata)
         print(f"Prefect UI: {server.ui_url} (log in with {home / 'api-auth-string'})", flush=True)
     prepare_metrics_dir(home)  # one metrics directory per host (deployments/metrics.py)

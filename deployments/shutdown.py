@@ -58,6 +58,10 @@ class ShutdownClock:
         started = self._started if self._started is not None else time.monotonic()
         return max(0.1, min(at_most, started + self.budget - time.monotonic()))
 
+    def left_before(self, reserve: float) -> float:
+        """What is left of the budget but its last ``reserve`` seconds (never below 0.1 s)."""
+        return self.left(self.budget - reserve)
+
     def grace(self, wanted: float, reserve: float = 3.5) -> float:
         """The sends' grace period, leaving ``reserve`` seconds for the rest of the stop."""
         return max(0.0, min(wanted, self.budget - reserve))

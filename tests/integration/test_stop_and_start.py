@@ -44,6 +44,13 @@ def every_process(proc: subprocess.Popen[bytes], home: Path) -> list[psutil.Proc
     return tree
 
 
+def describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {' '.join(process.cmdline())[:160]}"
+    except psutil.Error:
+        return str(process.pid)
+
+
 def sent(home: Path, cases: list[Path]) -> int:
     return sum((home / "success" / c.name).is_dir() for c in cases)
 
@@ -74,12 +81,16 @@ def test_every_stop_in_time_and_a_start_after_a_kill(tmp_path: Path) -> None:
                 wait_for(lambda c=cases: sent(home, c) >= 3, 90, f"round {round_}: cases sent")
                 wait_for(lambda h=hanging: len(accepted) > h, 60, f"round {round_}: a send hanging")
                 tree = every_process(proc, home)
+                names = {p.pid: describe(p) for p in tree}
                 proc.send_signal(signal.SIGTERM)
                 started = time.monotonic()
                 _, late = psutil.wait_procs(tree, timeout=STOP_PROMISE)
                 psutil.wait_procs(late, timeout=45)  # cleanup; the assertion below says why
                 took.append(time.monotonic() - started)
-                assert not late, f"round {round_}: running {STOP_PROMISE} s after SIGTERM: {late}"
+                assert not late, (
+                    f"round {round_}: running {STOP_PROMISE} s after SIGTERM: "
+                    f"{[names[p.pid] for p in late]}\n{log.read_text()[-3000:]}"
+                )
                 assert proc.wait(5) == 0, log.read_text()[-3000:]
             finally:
                 if proc.poll() is None:

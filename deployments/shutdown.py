@@ -37,8 +37,9 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger("dicom_dispatch.serve")
-#: Seconds from the stop signal to the process's exit.
-EXIT_BUDGET = 14.0
+#: Seconds from the stop signal to the process's exit, but for the last resort (children
+#: killed, at most ≈ 1 s): every process is gone within the 15 s README promises.
+EXIT_BUDGET = 13.0
 
 
 class ShutdownClock:
@@ -62,7 +63,7 @@ class ShutdownClock:
         """What is left of the budget but its last ``reserve`` seconds (never below 0.1 s)."""
         return self.left(self.budget - reserve)
 
-    def grace(self, wanted: float, reserve: float = 3.5) -> float:
+    def grace(self, wanted: float, reserve: float = 3.0) -> float:
         """The sends' grace period, leaving ``reserve`` seconds for the rest of the stop."""
         return max(0.0, min(wanted, self.budget - reserve))
 

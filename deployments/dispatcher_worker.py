@@ -3,6 +3,7 @@
 It runs a dispatcher loop and nothing else, against the API its parent set in
 ``PREFECT_API_URL``. It stops, letting the sends in flight finish, on SIGTERM/SIGINT or when its
 stdin ends: the parent holds the other end, so a parent that dies (even by SIGKILL) stops it.
+It keeps the service's stop budget (``deployments/shutdown.py``): exited within 15 s.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import asyncio
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 from deployments.environment import prepare_environment
+from deployments.shutdown import ShutdownClock, drain_prefect_services, join_within_budget
 
 __all__ = ["main"]
 
@@ -23,17 +26,22 @@ async def _run(stop_flag: threading.Event) -> None:
     from flows.sweep import Dispatcher
 
     stop = asyncio.Event()
+    clock = ShutdownClock(stop_flag)
 
     async def watch() -> None:
         while not stop_flag.is_set():
             await asyncio.sleep(0.2)
+        clock.begin()
         stop.set()
 
     watcher = asyncio.create_task(watch())
     try:
-        await run_dispatcher_loop(Dispatcher(await aload_settings()), stop)
+        dispatcher = Dispatcher(await aload_settings())
+        await run_dispatcher_loop(dispatcher, stop, max_grace=clock.grace(float("inf")))
     finally:
         watcher.cancel()
+        # Prefect's queued logs and events, within the budget (deployments/shutdown.py).
+        await asyncio.to_thread(drain_prefect_services, clock.left(0.5))
 
 
 def _stop_at_end_of_stdin(stop: threading.Event) -> None:
@@ -45,7 +53,7 @@ def _stop_at_end_of_stdin(stop: threading.Event) -> None:
     stop.set()
 
 
-def main() -> int:
+def main() -> NoReturn:
     """Runs the loop off the main thread, as ``serve`` does (the flow engine swaps SIGTERM
     handlers around runs it executes in the main thread)."""
     prepare_environment()
@@ -53,20 +61,20 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     threading.Thread(target=_stop_at_end_of_stdin, args=(stop,), daemon=True).start()
-    failed: list[BaseException] = []
+    outcome: list[int] = []
 
     def loop() -> None:
         try:
             asyncio.run(_run(stop))
-        except BaseException as exc:
-            failed.append(exc)
+            outcome.append(0)
+        except BaseException:
+            outcome.append(1)
             raise
 
     worker = threading.Thread(target=loop, name="dicom-dispatch-dispatcher")
     worker.start()
-    while worker.is_alive():
-        worker.join(0.5)
-    return 1 if failed else 0
+    # Within the stop budget, as serve itself, whatever Prefect still has queued.
+    join_within_budget(worker, stop, outcome)
 
 
 if __name__ == "__main__":

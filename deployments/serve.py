@@ -35,7 +35,7 @@ from deployments.environment import (
 )
 from deployments.metrics import prepare_metrics_dir
 from deployments.server import PrefectServer
-from deployments.shutdown import ShutdownClock
+from deployments.shutdown import ShutdownClock, at_last_resort, drain_prefect_services
 from deployments.supervisor import ServerSupervisor
 from deployments.workers import SETTINGS_REFRESH_SECONDS, DispatcherChildren, run_dispatcher_loop
 
@@ -67,12 +67,15 @@ async def serve(
         if KEY_ENV in os.environ:  # the server's alone, not every job process's
             child_env[KEY_ENV] = os.environ.pop(KEY_ENV)
         server = PrefectServer(host, port, home / "logs" / "prefect-server.log", child_env)
+        at_last_resort(lambda: server.stop(0.1) if server else None)
         LOGGER.info("starting the Prefect server on %s", server.ui_url)
         await asyncio.to_thread(server.start)
         os.environ["PREFECT_API_URL"] = server.api_url
         os.environ[CLIENT_AUTH_ENV] = auth  # before Prefect is imported: it reads it once
         write_service_record(home, server.api_url, server.ui_url)
         pgdata = home / "postgres" if embedded_db and db != "sqlite" else None
+        if pgdata is not None:
+            at_last_resort(lambda: stop_embedded_postgres(pgdata, 0.1))
         supervisor = ServerSupervisor(server, home, pgdata)
         print(f"Prefect UI: {server.ui_url} (log in with {home / 'api-auth-string'})", flush=True)
     prepare_metrics_dir(home)  # one metrics directory per host (deployments/metrics.py)
@@ -80,6 +83,9 @@ async def serve(
         await _run_service(stop_flag, clock, supervisor, workers)
     finally:
         remove_service_record(home)
+        # Prefect's queued logs and events, shipped while the API still answers (within the
+        # budget: what is left is dropped at exit, deployments/shutdown.py).
+        await asyncio.to_thread(drain_prefect_services, clock.left(1.5))
         if supervisor is not None:
             supervisor.stop()
             supervisor.remove_state()
@@ -138,6 +144,7 @@ async def _run_service(
 
     children = DispatcherChildren(workers - 1)  # this process is dispatcher 1
     children.start()
+    at_last_resort(children.kill)
 
     async def watch_stop_flag() -> None:
         while not stop_flag.is_set():
@@ -163,7 +170,8 @@ async def _run_service(
         stop.set()
         watcher.cancel()
         minding.cancel()
-        await asyncio.to_thread(children.stop, clock.left(2.0))
+        # The children give their sends the same grace as this process, from the same moment.
+        await asyncio.to_thread(children.stop, clock.left_before(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(upkeep, clock.left(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -149,6 +149,12 @@ class DispatcherChildren:
                 with contextlib.suppress(OSError):
                     proc.stdin.close()
 
+    def kill(self) -> None:
+        """Kill every child still running (``serve`` is ending past its budget)."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                _kill_tree(proc)
+
     def stop(self, timeout: float = 60.0) -> None:
         """Ask every child to stop, wait for their sends to finish, then kill."""
         self.ask_to_stop()
@@ -158,5 +164,20 @@ class DispatcherChildren:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 LOGGER.warning("dispatcher process %d did not stop; killing it", proc.pid)
-                proc.kill()
+                _kill_tree(proc)
                 proc.wait(10)
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a child and what it started (a ``dcmsend`` waiting on a silent peer would outlive
+    it, orphaned, for its own timeout)."""
+    import psutil
+
+    try:
+        tree = [*psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        tree = []
+    proc.kill()
+    for process in tree:
+        with contextlib.suppress(psutil.Error):
+            process.kill()

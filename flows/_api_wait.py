@@ -10,17 +10,22 @@ a few seconds, so a busy loop does not ask before every scan.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import anyio
 import httpx
 from prefect.client.orchestration import get_client
 
-__all__ = ["ApiWatch", "is_api_outage"]
+from blocks.errors import DispatchError
+
+__all__ = ["ApiWatch", "api_bases", "is_api_outage"]
 
 LOGGER = logging.getLogger("flows.sweep")
 UP_HOLDS_SECONDS = 10.0
 CHECK_TIMEOUT = 4.0
+#: Where Prefect's client reaches an API app running in its own process (``PrefectClient``).
+IN_PROCESS_API = "http://ephemeral-prefect/api"
 
 
 class ApiWatch:
@@ -55,12 +60,17 @@ def is_api_outage(exc: BaseException) -> bool:
     Such an attempt is not the case's fault: it goes back in the queue uncounted, so a server
     restart does not push a case back by a whole ``retry_delay`` (mercure's 15 minutes). The
     causes are walked: Prefect wraps the transport error (a slot acquisition refused, a state
-    that could not be set) in exceptions of its own.
+    that could not be set) in exceptions of its own. Only a request to the API this process
+    talks to counts (:func:`api_bases`); a target's error (ours, or a peer's HTTP error that
+    made it) is the case's failed attempt, counted, so a peer that is down reaches error/ at
+    ``retry_max`` instead of being retried forever.
     """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if isinstance(current, DispatchError):
+            return False  # a target's or the case's own error, whatever it was raised from
         if isinstance(current, httpx.TransportError | httpx.HTTPStatusError):
             if not _to_the_api(current):
                 return False  # a peer's HTTP error (DICOMweb, XNAT): the case's attempt
@@ -71,12 +81,39 @@ def is_api_outage(exc: BaseException) -> bool:
     return False
 
 
-def _to_the_api(error: httpx.TransportError | httpx.HTTPStatusError) -> bool:
+def api_bases() -> list[httpx.URL]:
+    """The base URLs of the Prefect API this process's clients use, in each of its modes.
+
+    External or the service's embedded server: ``PREFECT_API_URL``. Without it, Prefect's
+    client starts an ephemeral server in a subprocess on a free loopback port and talks to
+    ``SubprocessASGIServer.api_url``; an in-process app (Prefect's own tests and tools) is
+    reached at the fixed ``http://ephemeral-prefect/api``. The ephemeral server is only looked
+    up, never started: with no API in use, no error can be the API's.
+    """
     from prefect.settings import PREFECT_API_URL
 
-    api = PREFECT_API_URL.value()
+    configured = PREFECT_API_URL.value()
+    if configured:
+        return [httpx.URL(str(configured))]
+    # Not imported: no ephemeral server was started here (and importing it would load the
+    # whole server app).
+    server = sys.modules.get("prefect.server.api.server")
+    instances = server.SubprocessASGIServer._instances.values() if server else ()
+    started = [s.api_url for s in instances if s.port is not None]
+    return [httpx.URL(url) for url in (*started, IN_PROCESS_API)]
+
+
+def _to_the_api(error: httpx.TransportError | httpx.HTTPStatusError) -> bool:
     try:
-        url = str(error.request.url)
+        url = error.request.url
     except RuntimeError:  # an error raised without its request
         return False
-    return not api or url.startswith(str(api).rstrip("/"))
+    return any(_under(url, base) for base in api_bases())
+
+
+def _under(url: httpx.URL, base: httpx.URL) -> bool:
+    """``url`` is ``base`` or a path below it, on the same scheme, host and port."""
+    if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port):
+        return False
+    root = base.path.rstrip("/")
+    return url.path == root or url.path.startswith(root + "/")

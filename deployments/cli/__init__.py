@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from deployments.cli.core import PROG, run, version
+from deployments.cli.core import PROG, report_failure, run, version
 from deployments.cli.dispatch import (
     add_dispatch_parsers,
     add_install_service_parser,
@@ -43,5 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse (usage errors exit 2 here), choose the data directory and the API, run."""
     args = build_parser().parse_args(argv)
-    home = prepare_environment()
+    try:
+        home = prepare_environment()
+    except Exception as exc:  # a data directory it cannot create or enter
+        return report_failure(exc)
     return run(args, home, before=(lambda: choose_api(home)) if args.needs_api else None)

@@ -1,8 +1,8 @@
 """What every ``dicom-dispatch`` command shares: exit codes, error lines, tables, JSON, progress.
 
 Exit codes: 0 success, 1 the operation failed, 2 usage error. An error is one line on stderr,
-``dicom-dispatch: <message>``; a traceback is left only for a bug (an exception nobody expected),
-never for a user mistake, a refused request or an unreachable API.
+``dicom-dispatch: <message>``, never a traceback: an exception nobody expected (a bug) is one
+line too, naming its type and where it was raised, exit 1.
 
 Output: ``--json`` prints one JSON document on stdout and nothing else. Human output is a rich
 table when stdout is a terminal and plain space-aligned columns otherwise, so a pipe into
@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -44,6 +45,7 @@ __all__ = [
     "listening",
     "poll_while",
     "print_json",
+    "report_failure",
     "run",
     "short",
     "table",
@@ -110,6 +112,7 @@ def run(args: argparse.Namespace, home: Path, before: Callable[[], object] | Non
     try:
         if before is not None:
             before()
+            _console_without_tracebacks()
         handler: Handler = args.handler
         outcome = handler(args, home)
         if inspect.isawaitable(outcome):
@@ -118,12 +121,45 @@ def run(args: argparse.Namespace, home: Path, before: Callable[[], object] | Non
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as exc:
-        mapped = exit_code_for(exc)
-        if mapped is None:
-            raise
-        code, message = mapped
-        error_line(message)
-        return code
+        return report_failure(exc)
+
+
+class _NoTraceback(logging.Filter):
+    """Drops a record's traceback on its way to the terminal (the API's copy, in the run's
+    logs in the UI, was handed over first: a run logger's own handler sees a record before
+    the root's console handler does)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _console_without_tracebacks() -> None:
+    """A command that runs flows prints Prefect's log lines, not their tracebacks: a failed
+    send is the case's failed attempt, told in one line, not a crash of the command."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()  # Prefect's console handler on root, as its first use would
+
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _NoTraceback) for f in handler.filters):
+            handler.addFilter(_NoTraceback())
+
+
+def report_failure(exc: Exception) -> int:
+    """The one line on stderr for an exception that ends a command; its exit code."""
+    code, message = exit_code_for(exc) or (EXIT_FAILED, unexpected(exc))
+    error_line(message)
+    return code
+
+
+def unexpected(exc: BaseException) -> str:
+    """A bug's one line: its type, its message and the innermost place it was raised."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb else ""
+    return f"unexpected error (please report it): {type(exc).__name__}: {first_line(exc)}{where}"
 
 
 async def _awaited(outcome: Awaitable[int]) -> int:

@@ -21,16 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blocks.errors import ConfigError, DispatchError
+from blocks.errors import DispatchError
 from deployments.cli.core import (
-    EXIT_FAILED,
     CommandFailed,
     ProgressBar,
     UsageError,
     add_command,
-    error_line,
     poll_while,
     print_json,
+    report_failure,
     table,
 )
 from deployments.environment import read_service_record
@@ -136,6 +135,8 @@ async def cmd_dispatch(args: argparse.Namespace, home: Path) -> int:
         result = await (
             poll_while(work, bar, f"case {Path(args.case).name}", look) if look else work
         )
+    if "case_id" not in result:  # the run ended before it had an outcome (the API went away)
+        raise CommandFailed(f"case {Path(args.case).name}: {result.get('reason') or 'no outcome'}")
     if args.json:
         print_json(result)
     else:
@@ -320,9 +321,8 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
         workers = args.workers or default_workers()
         try:
             outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop, workers)))
-        except ConfigError as exc:  # e.g. folders that could hurt each other: one line
-            error_line(str(exc))
-            outcome.append(EXIT_FAILED)
+        except Exception as exc:  # one line, as every command's error (deployments/cli/core.py)
+            outcome.append(report_failure(exc))
 
     worker = threading.Thread(target=service, name="dicom-dispatch-service")
     # `kill -USR1` writes every thread's stack to stderr: what a hung service is doing.

@@ -19,7 +19,7 @@ from typing import Any
 import pynetdicom
 from pynetdicom import _config
 
-__all__ = ["REACTOR_RACE_FIXED"]
+__all__ = ["REACTOR_RACE_FIXED", "patch_method"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -27,6 +27,33 @@ _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
 _PATCH_MARK = "_dicom_dispatch_reactor_fix"
+#: The pynetdicom release our patches were read against; on any other they are not applied.
+PATCHED_RELEASE = "3.0.4"
+
+
+def patch_method(
+    owner: Any,
+    name: str,
+    mark: str,
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+    otherwise: str,
+) -> bool:
+    """Replace ``owner.name`` by ``wrap(original)``, once (``mark`` flags the replacement), and
+    only on :data:`PATCHED_RELEASE`: elsewhere log ``otherwise`` (what that costs) and leave
+    it. Returns whether the patch is in place."""
+    current = getattr(owner, name)
+    if getattr(current, mark, False):
+        return True
+    if pynetdicom.__version__ != PATCHED_RELEASE:
+        LOGGER.warning(
+            "pynetdicom %s is not %s: %s", pynetdicom.__version__, PATCHED_RELEASE, otherwise
+        )
+        return False
+    replacement = wrap(current)
+    setattr(replacement, mark, True)
+    replacement.__doc__ = current.__doc__
+    setattr(owner, name, replacement)
+    return True
 
 
 def _patch_reactor_race() -> bool:
@@ -48,17 +75,16 @@ def _patch_reactor_race() -> bool:
     """
     from pynetdicom.dimse import DIMSEServiceProvider
 
-    current = DIMSEServiceProvider.get_msg
-    if getattr(current, _PATCH_MARK, False):
-        return True
-    if pynetdicom.__version__ != "3.0.4":
-        LOGGER.warning(
-            "pynetdicom %s is not 3.0.4: reactor race fix not applied, check upstream #842",
-            pynetdicom.__version__,
-        )
-        return False
-    original: Callable[..., Any] = current
+    return patch_method(
+        DIMSEServiceProvider,
+        "get_msg",
+        _PATCH_MARK,
+        _reactor_safe_get_msg,
+        "reactor race fix not applied, check upstream #842",
+    )
 
+
+def _reactor_safe_get_msg(original: Callable[..., Any]) -> Callable[..., Any]:
     def get_msg(self: Any, block: bool = False) -> tuple[int | None, Any]:
         if block:
             result: tuple[int | None, Any] = original(self, block=True)
@@ -79,10 +105,7 @@ def _patch_reactor_race() -> bool:
             return None, None
         return item  # type: ignore[no-any-return]
 
-    setattr(get_msg, _PATCH_MARK, True)
-    get_msg.__doc__ = original.__doc__
-    DIMSEServiceProvider.get_msg = get_msg  # type: ignore[method-assign,assignment]
-    return True
+    return get_msg
 
 
 REACTOR_RACE_FIXED = _patch_reactor_race()

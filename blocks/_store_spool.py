@@ -20,9 +20,10 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import pynetdicom
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.pdu_primitives import P_DATA
+
+from blocks._pynetdicom_fix import patch_method
 
 __all__ = ["SPOOL_PATCHED", "SpoolFactory", "spool_into"]
 
@@ -46,17 +47,16 @@ def spool_into(assoc: Any, factory: SpoolFactory) -> None:
 
 
 def _patch() -> bool:
-    current = DIMSEMessage.decode_msg
-    if getattr(current, _PATCH_MARK, False):
-        return True
-    if pynetdicom.__version__ != "3.0.4":
-        LOGGER.warning(
-            "pynetdicom %s is not 3.0.4: received data sets are held in memory",
-            pynetdicom.__version__,
-        )
-        return False
-    original: Callable[..., bool] = current
+    return patch_method(
+        DIMSEMessage,
+        "decode_msg",
+        _PATCH_MARK,
+        _spooling_decode_msg,
+        "received data sets are held in memory",
+    )
 
+
+def _spooling_decode_msg(original: Callable[..., bool]) -> Callable[..., bool]:
     def decode_msg(self: Any, primitive: P_DATA, assoc: Any = None) -> bool:
         factory = getattr(assoc, _ATTR, None) if assoc is not None else None
         if factory is None or not isinstance(primitive, P_DATA):
@@ -82,9 +82,7 @@ def _patch() -> bool:
                 self._data_set_path = spool.path
         return False
 
-    setattr(decode_msg, _PATCH_MARK, True)
-    DIMSEMessage.decode_msg = decode_msg  # type: ignore[method-assign]
-    return True
+    return decode_msg
 
 
 #: Whether received data sets go to disk as they arrive (the hook is in place).

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blocks._dcmsend_convert import conversion_args, second_pass
+from blocks._dcmsend_convert import conversion_args, refusal_error, second_pass
 from blocks._dcmsend_report import parse_report
 from blocks._snapshot import case_snapshot
 from blocks._transcode import Conversion
@@ -261,9 +261,10 @@ def send_case(
         tempfile.TemporaryDirectory(prefix="dicom-dispatch-dcmsend-") as private,
         case_snapshot(case, names, label) as snapshot,
     ):
+        stderr: list[str] = []
 
         def run(folder: Path, report: Path, extra: Sequence[str]) -> bytes:
-            return _run(found, folder, report, peer, label, extra)
+            return _run(found, folder, report, peer, label, extra, stderr)
 
         started = time.monotonic()
         raw = run(
@@ -275,13 +276,23 @@ def send_case(
         elapsed = time.monotonic() - started
         if report_path is not None:
             replace_file(report_path, raw)
+        refused = refusal_error(raw, conversion, label, "".join(stderr))
+        if refused is not None:
+            raise refused
         return _judge(raw.decode("utf-8", errors="replace"), warnings_ok, label, elapsed)
 
 
 def _run(
-    binary: str, folder: Path, report: Path, peer: DicomPeer, label: str, extra: Sequence[str]
+    binary: str,
+    folder: Path,
+    report: Path,
+    peer: DicomPeer,
+    label: str,
+    extra: Sequence[str],
+    stderr: list[str],
 ) -> bytes:
-    """One dcmsend run over the ``*.dcm`` files of ``folder``: its report, or a TargetError."""
+    """One dcmsend run over the ``*.dcm`` files of ``folder``: its report (what it printed is
+    added to ``stderr``), or a TargetError."""
     command = dcmsend_command(
         binary,
         folder,
@@ -316,6 +327,7 @@ def _run(
         ) from exc
     except OSError as exc:
         raise PermanentTargetError(f"{label}: cannot run {binary}: {exc}") from exc
+    stderr.append(proc.stderr)
     if proc.returncode != 0:
         LOGGER.warning("Failed command: %s (exit %d)", command, proc.returncode)
         raise _exit_error(proc.returncode, proc.stderr, label)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -37,7 +38,14 @@ from pydicom.uid import (
 
 from blocks._dcmsend_report import format_report
 from blocks._dimse_results import InstanceResult, StoreResult
-from blocks._transcode import DECODERS, Conversion, ConversionError, is_uncompressed, write_decoded
+from blocks._transcode import (
+    DECODERS,
+    Conversion,
+    ConversionError,
+    is_uncompressed,
+    syntax_name,
+    write_decoded,
+)
 from blocks.errors import PermanentTargetError
 from tasks.safefiles import CaseFiles, open_new
 
@@ -45,6 +53,7 @@ __all__ = [
     "DCMTK_DECODES",
     "conversion_args",
     "parse_instances",
+    "refusal_error",
     "refused_for_syntax",
     "second_pass",
 ]
@@ -63,6 +72,8 @@ DCMTK_DECODES = frozenset(
     }
 )
 _NO_CONTEXT = "<no acceptable presentation context>"
+#: What dcmsend prints for a file whose (only) presentation context the peer rejected.
+_CONTEXT_REJECTED = "Bad presentation context ID"
 
 #: Runs dcmsend on a folder of ``*.dcm`` files with a report path and extra arguments and returns
 #: the report's bytes (``blocks._dcmsend``; raises a TargetError as the first pass does).
@@ -77,11 +88,11 @@ def _needs_us(syntax: str) -> bool:
 def conversion_args(conversion: Conversion, folder: Path, names: Iterable[Path]) -> list[str]:
     """dcmsend's options for ``conversion`` over the files ``names`` in ``folder``.
 
-    ``-dn`` for ``never``; ``+dly`` otherwise, and ``-nh`` when some file may need the second
-    pass (without it, dcmsend stops at the first file it cannot send).
+    ``-dn -nh`` for ``never``; ``+dly`` otherwise, and ``-nh`` when some file may need the
+    second pass (without it, dcmsend stops at the first file it cannot send).
     """
     if not conversion.convert:
-        return ["-dn"]
+        return ["-dn", "-nh"]  # go on past a refused file, so the report names each one
     args = ["+dly"]
     for name in names:
         try:
@@ -204,6 +215,37 @@ def second_pass(
     raw = raw.replace(os.fsencode(decoded), os.fsencode(case_root))
     second = parse_instances(raw.decode("utf-8", errors="replace"))
     return format_report(_merge(first, second)).encode("utf-8")
+
+
+def refusal_error(
+    report: bytes, conversion: Conversion, label: str, stderr: str = ""
+) -> PermanentTargetError | None:
+    """The error naming the first file the peer took in none of the syntaxes it was offered
+    in (with ``convert="never"``, or in a syntax nothing here decodes), or ``None``.
+
+    With ``-dn`` dcmsend proposes a compressed file's context, sees it rejected and reports the
+    file ``<not sent>``, saying why (a bad presentation context ID) only on ``stderr``.
+    """
+    result = parse_instances(report.decode("utf-8", errors="replace"))
+    rejected = not conversion.convert and _CONTEXT_REJECTED in stderr
+    refused = [
+        i
+        for i in result.instances
+        if i.no_context
+        or (rejected and i.status is None and not is_uncompressed(i.transfer_syntax))
+    ]
+    if not refused:
+        return None
+    first = refused[0]
+    sop = UID(first.sop_class_uid).name if first.sop_class_uid else "its SOP class"
+    why = " (convert: never)" if not conversion.convert else ""
+    if conversion.convert and not is_uncompressed(first.transfer_syntax):
+        why = " (no decoder for it here)" if first.transfer_syntax not in DECODERS else ""
+    return PermanentTargetError(
+        f"{label}: {len(refused)} of {len(result.instances)} instances refused: "
+        f"{Path(first.path).name}: no accepted presentation context for {sop} in "
+        f"{syntax_name(first.transfer_syntax)}{why}"
+    )
 
 
 def _merge(first: StoreResult, second: StoreResult) -> StoreResult:

@@ -145,7 +145,7 @@ def test_refused_syntaxes_arrive_decoded_over_tls(
         assert_decoded(references, scp)
     sent = outcome["targets"]["PACS_TLS"]
     # What the case's artifact shows per target: the syntaxes that went over the network.
-    assert sum(n for k, n in sent["transfer_syntaxes"].items() if " -> " in k) == 3, sent
+    assert sum(n for k, n in sent["extra"]["transfer_syntaxes"].items() if " -> " in k) == 3, sent
     assert " -> Explicit VR Little Endian" in sent["detail"]
 
 

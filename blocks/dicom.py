@@ -132,15 +132,6 @@ class DicomTarget(QueryTarget):
             "pynetdicom), pynetdicom in-process, or DCMTK."
         ),
     )
-    backend: Literal["auto", "pynetdicom", "dcmsend"] = Field(
-        default="auto",
-        description=(
-            "How cases are sent: auto (DCMTK dcmsend when installed, unless TLS, "
-            "max_associations > 1 or preferred_transfer_syntax need pynetdicom), pynetdicom "
-            "in-process, or dcmsend as mercure does (one association, max_associations does "
-            "not apply)."
-        ),
-    )
     convert: Literal["when_refused", "never"] = Field(
         default="when_refused",
         description="Decode a compressed file the receiver refuses in its own transfer syntax "
@@ -151,7 +142,16 @@ class DicomTarget(QueryTarget):
         default=None,
         description="A lossless compressed transfer syntax (UID or keyword: RLELossless, "
         "JPEGLSLossless, JPEG2000Lossless) uncompressed files are sent in when the receiver "
-        "accepts it (pynetdicom backend; empty: as stored).",
+        "accepts it (with backend auto it selects pynetdicom, dcmsend cannot encode; empty: "
+        "as stored).",
+    )
+    backend: Literal["auto", "pynetdicom", "dcmsend"] = Field(
+        default="auto",
+        description=(
+            "How cases are sent: auto (DCMTK dcmsend when installed, unless TLS or "
+            "max_associations > 1 need pynetdicom), pynetdicom in-process, or dcmsend as "
+            "mercure does (one association, max_associations does not apply)."
+        ),
     )
 
     @field_validator("port", mode="before")

@@ -49,12 +49,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from pydicom import dcmread
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import build_context
@@ -75,6 +70,7 @@ from blocks._pynetdicom_fix import (  # the patch's private names stay importabl
     _patch_reactor_race,  # noqa: F401
 )
 from blocks._transcode import (
+    UNCOMPRESSED,
     Conversion,
     ConversionError,
     decode,
@@ -115,9 +111,6 @@ MAX_STALLED_ASSOCIATIONS = 3
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 _VERIFICATION = UID("1.2.840.10008.1.1")
-_LITTLE_ENDIAN_UNCOMPRESSED = frozenset(
-    {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
-)
 #: The sender processes of parallel associations (this module preloaded).
 _WORKERS = SharedPool(__name__)
 
@@ -307,7 +300,10 @@ def _plan(assoc: Any, info: _FileInfo, conversion: Conversion) -> tuple[Any, _Ho
         if cx.abstract_syntax == info.sop_class_uid:
             accepted.setdefault(str(cx.transfer_syntax[0]), cx)
     own = info.transfer_syntax
-    uncompressed = [accepted[s] for s in _LITTLE_ENDIAN_UNCOMPRESSED if s in accepted]
+    # In pynetdicom's order of choice for a dataset it encodes: explicit before implicit VR.
+    uncompressed = [
+        accepted[s] for s in (*UNCOMPRESSED, DeflatedExplicitVRLittleEndian) if s in accepted
+    ]
     preferred = conversion.preferred
     if preferred and preferred != own and is_uncompressed(own) and preferred in accepted:
         return accepted[preferred], "encode"

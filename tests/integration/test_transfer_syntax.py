@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 
 from blocks._dcmsend_convert import parse_instances
@@ -178,3 +179,21 @@ def test_preferred_syntax_must_be_a_lossless_one_we_encode() -> None:
     assert (
         DicomTarget(ip="127.0.0.1", preferred_transfer_syntax="").preferred_transfer_syntax is None
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_file_no_decoder_reads_fails_for_good_naming_it(tmp_path: Path, backend: str) -> None:
+    case, references = compressed_case(tmp_path / "outgoing", ["pacs"])
+    j2k = next(
+        p for p in dicom_files(case) if dcmread(p).file_meta.TransferSyntaxUID == COMPRESSED[0]
+    )
+    broken = dcmread(j2k)
+    broken.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a JPEG 2000 codestream"])
+    broken.save_as(case / "zz-broken.dcm", enforce_file_format=True)
+    j2k.unlink()
+    with StoreSCP(tmp_path / "pacs") as scp:
+        with pytest.raises(PermanentTargetError) as caught:
+            target(scp.port, backend).send(context(case))
+    message = str(caught.value)
+    assert "cannot decode zz-broken.dcm (JPEG 2000 Image Compression (Lossless Only))" in message
+    assert "\n" not in message

@@ -4,8 +4,10 @@ Proves, on both backends and over TLS: a JPEG 2000 lossless, a JPEG-LS and a JPE
 instance sent to a receiver that accepts only uncompressed syntaxes arrive decoded, their pixel
 data identical to the uncompressed original and every other attribute unchanged; a receiver
 that accepts everything gets them unchanged (no needless conversion); ``convert: never`` fails
-naming the syntax; the source files never change; the report and the send result say what went
-over the network. On the dcmsend backend JPEG 2000 needs our second pass (DCMTK has no decoder).
+naming the syntax; a file no decoder reads fails for good, naming it; the source files never
+change; the report and the send result say what went over the network; a preferred lossless
+syntax is used when accepted. On the dcmsend backend JPEG 2000 needs our second pass (DCMTK has
+no decoder).
 """
 
 from __future__ import annotations

@@ -43,8 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from blocks._dcmsend_convert import conversion_args, refusal_error, second_pass
 from blocks._dcmsend_report import parse_report
 from blocks._snapshot import case_snapshot
+from blocks._transcode import Conversion
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
 from tasks.safefiles import CaseFiles, replace_file
 
@@ -114,8 +116,10 @@ def dcmsend_command(
     connect_timeout: float,
     acse_timeout: float,
     dimse_timeout: float,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """mercure's dcmsend command line, plus DCMTK's ACSE and DIMSE timeouts."""
+    """mercure's dcmsend command line, plus DCMTK's ACSE and DIMSE timeouts, plus ``extra``
+    (the conversion options, ``blocks._dcmsend_convert``)."""
     command = [binary, host, str(port), "+r", "+sd", str(case_dir)]
     if calling_aet:
         command += ["-aet", calling_aet]
@@ -124,7 +128,7 @@ def dcmsend_command(
     command += ["-nuc", "+sp", "*.dcm", "-to", _whole_seconds(connect_timeout)]
     command += ["+crf", str(report)]
     command += ["-ta", _whole_seconds(acse_timeout), "-td", _whole_seconds(dimse_timeout)]
-    return command
+    return command + list(extra)
 
 
 @dataclass
@@ -235,17 +239,20 @@ def send_case(
     warnings_ok: bool = True,
     label: str = "",
     binary: str | None = None,
+    conversion: Conversion | None = None,
 ) -> DcmsendResult:
     """Send ``files`` (the ``*.dcm`` files of ``case``) with dcmsend; raise a TargetError unless
     all arrived.
 
     ``report_path`` receives dcmsend's report (replacing an earlier one) whenever dcmsend wrote
     one; with ``None`` the report is not kept. A file that is a link (or became one) is a
-    ``PermanentTargetError`` naming it, and nothing is sent.
+    ``PermanentTargetError`` naming it, and nothing is sent. Files the peer refused in a syntax
+    dcmsend cannot decode go in a second pass, decoded (``blocks._dcmsend_convert``).
     """
     label = label or peer.describe()
-    binary = binary or find_dcmsend()
-    if binary is None:
+    conversion = conversion or Conversion()
+    found = binary or find_dcmsend()
+    if found is None:
         raise PermanentTargetError(
             f"{label}: DCMTK dcmsend not found (install DCMTK, e.g. the Debian package 'dcmtk')"
         )
@@ -254,60 +261,82 @@ def send_case(
         tempfile.TemporaryDirectory(prefix="dicom-dispatch-dcmsend-") as private,
         case_snapshot(case, names, label) as snapshot,
     ):
-        temporary = Path(private) / "report.txt"
-        command = dcmsend_command(
-            binary,
-            snapshot,
-            peer.host,
-            peer.port,
-            peer.called_aet,
-            peer.calling_aet,
-            temporary,
-            connect_timeout=peer.connect_timeout,
-            acse_timeout=peer.acse_timeout,
-            dimse_timeout=peer.dimse_timeout,
-        )
-        size = sum((snapshot / name).stat().st_size for name in names)
-        limit = (
-            peer.connect_timeout
-            + 2 * peer.acse_timeout
-            + 2 * peer.dimse_timeout
-            + size / SLOWEST_RATE
-        )
-        env = dict(os.environ, TCP_NODELAY="1")
+        stderr: list[str] = []
+
+        def run(folder: Path, report: Path, extra: Sequence[str]) -> bytes:
+            return _run(found, folder, report, peer, label, extra, stderr)
+
         started = time.monotonic()
-        try:
-            proc = subprocess.run(
-                command,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=limit,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise TransientTargetError(
-                f"{label}: dcmsend did not finish within {limit:.0f} s and was stopped"
-            ) from exc
-        except OSError as exc:
-            raise PermanentTargetError(f"{label}: cannot run {binary}: {exc}") from exc
-        elapsed = time.monotonic() - started
-        if proc.returncode != 0:
-            LOGGER.warning("Failed command: %s (exit %d)", command, proc.returncode)
-            raise _exit_error(proc.returncode, proc.stderr, label)
-        try:
-            raw = temporary.read_bytes()
-        except OSError as exc:
-            raise TransientTargetError(
-                f"{label}: dcmsend exited 0 but wrote no report ({exc.strerror})"
-            ) from exc
+        raw = run(
+            snapshot, Path(private) / "report.txt", conversion_args(conversion, snapshot, names)
+        )
         # The report names the files as the case holds them, not as the snapshot did.
         raw = raw.replace(os.fsencode(snapshot), os.fsencode(case.root))
+        raw = second_pass(raw, case.root, snapshot, Path(private), conversion, run, label)
+        elapsed = time.monotonic() - started
         if report_path is not None:
             replace_file(report_path, raw)
+        refused = refusal_error(raw, conversion, label, "".join(stderr))
+        if refused is not None:
+            raise refused
         return _judge(raw.decode("utf-8", errors="replace"), warnings_ok, label, elapsed)
+
+
+def _run(
+    binary: str,
+    folder: Path,
+    report: Path,
+    peer: DicomPeer,
+    label: str,
+    extra: Sequence[str],
+    stderr: list[str],
+) -> bytes:
+    """One dcmsend run over the ``*.dcm`` files of ``folder``: its report (what it printed is
+    added to ``stderr``), or a TargetError."""
+    command = dcmsend_command(
+        binary,
+        folder,
+        peer.host,
+        peer.port,
+        peer.called_aet,
+        peer.calling_aet,
+        report,
+        connect_timeout=peer.connect_timeout,
+        acse_timeout=peer.acse_timeout,
+        dimse_timeout=peer.dimse_timeout,
+        extra=extra,
+    )
+    size = sum(p.stat().st_size for p in folder.rglob("*.dcm") if p.is_file())
+    limit = peer.connect_timeout + 2 * peer.acse_timeout + 2 * peer.dimse_timeout
+    limit += size / SLOWEST_RATE
+    env = dict(os.environ, TCP_NODELAY="1")
+    try:
+        proc = subprocess.run(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=limit,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise TransientTargetError(
+            f"{label}: dcmsend did not finish within {limit:.0f} s and was stopped"
+        ) from exc
+    except OSError as exc:
+        raise PermanentTargetError(f"{label}: cannot run {binary}: {exc}") from exc
+    stderr.append(proc.stderr)
+    if proc.returncode != 0:
+        LOGGER.warning("Failed command: %s (exit %d)", command, proc.returncode)
+        raise _exit_error(proc.returncode, proc.stderr, label)
+    try:
+        return report.read_bytes()
+    except OSError as exc:
+        raise TransientTargetError(
+            f"{label}: dcmsend exited 0 but wrote no report ({exc.strerror})"
+        ) from exc
 
 
 def _judge(text: str, warnings_ok: bool, label: str, elapsed: float) -> DcmsendResult:

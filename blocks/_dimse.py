@@ -11,16 +11,19 @@ What it does, and why:
 * One association per call (per association slot) carries all files: association set-up costs
   far more than a C-STORE of a small image.
 * Presentation contexts come from the files' headers only (file meta), one per
-  (SOP class, transfer syntax) pair: the file's own transfer syntax, plus Explicit/Implicit VR
+  (SOP class, transfer syntax list): the file's own transfer syntax, plus Explicit/Implicit VR
   Little Endian for uncompressed little-endian files, so a peer that only takes implicit VR still
-  receives them. DICOM allows 128 contexts per association; more pairs are split over
-  consecutive associations.
+  receives them; a compressed file also gets a context of the uncompressed syntaxes, and an
+  uncompressed one a context of ``preferred_transfer_syntax`` (``blocks._transcode``). DICOM
+  allows 128 contexts per association; more are split over consecutive associations.
 * Every file is opened without following a link (``tasks.safefiles.CaseFiles``) when its header
   is read and again when it is sent, and pynetdicom reads it through that descriptor: a link
   planted in the case meanwhile is refused (the file's outcome names it), never read.
 * Files are streamed from disk without decoding (pynetdicom's chunked C-STORE) whenever the peer
   accepted the file's own transfer syntax; only an uncompressed file the peer wants in another
-  uncompressed syntax is read fully and re-encoded by pynetdicom (pixel data is never decoded).
+  uncompressed syntax is read fully and re-encoded by pynetdicom. Pixel data is decoded only
+  when the peer refused a compressed file's own syntax (``convert``), and encoded only in an
+  accepted ``preferred_transfer_syntax``; the file on disk is never changed.
 * ``StoreOptions.associations > 1`` sends in parallel in separate *processes*
   (``blocks._process_pool``). It only pays off against peers that serve associations
   concurrently (DCMTK storescp does not, unless started with ``--fork``).
@@ -43,15 +46,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from pydicom import dcmread
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import build_context
@@ -70,6 +68,15 @@ from blocks._pynetdicom_fix import (  # the patch's private names stay importabl
     _PATCH_MARK,  # noqa: F401
     REACTOR_RACE_FIXED,
     _patch_reactor_race,  # noqa: F401
+)
+from blocks._transcode import (
+    UNCOMPRESSED,
+    Conversion,
+    ConversionError,
+    decode,
+    encode,
+    is_uncompressed,
+    syntax_name,
 )
 from blocks.errors import TargetError
 from tasks.safefiles import CaseFiles, descriptor_path
@@ -104,9 +111,6 @@ MAX_STALLED_ASSOCIATIONS = 3
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 _VERIFICATION = UID("1.2.840.10008.1.1")
-_LITTLE_ENDIAN_UNCOMPRESSED = frozenset(
-    {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
-)
 #: The sender processes of parallel associations (this module preloaded).
 _WORKERS = SharedPool(__name__)
 
@@ -125,6 +129,8 @@ class StoreOptions:
     warnings_ok: bool = True
     #: The case the files belong to (None: each file's own folder).
     case: CaseFiles | None = None
+    #: Decoding when the peer refuses a file's syntax, and the preferred syntax.
+    conversion: Conversion = field(default_factory=Conversion)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,9 +147,10 @@ class _FileInfo:
     transfer_syntax: str
     size: int
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.sop_class_uid, self.transfer_syntax
+    def keys(self, conversion: Conversion) -> list[tuple[str, tuple[str, ...]]]:
+        """The presentation contexts this file needs: (SOP class, transfer syntaxes)."""
+        sop = self.sop_class_uid
+        return [(sop, syntaxes) for syntaxes in conversion.proposals(self.transfer_syntax)]
 
     def result(self, **kwargs: Any) -> InstanceResult:
         values: dict[str, Any] = {
@@ -210,25 +217,24 @@ def _unreadable(path: Path, error: str) -> InstanceResult:
     )
 
 
-def _proposed_syntaxes(transfer_syntax: str) -> list[str]:
-    """The file's own syntax first, plus the lossless re-encodings pynetdicom can do."""
-    syntaxes = [transfer_syntax]
-    if UID(transfer_syntax) in _LITTLE_ENDIAN_UNCOMPRESSED:
-        syntaxes += [
-            s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != transfer_syntax
-        ]
-    return syntaxes
+_ContextKey = tuple[str, tuple[str, ...]]
 
 
-def _context_batch(pending: Sequence[_FileInfo]) -> tuple[list[_FileInfo], list[tuple[str, str]]]:
-    """Files for the next association: those whose context is among the first 128 needed."""
-    keys: list[tuple[str, str]] = []
-    chosen: set[tuple[str, str]] = set()
+def _context_batch(
+    pending: Sequence[_FileInfo], conversion: Conversion | None = None
+) -> tuple[list[_FileInfo], list[_ContextKey]]:
+    """Files for the next association: those whose contexts all fit in the first 128 needed."""
+    conversion = conversion or Conversion()
+    keys: list[_ContextKey] = []
+    chosen: set[_ContextKey] = set()
+    batch: list[_FileInfo] = []
     for info in pending:
-        if info.key not in chosen and len(keys) < MAX_CONTEXTS:
-            chosen.add(info.key)
-            keys.append(info.key)
-    return [i for i in pending if i.key in chosen], keys
+        needed = [k for k in dict.fromkeys(info.keys(conversion)) if k not in chosen]
+        if len(keys) + len(needed) <= MAX_CONTEXTS:
+            chosen.update(needed)
+            keys += needed
+            batch.append(info)
+    return batch, keys
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,44 +243,40 @@ def _context_batch(pending: Sequence[_FileInfo]) -> tuple[list[_FileInfo], list[
 
 
 def _send_one(
-    assoc: Any, info: _FileInfo, number: int, msg_id: int, case: CaseFiles | None
+    assoc: Any,
+    info: _FileInfo,
+    number: int,
+    msg_id: int,
+    case: CaseFiles | None,
+    conversion: Conversion,
 ) -> InstanceResult:
     """One C-STORE on an established association; never raises."""
-    same = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == info.sop_class_uid]
-    exact = [cx for cx in same if cx.transfer_syntax[0] == info.transfer_syntax]
-    convertible = (
-        [cx for cx in same if UID(cx.transfer_syntax[0]) in _LITTLE_ENDIAN_UNCOMPRESSED]
-        if UID(info.transfer_syntax) in _LITTLE_ENDIAN_UNCOMPRESSED
-        else []
-    )
-    if not exact and not convertible:
-        return info.result(
-            association=number,
-            no_context=True,
-            error=f"no accepted presentation context for {UID(info.sop_class_uid).name} "
-            f"in {UID(info.transfer_syntax).name}",
-        )
-    context = exact[0] if exact else convertible[0]
-    sent = {
-        "association": number,
-        "context_id": context.context_id,
-        "network_transfer_syntax": str(context.transfer_syntax[0]),
-    }
+    plan = _plan(assoc, info, conversion)
+    if isinstance(plan, str):
+        return info.result(association=number, no_context=True, error=plan)
+    context, how = plan
+    network = str(context.transfer_syntax[0])
+    sent = {"association": number, "context_id": context.context_id}
     try:
         source = _open(case, info.path)
     except OSError as exc:  # became a link, a FIFO, or went away since it was inspected
-        return info.result(**sent, error=f"cannot read {info.path.name}: {exc.strerror or exc}")
+        return info.result(
+            **sent,
+            network_transfer_syntax=network,
+            error=f"cannot read {info.path.name}: {exc.strerror or exc}",
+        )
     try:
         with source:
-            # A path is streamed from the file (chunked); a Dataset is re-encoded by pynetdicom.
-            opened = Path(descriptor_path(source))
-            payload: Any = opened if exact else dcmread(source)
+            payload = _payload(source, info, how, network, conversion)
             response = assoc.send_c_store(payload, msg_id=msg_id)
+    except ConversionError as exc:  # no decoder, over the limit, corrupt: fails for good
+        return info.result(**sent, no_context=True, error=str(exc))
     except RuntimeError:  # association gone between two C-STOREs (peer abort, network)
-        return info.result(**sent, error=_ASSOCIATION_LOST)
+        return info.result(**sent, network_transfer_syntax=network, error=_ASSOCIATION_LOST)
     except Exception as exc:  # unreadable file, encoding error: this file's outcome only
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return info.result(**sent, error=f"cannot send: {reason}")
+        return info.result(**sent, network_transfer_syntax=network, error=f"cannot send: {reason}")
+    sent["network_transfer_syntax"] = network
     status = response.get("Status") if response is not None else None
     if status is None:
         why = (
@@ -286,10 +288,61 @@ def _send_one(
     return info.result(**sent, request_sent=True, status=int(status))
 
 
+#: How a file goes over an accepted context: streamed as it is, re-encoded by pynetdicom
+#: (uncompressed to uncompressed), decoded, or encoded in the preferred syntax.
+_How = Literal["stream", "reencode", "decode", "encode"]
+
+
+def _plan(assoc: Any, info: _FileInfo, conversion: Conversion) -> tuple[Any, _How] | str:
+    """The accepted context a file is sent on and how, or why it cannot be sent (a text)."""
+    accepted: dict[str, Any] = {}
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax == info.sop_class_uid:
+            accepted.setdefault(str(cx.transfer_syntax[0]), cx)
+    own = info.transfer_syntax
+    # In pynetdicom's order of choice for a dataset it encodes: explicit before implicit VR.
+    uncompressed = [
+        accepted[s] for s in (*UNCOMPRESSED, DeflatedExplicitVRLittleEndian) if s in accepted
+    ]
+    preferred = conversion.preferred
+    if preferred and preferred != own and is_uncompressed(own) and preferred in accepted:
+        return accepted[preferred], "encode"
+    if own in accepted:
+        return accepted[own], "stream"
+    if uncompressed and is_uncompressed(own):
+        return uncompressed[0], "reencode"
+    what = f"{UID(info.sop_class_uid).name} in {syntax_name(own)}"
+    if not uncompressed or is_uncompressed(own):
+        return f"no accepted presentation context for {what}"
+    if not conversion.convert:
+        return f"no accepted presentation context for {what} (convert: never)"
+    return uncompressed[0], "decode"
+
+
+def _payload(
+    source: BinaryIO, info: _FileInfo, how: _How, network: str, conversion: Conversion
+) -> Any:
+    """What ``send_c_store`` gets: a path is streamed from the file (chunked), a Dataset is
+    encoded by pynetdicom in the context's syntax."""
+    name = info.path.name
+    limit = conversion.max_decoded_bytes
+    if how == "stream":
+        return Path(descriptor_path(source))
+    if how == "decode":
+        return decode(source, name, info.transfer_syntax, limit)
+    if how == "encode":
+        return encode(source, name, info.transfer_syntax, network, limit)
+    return dcmread(source)
+
+
 def _store_serial(
-    paths: Sequence[tuple[int, Path]], peer: DicomPeer, case: CaseFiles | None
+    paths: Sequence[tuple[int, Path]],
+    peer: DicomPeer,
+    case: CaseFiles | None,
+    conversion: Conversion | None = None,
 ) -> _SlotResult:
     """Send ``paths`` over as few associations as possible, one after the other."""
+    conversion = conversion or Conversion()
     out = _SlotResult()
     pending: list[_FileInfo] = []
     for index, path in paths:
@@ -301,8 +354,8 @@ def _store_serial(
     ae = make_ae(peer)
     stalled = 0
     while pending:
-        batch, keys = _context_batch(pending)
-        contexts = [build_context(sop, _proposed_syntaxes(ts)) for sop, ts in keys]
+        batch, keys = _context_batch(pending, conversion)
+        contexts = [build_context(sop, list(syntaxes)) for sop, syntaxes in keys]
         try:
             assoc = open_association(peer, contexts, ae=ae)
         except NoAcceptedContext:  # A-ASSOCIATE-AC, but every context rejected: data
@@ -328,7 +381,7 @@ def _store_serial(
             elif not assoc.is_established:
                 result = info.result(error=_ASSOCIATION_LOST)
             else:
-                result = _send_one(assoc, info, number, msg_id % 0xFFFF + 1, case)
+                result = _send_one(assoc, info, number, msg_id % 0xFFFF + 1, case, conversion)
             if result.error == _ASSOCIATION_LOST:
                 lost += 1  # not sent: stays pending for the next association
                 break
@@ -362,11 +415,14 @@ def _store_serial(
 
 
 def _store_slot(
-    paths: Sequence[tuple[int, Path]], peer: DicomPeer, case: CaseFiles | None
+    paths: Sequence[tuple[int, Path]],
+    peer: DicomPeer,
+    case: CaseFiles | None,
+    conversion: Conversion,
 ) -> _SlotResult | TargetError:
     """Worker-process entry point: errors come back as values, so every slot is merged."""
     try:
-        return _store_serial(paths, peer, case)
+        return _store_serial(paths, peer, case, conversion)
     except TargetError as exc:
         return exc
 
@@ -406,11 +462,15 @@ def store_files(
     indexed = list(enumerate(paths))
     slots = max(1, min(int(options.associations), len(indexed)))
     if slots == 1:
-        outcomes: list[_SlotResult | TargetError] = [_store_serial(indexed, peer, options.case)]
+        outcomes: list[_SlotResult | TargetError] = [
+            _store_serial(indexed, peer, options.case, options.conversion)
+        ]
         shares = [indexed]
     else:
         shares = [indexed[k::slots] for k in range(slots)]
-        outcomes = _WORKERS.run_each(_store_slot, [(s, peer, options.case) for s in shares])
+        outcomes = _WORKERS.run_each(
+            _store_slot, [(s, peer, options.case, options.conversion) for s in shares]
+        )
     errors = [o for o in outcomes if isinstance(o, TargetError)]
     if errors and len(errors) == len(outcomes):
         raise errors[0]

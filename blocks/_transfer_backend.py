@@ -8,6 +8,7 @@ set ``TCP_NODELAY``. ``auto`` therefore takes DCMTK whenever it is installed and
 target asks, and pynetdicom where only pynetdicom can:
 
 * **TLS** (DICOM+TLS targets): ``dcmsend`` has no TLS → pynetdicom.
+* **``preferred_transfer_syntax``**: ``dcmsend`` cannot encode → pynetdicom.
 * **``max_associations`` > 1**: ``dcmsend`` opens one association; the setting asks for several
   in parallel (which is what hides a peer's delayed ACKs) → pynetdicom, which honours it.
 * ``warning_counts_as_sent`` on or off: both backends apply it to every instance's status → DCMTK.
@@ -41,11 +42,13 @@ RetrieveBackend = Literal["pynetdicom", "dcmtk"]
 _ANY_ADDRESS = ("", "0.0.0.0", "::")
 
 
-def send_backend(choice: str, *, tls: bool, associations: int) -> SendBackend:
+def send_backend(
+    choice: str, *, tls: bool, associations: int, preferred: bool = False
+) -> SendBackend:
     """The backend a send uses: ``choice`` itself unless it is ``auto`` (module docstring)."""
     if choice == "dcmsend":
         return "dcmsend"
-    if choice != "auto" or tls or associations > 1:
+    if choice != "auto" or tls or associations > 1 or preferred:
         return "pynetdicom"
     return "dcmsend" if find_dcmsend() is not None else "pynetdicom"
 

@@ -27,8 +27,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from blocks import _dcmsend, _dimse, _dimse_qr, _transfer_backend
+from blocks import _dcmsend, _dimse, _dimse_qr, _transcode, _transfer_backend
 from blocks._association import DicomPeer
+from blocks._dcmsend_convert import parse_instances
 from blocks._dcmsend_report import write_report
 from blocks._dimse_tls import TLSOptions
 from blocks._net import tcp_reachable
@@ -131,6 +132,19 @@ class DicomTarget(QueryTarget):
             "pynetdicom), pynetdicom in-process, or DCMTK."
         ),
     )
+    convert: Literal["when_refused", "never"] = Field(
+        default="when_refused",
+        description="Decode a compressed file the receiver refuses in its own transfer syntax "
+        "and send it uncompressed (when_refused), or fail it naming the syntax (never, as "
+        "mercure).",
+    )
+    preferred_transfer_syntax: str | None = Field(
+        default=None,
+        description="A lossless compressed transfer syntax (UID or keyword: RLELossless, "
+        "JPEGLSLossless, JPEG2000Lossless) uncompressed files are sent in when the receiver "
+        "accepts it (with backend auto it selects pynetdicom, dcmsend cannot encode; empty: "
+        "as stored).",
+    )
     backend: Literal["auto", "pynetdicom", "dcmsend"] = Field(
         default="auto",
         description=(
@@ -145,6 +159,18 @@ class DicomTarget(QueryTarget):
     def _port_as_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int) else value
 
+    @field_validator("preferred_transfer_syntax", mode="before")
+    @classmethod
+    def _preferred_as_uid(cls, value: Any) -> Any:
+        return _transcode.preferred_syntax(value)
+
+    def conversion(self) -> _transcode.Conversion:
+        """How refused syntaxes are handled and which syntax is preferred (``convert``,
+        ``preferred_transfer_syntax``)."""
+        return _transcode.Conversion(
+            convert=self.convert == "when_refused", preferred=self.preferred_transfer_syntax
+        )
+
     @property
     def writes_dcmsend_report(self) -> bool:
         return True
@@ -152,7 +178,10 @@ class DicomTarget(QueryTarget):
     def send_backend(self) -> _transfer_backend.SendBackend:
         """The backend :meth:`send` uses now (``auto`` resolved)."""
         return _transfer_backend.send_backend(
-            self.backend, tls=self.tls_options() is not None, associations=self.max_associations
+            self.backend,
+            tls=self.tls_options() is not None,
+            associations=self.max_associations,
+            preferred=bool(self.preferred_transfer_syntax),
         )
 
     def _retrieve_backend(self) -> _transfer_backend.RetrieveBackend:
@@ -233,7 +262,11 @@ class DicomTarget(QueryTarget):
         with peer_gate(peer.host, peer.port, peer.called_aet, self.concurrent_associations):
             if self.send_backend() == "dcmsend":
                 return self._send_with_dcmsend(context, files, peer)
-            options = _dimse.StoreOptions(associations=self.max_associations, case=context.files)
+            options = _dimse.StoreOptions(
+                associations=self.max_associations,
+                case=context.files,
+                conversion=self.conversion(),
+            )
             result = _dimse.store_files(files, peer, options)
         if context.report_path is not None:
             write_report(context.report_path, result)
@@ -249,11 +282,16 @@ class DicomTarget(QueryTarget):
             transient = lost > 0 or any(r.status in _RESOURCE_FAILURES for r in failed)
             raise (TransientTargetError if transient else PermanentTargetError)(message)
         size = sum(r.size for r in result.instances)
+        sent_as = _transcode.sent_as(result.instances)
         return SendResult(
             files=len(files),
             bytes=size,
-            detail=f"{len(files)} instances to {_route(peer)}",
-            extra={"associations": result.associations, "backend": "pynetdicom"},
+            detail=f"{len(files)} instances to {_route(peer)}; {_transcode.describe(sent_as)}",
+            extra={
+                "associations": result.associations,
+                "backend": "pynetdicom",
+                "transfer_syntaxes": sent_as,
+            },
         )
 
     def _send_with_dcmsend(
@@ -266,12 +304,19 @@ class DicomTarget(QueryTarget):
             files=files,
             warnings_ok=self.warning_counts_as_sent,
             label=self._label(peer),
+            conversion=self.conversion(),
         )
+        sent_as = _transcode.sent_as(parse_instances(outcome.report).instances)
         return SendResult(
             files=outcome.instances,
             bytes=outcome.dataset_bytes,
-            detail=f"{outcome.instances} instances to {_route(peer)}, dcmsend",
-            extra={"associations": outcome.associations, "backend": "dcmsend"},
+            detail=f"{outcome.instances} instances to {_route(peer)}, dcmsend; "
+            + _transcode.describe(sent_as),
+            extra={
+                "associations": outcome.associations,
+                "backend": "dcmsend",
+                "transfer_syntaxes": sent_as,
+            },
         )
 
     @staticmethod

@@ -13,7 +13,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
+)
 
 from blocks import _dimse
 from blocks._dcmsend_report import (
@@ -24,6 +29,7 @@ from blocks._dcmsend_report import (
     write_report,
 )
 from blocks._dimse import InstanceResult, StoreResult, status_category
+from blocks._transcode import Conversion
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -258,22 +264,33 @@ def test_status_text() -> None:
     assert _dimse.status_text(0xB000) == "0xB000 (warning)"
 
 
-def test_proposed_syntaxes_and_context_batches() -> None:
-    assert _dimse._proposed_syntaxes(EXPLICIT) == [EXPLICIT, str(ImplicitVRLittleEndian)]
-    assert _dimse._proposed_syntaxes(str(ImplicitVRLittleEndian)) == [
-        str(ImplicitVRLittleEndian),
-        str(ExplicitVRLittleEndian),
-    ]
-    assert _dimse._proposed_syntaxes(str(JPEGBaseline8Bit)) == [str(JPEGBaseline8Bit)]
+def test_proposed_contexts_and_context_batches() -> None:
+    jpeg, implicit = str(JPEGBaseline8Bit), str(ImplicitVRLittleEndian)
+    plain = Conversion()
+    assert plain.proposals(EXPLICIT) == [(EXPLICIT, implicit)]
+    assert plain.proposals(implicit) == [(implicit, str(ExplicitVRLittleEndian))]
+    # A compressed file: its own syntax, and the uncompressed ones on a context of their own.
+    assert plain.proposals(jpeg) == [(jpeg,), (EXPLICIT, implicit)]
+    assert Conversion(convert=False).proposals(jpeg) == [(jpeg,)]
+    rle = str(RLELossless)
+    assert Conversion(preferred=rle).proposals(EXPLICIT) == [(rle,), (EXPLICIT, implicit)]
+    assert Conversion(preferred=rle).proposals(jpeg) == [(jpeg,), (EXPLICIT, implicit)]
     infos = [
-        _dimse._FileInfo(i, Path(f"{i}.dcm"), f"1.2.3.{i % 130}", EXPLICIT, "1.2.3", 1)
+        _dimse._FileInfo(i, Path(f"{i}.dcm"), f"1.2.3.{i % 130}", "1.2.3", EXPLICIT, 1)
         for i in range(300)
     ]
     batch, keys = _dimse._context_batch(infos)
     assert len(keys) == _dimse.MAX_CONTEXTS == 128
-    assert {i.key for i in batch} == set(keys)
+    assert {k for i in batch for k in i.keys(plain)} == set(keys)
     rest = [i for i in infos if i not in batch]
     assert {i.sop_class_uid for i in rest} == {"1.2.3.128", "1.2.3.129"}
+    # Two contexts per compressed file: 64 SOP classes fill an association.
+    compressed = [
+        _dimse._FileInfo(i, Path(f"{i}.dcm"), f"1.2.3.{i}", "1.2.3", jpeg, 1) for i in range(70)
+    ]
+    batch, keys = _dimse._context_batch(compressed)
+    assert len(batch) == 64
+    assert len(keys) == 128
 
 
 class _Checkpointed:

@@ -64,15 +64,15 @@ _REQUEST_COMMITMENT = 1
 _SAME_ASSOCIATION = "same association"
 
 
-def listener_running() -> bool:
-    """Whether a ``serve`` of this host runs the commitment listener (its record names a live
-    process), so an answer on a new association will be recorded in the case folder."""
+def listener_running(target: str) -> bool:
+    """Whether a ``serve`` of this host runs the commitment listener for ``target`` (its record
+    names a live process and the target), so an answer on a new association is recorded."""
     try:
-        record = json.loads(read_regular(data_dir() / LISTENER_RECORD, 4096))
+        record = json.loads(read_regular(data_dir() / LISTENER_RECORD, 1 << 20))
         os.kill(int(record["pid"]), 0)
+        return target in record["targets"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return True
 
 
 def case_instances(files: CaseFiles, paths: Sequence[Path]) -> dict[Path, Instance]:

@@ -39,6 +39,7 @@ from blocks._commitment_record import find_request, record_report
 from blocks._storage_scp import PeerOnlyServer, peer_addresses, route_address
 from blocks.errors import TransientTargetError
 from blocks.host import data_dir, write_private_file
+from tasks.safefiles import read_regular
 
 __all__ = ["CommitmentListener", "ListenRoute"]
 
@@ -60,6 +61,8 @@ class ListenRoute:
 
     peer: DicomPeer
     our_aet: str
+    #: The target's name (the senders of this host look for it in the listener's record).
+    target: str = ""
 
 
 class CommitmentListener:
@@ -104,7 +107,14 @@ class CommitmentListener:
             raise
         write_private_file(
             data_dir() / LISTENER_RECORD,
-            json.dumps({"pid": os.getpid(), "port": self.port, "bound": self.bound()}),
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "port": self.port,
+                    "bound": self.bound(),
+                    "targets": sorted({r.target for r in self.routes}),
+                }
+            ),
         )
         LOGGER.info("storage commitment listener on %s", self.bound())
         return self
@@ -112,7 +122,7 @@ class CommitmentListener:
     def __exit__(self, *exc: object) -> None:
         record = data_dir() / LISTENER_RECORD
         try:
-            if json.loads(record.read_text()).get("pid") == os.getpid():
+            if json.loads(read_regular(record, 1 << 20)).get("pid") == os.getpid():
                 record.unlink()
         except (OSError, ValueError, AttributeError):
             pass

@@ -14,7 +14,7 @@ Around either backend's C-STOREs (``dcmsend`` or pynetdicom: the files go as usu
 
 With ``require`` a case whose instances are not all committed is a transient failure: the next
 attempt re-sends only what was neither committed nor is still awaited, then asks again. With
-``request`` it is a warning. Prefect-free.
+``request`` it is a warning.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def send_committed(
         result = SendResult(
             detail=f"nothing sent: every instance committed or awaited ({peer.address})"
         )
-    listening = listener_running()
+    listening = listener_running(policy.target)
     sent = [instances[f] for f in to_send if f in instances]
     if sent:
         request_commitment(

@@ -131,7 +131,7 @@ def test_request_mode_records_a_missing_answer_as_a_warning(tmp_path: Path) -> N
 def listener_for(port: int, scp_port: int, scp_aet: str, outgoing: Path) -> CommitmentListener:
     node = DicomPeer("127.0.0.1", scp_port, scp_aet, OUR_AET)
     return CommitmentListener(
-        port, [ListenRoute(node, OUR_AET)], lambda: [outgoing], address="127.0.0.1"
+        port, [ListenRoute(node, OUR_AET, "pacs")], lambda: [outgoing], address="127.0.0.1"
     )
 
 

@@ -222,10 +222,12 @@ class CommitmentState:
     wait_left: float = 0.0
 
     def counts(self, instances: Sequence[str] | None = None) -> dict[str, Any]:
-        """``status[target].storage_commitment``: committed / failed / pending, transaction."""
+        """``status[target].storage_commitment``: instances of the case, committed / failed /
+        pending, the latest transaction UID."""
         wanted = set(instances) if instances is not None else None
         committed = self.committed if wanted is None else self.committed & wanted
         return {
+            "instances": len(wanted) if wanted is not None else len(committed),
             "committed": len(committed),
             "failed": len(self.failed),
             "pending": len(self.pending),

@@ -9,6 +9,7 @@ listener is built only for targets with storage_commitment on, and never on port
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def test_answers_fold_into_committed_failed_pending(tmp_path: Path) -> None:
     state = commitment_state(tmp_path, "pacs", timeout=60, now=110)
     assert (state.committed, state.failed, state.pending) == ({"a1", "a2"}, {"a3": 0x0110}, set())
     assert state.counts(["a1", "a2", "a3"]) == {
+        "instances": 3,
         "committed": 2,
         "failed": 1,
         "pending": 0,
@@ -136,3 +138,20 @@ def test_listener_only_for_targets_that_use_it(monkeypatch: pytest.MonkeyPatch) 
     assert listener.routes[0].our_aet == "ROUTER"
     monkeypatch.setenv("DICOM_DISPATCH_STORAGE_COMMITMENT_PORT", "0")
     assert commitment_listener([on], list) is None
+
+
+def test_metrics_label_each_target_by_its_commitment_outcome(tmp_path: Path) -> None:
+    from flows.dispatch import CaseOutcome
+    from flows.metrics import _commitment_counts, commitment_outcome
+    from tests.cases import make_case
+
+    case = make_case(tmp_path, ["pacs", "archive"], files=1)
+    raw = json.loads((case / "task.json").read_text())
+    counts = {"instances": 3, "committed": 2, "failed": 0, "pending": 1, "transaction_uid": "1"}
+    raw["dispatch"]["status"]["pacs"]["storage_commitment"] = counts
+    (case / "task.json").write_text(json.dumps(raw))
+    outcome = CaseOutcome("c", "outgoing", str(case), targets={"pacs": {}, "archive": {}})
+    assert _commitment_counts(outcome) == {"pacs": counts}
+    assert commitment_outcome(counts) == "pending"
+    assert commitment_outcome({**counts, "failed": 1}) == "failed"
+    assert commitment_outcome({**counts, "committed": 3, "pending": 0}) == "committed"

@@ -155,3 +155,21 @@ def test_metrics_label_each_target_by_its_commitment_outcome(tmp_path: Path) -> 
     assert commitment_outcome(counts) == "pending"
     assert commitment_outcome({**counts, "failed": 1}) == "failed"
     assert commitment_outcome({**counts, "committed": 3, "pending": 0}) == "committed"
+
+
+def test_the_target_outcome_keeps_the_commitment_counts(tmp_path: Path) -> None:
+    from tasks import casefolder as cf
+    from tasks.taskjson import read_task_raw, update_task
+    from tests.cases import make_case
+
+    case = make_case(tmp_path, "pacs", files=1)
+    counts = {"instances": 1, "committed": 0, "failed": 0, "pending": 1, "transaction_uid": "1"}
+
+    def record(raw: dict[str, object]) -> None:
+        raw["dispatch"]["status"]["pacs"]["storage_commitment"] = counts  # type: ignore[index]
+
+    update_task(case, record)
+    cf.set_target_status(case, "pacs", "error", "not committed")
+    entry = read_task_raw(case)["dispatch"]["status"]["pacs"]
+    assert entry["state"] == "error"
+    assert entry["storage_commitment"] == counts

@@ -12,7 +12,8 @@ Around either backend's C-STOREs (``dcmsend`` or pynetdicom: the files go as usu
 4. the counts (committed / failed / pending, transaction UID) go to
    ``status[target].storage_commitment`` in ``task.json`` and to the send's result.
 
-With ``require`` a case whose instances are not all committed is a transient failure: the next
+With ``require`` a case whose instances are not all committed is a failed attempt
+(``NotCommittedError``, not quick-retried: each try would wait the timeout again): the next
 attempt re-sends only what was neither committed nor is still awaited, then asks again. With
 ``request`` it is a warning.
 """
@@ -30,7 +31,7 @@ from blocks._association import DicomPeer
 from blocks._commitment import case_instances, describe, listener_running, request_commitment
 from blocks._commitment_record import commitment_state
 from blocks.base import SendResult
-from blocks.errors import TransientTargetError
+from blocks.errors import NotCommittedError
 from tasks.safefiles import CaseFiles
 from tasks.taskjson import update_task
 
@@ -63,7 +64,7 @@ def send_committed(
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = LOGGER,
 ) -> SendResult:
     """Send what is not committed nor awaited with ``store``, ask for its commitment, and wait;
-    raises ``TransientTargetError`` under ``require`` unless every instance is committed."""
+    raises ``NotCommittedError`` under ``require`` unless every instance is committed."""
     instances = case_instances(case, files)
     before = commitment_state(case_dir, policy.target, policy.timeout)
     to_send = [f for f in files if f not in instances or not before.settled(instances[f][1])]
@@ -99,7 +100,7 @@ def send_committed(
             why += "; no storage commitment listener runs here, so only an answer on the same "
             why += "association counts"
         if policy.mode == "require":
-            raise TransientTargetError(why)
+            raise NotCommittedError(why)
         logger.warning("%s", why)
     return result
 

@@ -21,7 +21,7 @@ from blocks._commitment_record import RECORD_PREFIX
 from blocks._commitment_scp import CommitmentListener, ListenRoute
 from blocks.base import SendContext, dicom_files
 from blocks.dicom import DicomTarget
-from blocks.errors import TransientTargetError
+from blocks.errors import NotCommittedError
 from tasks.taskjson import read_task, read_task_raw
 from tests.cases import make_case
 from tests.peers.commitment_scp import commitment_scp
@@ -85,7 +85,7 @@ def test_partial_failure_resends_only_the_failed_instances(tmp_path: Path, backe
     first, second, third = uids(case)
     with commitment_scp("same", fail_once={second}) as scp:
         pacs = target(scp.port, scp.aet, backend=backend)
-        with pytest.raises(TransientTargetError, match="2 of 3 committed, 1 failed"):
+        with pytest.raises(NotCommittedError, match="2 of 3 committed, 1 failed"):
             pacs.send(context(case))
         assert sorted(scp.stored) == sorted([first, second, third])
         counts = commitment_counts(case)
@@ -105,12 +105,12 @@ def test_silence_until_the_timeout_leaves_the_case_for_a_retry(tmp_path: Path) -
     case = make_case(tmp_path / "outgoing", "pacs", files=2)
     with commitment_scp("silent") as scp:
         pacs = target(scp.port, scp.aet, storage_commitment_timeout=1.0)
-        with pytest.raises(TransientTargetError, match="0 of 2 committed"):
+        with pytest.raises(NotCommittedError, match="0 of 2 committed"):
             pacs.send(context(case))
         assert len(scp.stored) == 2
         assert commitment_counts(case)["committed"] == 0
         assert reports(case) == []
-        with pytest.raises(TransientTargetError, match="0 of 2 committed"):
+        with pytest.raises(NotCommittedError, match="0 of 2 committed"):
             pacs.send(context(case))  # timed out: sent and asked about again
     assert len(scp.stored) == 4
     assert len(scp.actions) == 2
@@ -157,7 +157,7 @@ def test_listener_refuses_an_answer_addressed_to_another_ae(tmp_path: Path) -> N
     with commitment_scp("new", reply_to=("127.0.0.1", port, "SOMEONE")) as scp:
         with listener_for(port, scp.port, scp.aet, outgoing) as listener:
             pacs = target(scp.port, scp.aet, storage_commitment_timeout=2)
-            with pytest.raises(TransientTargetError, match="0 of 1 committed"):
+            with pytest.raises(NotCommittedError, match="0 of 1 committed"):
                 pacs.send(context(case))
     assert scp.report_statuses == [0x0110]
     assert listener.recorded == []

@@ -173,3 +173,12 @@ def test_the_target_outcome_keeps_the_commitment_counts(tmp_path: Path) -> None:
     entry = read_task_raw(case)["dispatch"]["status"]["pacs"]
     assert entry["state"] == "error"
     assert entry["storage_commitment"] == counts
+
+
+def test_records_are_not_copied_to_file_targets(tmp_path: Path) -> None:
+    from blocks.folder import case_files
+
+    (tmp_path / "a.dcm").write_bytes(b"x")
+    ask(tmp_path, "7.1", ["g1"], at=100)
+    answer(tmp_path, "7.1", ["g1"])
+    assert case_files(tmp_path, "") == [Path("a.dcm")]

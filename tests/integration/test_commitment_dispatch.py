@@ -113,3 +113,10 @@ def test_silence_leaves_the_case_for_a_retry(
     assert status["storage_commitment"]["committed"] == 0
     assert len(scp.stored) == 2
     assert len(scp.actions) == 1
+
+
+def test_a_mercure_target_imports_with_commitment_off(env: DispatchEnv) -> None:
+    spec = {"target_type": "dicom", "ip": "127.0.0.1", "port": "104", "aet_target": "PACS"}
+    block = env.import_one_target("PACS_Main", spec)
+    assert block.storage_commitment == "off"
+    assert "storage_commitment" not in block.test_connection()

@@ -108,16 +108,20 @@ def peer_addresses(host: str) -> frozenset[str]:
         raise TransientTargetError(f"cannot resolve {host}: {exc.strerror or exc}") from exc
 
 
-class _PeerOnlyServer(ThreadedAssociationServer):
-    """Closes any connection that does not come from one of ``allowed`` (before a PDU is read)."""
+class PeerOnlyServer(ThreadedAssociationServer):
+    """Closes any connection that does not come from one of ``allowed`` (before a PDU is read).
+
+    Also the storage commitment listener's (``blocks._commitment_scp``); ``role`` names which
+    in the log."""
 
     allowed: frozenset[str] = frozenset()
+    role: str = "C-MOVE receiver"
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         address = client_address[0] if isinstance(client_address, tuple) else client_address
         if str(address) in self.allowed:
             return True
-        LOGGER.warning("C-MOVE receiver: connection from %s refused (not the PACS)", address)
+        LOGGER.warning("%s: connection from %s refused (not the PACS)", self.role, address)
         return False
 
 
@@ -170,7 +174,7 @@ class MoveSCP:
                 server = ae.make_server(
                     (self.host, self.port),
                     evt_handlers=handlers,
-                    server_class=_PeerOnlyServer,
+                    server_class=PeerOnlyServer,
                 )
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
@@ -182,7 +186,7 @@ class MoveSCP:
                     logged = True
                 time.sleep(0.5)
                 continue
-            cast(_PeerOnlyServer, server).allowed = self.allowed
+            cast(PeerOnlyServer, server).allowed = self.allowed
             # Our own serving thread: pynetdicom's polls for shutdown every 0.5 s.
             thread = threading.Thread(
                 target=server.serve_forever,

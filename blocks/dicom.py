@@ -29,6 +29,8 @@ from pydantic import Field, field_validator
 
 from blocks import _dcmsend, _dimse, _dimse_qr, _transcode, _transfer_backend
 from blocks._association import DicomPeer
+from blocks._commitment import supports_commitment
+from blocks._committed_send import CommitmentPolicy, send_committed
 from blocks._dcmsend_convert import parse_instances
 from blocks._dcmsend_report import write_report
 from blocks._dimse_tls import TLSOptions
@@ -154,6 +156,18 @@ class DicomTarget(QueryTarget):
         ),
     )
 
+    storage_commitment: Literal["off", "request", "require"] = Field(
+        default="off",
+        description="DICOM Storage Commitment after each send: off, request (the answer is "
+        "recorded, a missing one is a warning) or require (complete only once every instance "
+        "is committed).",
+    )
+    storage_commitment_timeout: float = Field(
+        default=600,
+        gt=0,
+        description="Seconds to wait for the Storage Commitment answer (N-EVENT-REPORT).",
+    )
+
     @field_validator("port", mode="before")
     @classmethod
     def _port_as_text(cls, value: Any) -> Any:
@@ -259,6 +273,26 @@ class DicomTarget(QueryTarget):
         if not files:
             raise PermanentTargetError(f"target {self.target_name}: the case has no *.dcm files")
         peer = self.get_peer(context)
+        if self.storage_commitment != "off":
+            policy = CommitmentPolicy(
+                self.storage_commitment,
+                self.storage_commitment_timeout,
+                self.target_name,
+                self._label(peer),
+            )
+            return send_committed(
+                context.case_dir,
+                context.files,
+                files,
+                peer,
+                policy,
+                lambda some: self._store(context, some, peer),
+                self.logger,
+            )
+        return self._store(context, files, peer)
+
+    def _store(self, context: SendContext, files: list[Path], peer: DicomPeer) -> SendResult:
+        """C-STORE ``files`` with the backend in use; raises unless every one arrived."""
         with peer_gate(peer.host, peer.port, peer.called_aet, self.concurrent_associations):
             if self.send_backend() == "dcmsend":
                 return self._send_with_dcmsend(context, files, peer)
@@ -322,7 +356,18 @@ class DicomTarget(QueryTarget):
     @staticmethod
     def connection_ok(result: dict[str, Any]) -> bool:
         usable = bool(result.get("loopback_mode")) or bool(result.get("c-echo"))
-        return usable and result.get("dcmsend", True) is not False
+        return (
+            usable
+            and result.get("dcmsend", True) is not False
+            and result.get("storage_commitment", True) is not False
+        )
+
+    def _commitment_probe(self, peer: DicomPeer, reachable: bool) -> dict[str, Any]:
+        """``storage_commitment``: whether the peer accepts the Storage Commitment Push Model
+        SOP class (only when the target uses it)."""
+        if self.storage_commitment == "off":
+            return {}
+        return {"storage_commitment": reachable and supports_commitment(peer)}
 
     def test_connection(self) -> dict[str, Any]:
         """mercure's keys: ``ping`` (here: TCP connect), ``c-echo``, ``loopback_mode``.
@@ -337,6 +382,7 @@ class DicomTarget(QueryTarget):
         peer = self.get_peer()
         reachable = tcp_reachable(peer.host, peer.port, timeout=min(self.connect_timeout, 5))
         echo = reachable and _dimse.echo(peer, timeout=5)
+        extra |= self._commitment_probe(peer, reachable)
         return {"ping": reachable, "c-echo": bool(echo), "loopback_mode": False, **extra}
 
     def find(
@@ -460,6 +506,7 @@ class DicomTLSTarget(DicomTarget):
                 **verify,
             }
         echo = _dimse.echo(peer, timeout=5)
+        verify |= self._commitment_probe(peer, True)
         return {"ping": True, "c-echo": echo.ok, "err": "" if echo.ok else echo.detail, **verify}
 
     def import_warnings(self) -> list[str]:

@@ -8,9 +8,11 @@ library internals::
     ├── TargetError                 a send or test against one target failed
     │   ├── TransientTargetError    worth retrying soon: timeout, refused, abort, DIMSE 0xA7xx,
     │   │                           no response (empty DIMSE status), 5xx
-    │   └── PermanentTargetError    retrying the same thing will fail again: rejected association,
-    │                               authentication, DIMSE failure status, unwritable folder
-    │       └── AccessionNotFound   the node has no series for the accession (and filters)
+    │   ├── PermanentTargetError    retrying the same thing will fail again: rejected association,
+    │   │                           authentication, DIMSE failure status, unwritable folder
+    │   │   └── AccessionNotFound   the node has no series for the accession (and filters)
+    │   └── NotCommittedError       sent, but not every instance committed (Storage
+    │                               Commitment ``require``): retried by the next attempt only
     ├── CaseError                   the case folder itself is unusable (invalid task.json, ...)
     ├── ConfigError                 settings are wrong or missing (unknown target, bad block)
     ├── QueryError                  a query/retrieve request is malformed (also a ValueError)
@@ -38,6 +40,7 @@ __all__ = [
     "JobNotFoundError",
     "JobNotQueuedError",
     "JobRefusedError",
+    "NotCommittedError",
     "PermanentTargetError",
     "QueryError",
     "TargetError",
@@ -73,6 +76,14 @@ class TransientTargetError(TargetError):
 
 class PermanentTargetError(TargetError):
     """The peer or the data refuses the request; retrying within this attempt is pointless."""
+
+
+class NotCommittedError(TargetError):
+    """The files arrived but the receiver has not committed them all (Storage Commitment
+    ``require``). The attempt fails and the case is retried later; never quick-retried within
+    the attempt, as every try would send again and wait the whole commitment timeout."""
+
+    transient = True
 
 
 class CaseError(DispatchError):

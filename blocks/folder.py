@@ -28,8 +28,14 @@ from tasks.safefiles import CaseFiles
 __all__ = ["FolderTarget", "case_files", "split_filter"]
 
 STAGING_PREFIX = ".dicom-dispatch-staging-"
-#: Never copied to a target: the claim marker and the atomic-write temporaries of task.json.
-ALWAYS_EXCLUDED = (".processing", ".processing.*.tmp", ".task.json.*.tmp")
+#: Never copied to a target: the claim marker, the atomic-write temporaries of task.json, the
+#: Storage Commitment records of the case's DICOM targets (``blocks._commitment_record``).
+ALWAYS_EXCLUDED = (
+    ".processing",
+    ".processing.*.tmp",
+    ".task.json.*.tmp",
+    ".storage-commitment.*",
+)
 _COPY_CHUNK = 1024 * 1024
 
 

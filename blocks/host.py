@@ -30,6 +30,8 @@ __all__ = [
     "JOBS_ENV",
     "METRICS_ADDRESS_ENV",
     "METRICS_PORT_ENV",
+    "STORAGE_COMMITMENT_AET_ENV",
+    "STORAGE_COMMITMENT_PORT_ENV",
     "data_dir",
     "deprecated_override",
     "history_retention_seconds",
@@ -37,6 +39,8 @@ __all__ = [
     "job_functions",
     "metrics_address",
     "restrict_data_dir",
+    "storage_commitment_aet",
+    "storage_commitment_port",
     "write_private_file",
 ]
 
@@ -58,6 +62,14 @@ METRICS_ADDRESS_ENV = "DICOM_DISPATCH_METRICS_ADDRESS"
 METRICS_PORT_ENV = "DICOM_DISPATCH_METRICS_PORT"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 DEFAULT_METRICS_PORT = 9464
+
+#: Where ``serve`` listens for Storage Commitment answers sent on a new association (opened only
+#: while some DICOM target has ``storage_commitment`` on; ``0``: never), and the AE title the
+#: PACS calls it by (empty: each target's ``aet_source``). Host configuration like the metrics
+#: port: which port is free, and what the PACS has registered for this host.
+STORAGE_COMMITMENT_PORT_ENV = "DICOM_DISPATCH_STORAGE_COMMITMENT_PORT"
+STORAGE_COMMITMENT_AET_ENV = "DICOM_DISPATCH_STORAGE_COMMITMENT_AET"
+DEFAULT_STORAGE_COMMITMENT_PORT = 11114
 
 #: This host's name in case claims (``.processing``); default the host name. Two machines that
 #: share the folders must never have the same one; set it where host names are not unique (e.g.
@@ -209,6 +221,28 @@ def metrics_address() -> tuple[str, int] | None:
         )
         port = DEFAULT_METRICS_PORT
     return (address, port) if port > 0 else None
+
+
+def storage_commitment_port() -> int:
+    """``$DICOM_DISPATCH_STORAGE_COMMITMENT_PORT`` (default 11114); 0: no listener."""
+    text = os.environ.get(STORAGE_COMMITMENT_PORT_ENV, "").strip()
+    try:
+        port = int(text) if text else DEFAULT_STORAGE_COMMITMENT_PORT
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        _warn_once(
+            STORAGE_COMMITMENT_PORT_ENV,
+            f"{STORAGE_COMMITMENT_PORT_ENV}={text!r} is not a port; "
+            f"using {DEFAULT_STORAGE_COMMITMENT_PORT}",
+        )
+        port = DEFAULT_STORAGE_COMMITMENT_PORT
+    return port
+
+
+def storage_commitment_aet() -> str:
+    """``$DICOM_DISPATCH_STORAGE_COMMITMENT_AET``; empty: each target's calling AE title."""
+    return os.environ.get(STORAGE_COMMITMENT_AET_ENV, "").strip()
 
 
 def _warn_once(name: str, message: str) -> None:

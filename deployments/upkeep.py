@@ -1,7 +1,8 @@
 """What keeps a long-running service in order beside the dispatcher loop (one task in serve).
 
 The cleaner (``deployments/cleaner_service.py``), the metrics endpoint and its sampler
-(``deployments/metrics.py``), the audit of the send slots (``deployments/slot_audit.py``). Each
+(``deployments/metrics.py``), the audit of the send slots (``deployments/slot_audit.py``), the
+Storage Commitment listener (``deployments/commitment_service.py``). Each
 ends when ``stop`` is set; a failure of one is logged and never stops the dispatcher.
 """
 
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from blocks.host import metrics_address
 from blocks.settings import DispatcherSettings
 from deployments.cleaner_service import run_cleaner
+from deployments.commitment_service import run_commitment_listener
 from deployments.metrics import MetricsEndpoint, sample_forever
 from deployments.slot_audit import run_slot_audit
 
@@ -29,7 +31,10 @@ async def run_upkeep(settings: Callable[[], DispatcherSettings], stop: asyncio.E
         endpoint.start(*where)
     try:
         await asyncio.gather(
-            run_cleaner(settings, stop), sample_forever(stop), run_slot_audit(stop)
+            run_cleaner(settings, stop),
+            sample_forever(stop),
+            run_slot_audit(stop),
+            run_commitment_listener(settings, stop),
         )
     finally:
         if endpoint is not None:

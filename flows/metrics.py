@@ -45,6 +45,7 @@ class _Metrics:
     target_cases: Counter
     sent_bytes: Counter
     sent_files: Counter
+    commitment: Counter
     ready_to_success: Histogram
     heartbeat: Gauge
     processes: Gauge
@@ -88,6 +89,12 @@ def _get() -> _Metrics:
                 "dicom_dispatch_sent_files",
                 "Files sent per target (the DICOM instances, for a DICOM target).",
                 ["target"],
+            ),
+            commitment=Counter(
+                "dicom_dispatch_storage_commitment_cases",
+                "Attempts per target with Storage Commitment, by its outcome: committed (every "
+                "instance), failed (some refused), pending (no answer yet or within the timeout).",
+                ["target", "outcome"],
             ),
             ready_to_success=Histogram(
                 "dicom_dispatch_ready_to_success_seconds",
@@ -154,8 +161,37 @@ def record_case_outcome(outcome: CaseOutcome, ready_at: float | None = None) -> 
             m.target_cases.labels(
                 target, RETRIED if outcome.location == "outgoing" else FAILED
             ).inc()
+    for target, counts in _commitment_counts(outcome).items():
+        m.commitment.labels(target, commitment_outcome(counts)).inc()
     if outcome.location == "success" and ready_at is not None:
         m.ready_to_success.observe(max(0.0, time.time() - ready_at))
+
+
+def commitment_outcome(counts: dict[str, Any]) -> str:
+    """``committed``, ``failed`` or ``pending``: a target's ``storage_commitment`` counts."""
+    if counts.get("failed"):
+        return "failed"
+    if counts.get("committed", 0) >= counts.get("instances", 0):
+        return "committed"
+    return "pending"
+
+
+def _commitment_counts(outcome: CaseOutcome) -> dict[str, dict[str, Any]]:
+    """``status[target].storage_commitment`` of the targets this attempt sent to, as the case's
+    task.json (wherever the attempt left it) records them."""
+    if not outcome.targets or not outcome.path:
+        return {}
+    try:
+        status = read_task_raw(Path(outcome.path)).get("dispatch", {}).get("status", {})
+    except (TaskFileError, OSError, AttributeError):
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    for target in outcome.targets:
+        entry = status.get(target) if isinstance(status, dict) else None
+        counts = entry.get("storage_commitment") if isinstance(entry, dict) else None
+        if isinstance(counts, dict):
+            found[target] = counts
+    return found
 
 
 def record_heartbeat() -> None:

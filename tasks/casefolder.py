@@ -398,6 +398,9 @@ def set_target_status(case_dir: Path, target: str, state: str, message: str | No
         entry: dict[str, Any] = {"state": state, "time": now_str()}
         if message:
             entry["message"] = message
+        earlier = status.get(target)
+        if isinstance(earlier, dict) and "storage_commitment" in earlier:
+            entry["storage_commitment"] = earlier["storage_commitment"]  # the send recorded it
         status[target] = entry
 
     update_task(case_dir, change)

@@ -80,8 +80,12 @@ class Orthanc(Peer):
         users: dict[str, str] | None = None,
         aet: str = "ORTHANC",
         dicom_server: bool = True,
+        modalities: dict[str, Any] | None = None,
     ) -> None:
         self.folder = folder
+        #: ``DicomModalities`` of the configuration: the AEs Orthanc knows (and answers, e.g.
+        #: Storage Commitment on a new association to the AE that asked).
+        self.modalities = dict(modalities or {})
         self.users = dict(users or {})
         self.aet = aet
         self.dicom_server = dicom_server
@@ -120,7 +124,7 @@ class Orthanc(Peer):
             "TcpNoDelay": True,
             "SaveJobs": False,
             "OverwriteInstances": True,
-            "DicomModalities": {},
+            "DicomModalities": self.modalities,
             "OrthancPeers": {},
             "Plugins": [orthanc_dicomweb_plugin()],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},

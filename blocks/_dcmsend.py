@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from blocks._dcmsend_convert import conversion_args, refusal_error, second_pass
 from blocks._dcmsend_report import parse_report
+from blocks._dimse_results import Unstored, store_failure_is_transient, stored
 from blocks._snapshot import case_snapshot
 from blocks._transcode import Conversion
 from blocks.errors import PermanentTargetError, TargetError, TransientTargetError
@@ -175,22 +176,10 @@ def _status_code(text: str) -> int | None:
         return None
 
 
-def _instance_ok(text: str, warnings_ok: bool) -> bool:
-    code = _status_code(text)
-    if code is None:
-        return False
-    if code == 0x0000:
-        return True
-    warning = code & 0xF000 == 0xB000 or code in (0x0001, 0x0107, 0x0116)
-    return warnings_ok and warning
-
-
-def _failure_is_transient(text: str) -> bool:
-    """Out of resources (0xA7xx) or no response: worth a quick retry. Anything else is not."""
-    if text == _NO_CONTEXT:
-        return False
-    code = _status_code(text)
-    return code is None or code & 0xFF00 == 0xA700
+def _unstored(text: str) -> Unstored:
+    """An instance of the report that was not stored, for the shared judge (``_dimse_results``):
+    ``<not sent>`` and the like have no status (as a lost response)."""
+    return Unstored(_status_code(text), no_context=text == _NO_CONTEXT)
 
 
 def _last_message(stderr: str) -> str:
@@ -350,10 +339,10 @@ def _judge(text: str, warnings_ok: bool, label: str, elapsed: float) -> DcmsendR
     successful = int(summary.get("successful", 0))
     accepted = successful + (details.warnings if warnings_ok else 0)
     if total == 0 or accepted != total:
-        failed = [(n, s) for n, s in details.statuses if not _instance_ok(s, warnings_ok)]
+        failed = [(n, s) for n, s in details.statuses if not stored(_status_code(s), warnings_ok)]
         first = f" (first failure: {Path(failed[0][0]).name}: {failed[0][1]})" if failed else ""
         message = f"{label}: only {accepted} out of {total} instances were sent successfully{first}"
-        transient = bool(failed) and all(_failure_is_transient(s) for _, s in failed)
+        transient = store_failure_is_transient(_unstored(s) for _, s in failed)
         raise (TransientTargetError if transient else PermanentTargetError)(message)
     return DcmsendResult(
         instances=total,

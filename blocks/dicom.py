@@ -33,6 +33,7 @@ from blocks._commitment import supports_commitment
 from blocks._committed_send import CommitmentPolicy, send_committed
 from blocks._dcmsend_convert import parse_instances
 from blocks._dcmsend_report import write_report
+from blocks._dimse_results import store_failure_is_transient
 from blocks._dimse_tls import TLSOptions
 from blocks._net import tcp_reachable
 from blocks._peer_gate import peer_gate
@@ -57,8 +58,6 @@ DEFAULT_CALLING_AET = "DCMSEND"  # what dcmsend calls itself when mercure passes
 DEFAULT_CALLED_AET = "ANY-SCP"
 #: Calling AE title for queries when the target sets none (mercure's).
 DEFAULT_QR_CALLING_AET = "MERCURE"
-#: DIMSE "out of resources" (0xA7xx) is worth a quick retry; other failures are not.
-_RESOURCE_FAILURES = range(0xA700, 0xA800)
 
 
 class DicomTarget(QueryTarget):
@@ -306,14 +305,13 @@ class DicomTarget(QueryTarget):
             write_report(context.report_path, result)
         failed = result.failed(self.warning_counts_as_sent)
         if failed:
-            lost = sum(1 for r in failed if r.status is None and not r.no_context)
             sample = failed[0]
             why = sample.error or _dimse.status_text(sample.status)
             message = (
                 f"{self._label(peer)}: only {len(files) - len(failed)} out of {len(files)} "
                 f"instances were sent successfully (first failure: {sample.path.name}: {why})"
             )
-            transient = lost > 0 or any(r.status in _RESOURCE_FAILURES for r in failed)
+            transient = store_failure_is_transient(failed)
             raise (TransientTargetError if transient else PermanentTargetError)(message)
         size = sum(r.size for r in result.instances)
         sent_as = _transcode.sent_as(result.instances)

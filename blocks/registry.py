@@ -25,6 +25,7 @@ from blocks.dummy import DummyTarget
 from blocks.errors import ConfigError
 from blocks.folder import FolderTarget
 from blocks.notifications import SmtpEmailNotification, SmtpServer
+from blocks.prefect_internals import api_post, block_from_document, block_name
 from blocks.rsync import RsyncTarget
 from blocks.s3 import S3Target
 from blocks.settings import DEFAULT_SETTINGS_NAME, DispatcherSettings
@@ -90,14 +91,14 @@ async def _read_target_documents(
     }
     if names is not None:
         body["block_documents"] = {"name": {"any_": names}, "is_anonymous": {"eq_": False}}
-    response = await client._client.post("/block_documents/filter", json=body)
+    response = await api_post(client, "/block_documents/filter", body)
     response.raise_for_status()
     return [BlockDocument.model_validate(d) for d in response.json()]
 
 
 def _from_document(doc: BlockDocument) -> DispatchTarget:
     slug = doc.block_type.slug if doc.block_type else ""
-    return _BY_SLUG[slug]._from_block_document(doc)
+    return block_from_document(_BY_SLUG[slug], doc)
 
 
 async def aload_target(name: str, client: PrefectClient | None = None) -> DispatchTarget:
@@ -135,7 +136,7 @@ async def aremove_other_types(
 
 
 def doc_name(block: DispatchTarget) -> str:
-    return block._block_document_name or ""
+    return block_name(block)
 
 
 def forget_cached_targets() -> None:

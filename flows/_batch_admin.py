@@ -28,6 +28,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import AwaitingRetry, Completed, Failed, Paused, Scheduled
 
 from blocks.errors import ConfigError, describe_error
+from blocks.prefect_internals import api_post
 from blocks.registry import aload_settings
 from flows._batch import AGAIN, BATCH_TAG, next_offpeak_start, now, progress_key, set_state
 from tasks import casefolder as cf
@@ -191,7 +192,7 @@ async def latest_artifact(client: PrefectClient, key: str) -> Artifact | None:
     # PrefectClient.read_artifacts sends null for the filters it is not given, which the 3.8
     # server refuses (422): the request is written out here.
     body = {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}
-    response = await client._client.post("/artifacts/filter", json=body)
+    response = await api_post(client, "/artifacts/filter", body)
     response.raise_for_status()
     found = response.json()
     return Artifact.model_validate(found[0]) if found else None

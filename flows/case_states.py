@@ -42,7 +42,7 @@ __all__ = [
     "CaseDeployment",
     "already_sent",
     "crash_run",
-    "engine_view",
+    "final_state",
     "moved_to_error",
     "outcome_of",
     "retry_pending",
@@ -78,6 +78,18 @@ def skipped(reason: str, result: dict[str, Any]) -> State[Any]:
 def already_sent(where: str, result: dict[str, Any]) -> State[Any]:
     """A Retry of a case that reached success/ since: done, harmlessly."""
     return Completed(name=ALREADY_SENT, message=f"already in success/: {where}", data=result)
+
+
+def final_state(location: str, reason: str, result: dict[str, Any]) -> State[Any] | dict[str, Any]:
+    """What a case run returns for where its attempt left the case (the table above): the
+    result itself for success/ (the run ends Completed), else the state that says where."""
+    if location == "success":
+        return result
+    if location == "outgoing":
+        return retry_pending(reason, result)
+    if location == "skipped":
+        return skipped(reason, result)
+    return moved_to_error(reason, result)
 
 
 async def outcome_of(state: State[Any]) -> dict[str, Any]:
@@ -131,19 +143,6 @@ class CaseDeployment:
         except ObjectNotFound:  # deleted since we looked
             self.forget()
             return None
-
-
-def engine_view(run: FlowRun) -> FlowRun:
-    """The run as the loop hands it to Prefect's engine: without its deployment id.
-
-    For a run of a deployment the engine starts a suspension observer per run (a thread with
-    its own event loop, API client and event subscription) so that a pause requested in the UI
-    suspends the process. A case run is never paused (a case waits by its folder's
-    ``next_retry_at``, and is stopped by HALT or cancelled), and that observer was the largest
-    part of the client's cost per case. The run still belongs to the deployment on the server
-    (UI Retry, events, filters); the engine reads it back with its deployment id once running.
-    """
-    return run.model_copy(update={"deployment_id": None})
 
 
 async def crash_run(client: PrefectClient, run_id: str | UUID, message: str) -> bool:

@@ -25,12 +25,12 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext, TagsContext
-from prefect.flow_engine import run_flow_async
 from prefect.runtime import flow_run as current_run
 from prefect.settings import get_current_settings
 
 from blocks.base import DispatchTarget
 from blocks.errors import CaseError, ConfigError, describe_error
+from blocks.prefect_internals import run_created_run
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
 from flows._api_wait import is_api_outage
@@ -40,16 +40,27 @@ from flows.case_events import announce_outcome
 from flows.case_states import (
     CaseDeployment,
     already_sent,
-    engine_view,
-    moved_to_error,
+    final_state,
     outcome_of,
-    retry_pending,
     skipped,
 )
 from flows.metrics import case_ready_at, record_case_outcome
 from tasks import casefolder as cf
 from tasks.admission import shared_admission
-from tasks.claims import ClaimLost, ensure_claim_held, holds_claim, release_own_claim
+from tasks.attempt import (
+    Disposition,
+    Failed,
+    Kind,
+    Outage,
+    SendOutcome,
+    Sent,
+    after_counting,
+    after_sending,
+    on_break,
+    refused,
+)
+from tasks.attempt_claim import AttemptClaim
+from tasks.claims import ClaimLost
 from tasks.retry import quick_retries
 from tasks.safefiles import case_links_problem
 from tasks.send import send_tags, send_to_target
@@ -246,11 +257,9 @@ async def dispatch_case(case: str) -> Any:
         get_run_logger().info("case %s is already in success/ (%s)", case_dir.name, case_dir)
         return already_sent(str(case_dir), done.as_result())
     run_id = str(current_run.id) if current_run.id else None
-    owner = cf.read_claim(case_dir)
-    if owner is not None and (owner.is_this_process() or owner.is_queued_for(run_id)):
-        if run_id:
-            cf.record_claim_run(case_dir, run_id)
-    elif not cf.claim_case(case_dir, run_id):
+    claim = AttemptClaim.adopt(case_dir, run_id) or AttemptClaim.take(case_dir, run_id)
+    if claim is None:
+        owner = cf.read_claim(case_dir)
         holder = f"{owner.host}:{owner.pid}" if owner is not None else "another dispatcher"
         reason = f"case {case_dir.name} is being dispatched by {holder} (.processing exists)"
         await _add_run_tags(case_tags(case_dir, None))
@@ -258,56 +267,41 @@ async def dispatch_case(case: str) -> Any:
             reason, CaseOutcome(case_dir.name, "skipped", str(case_dir), reason).as_result()
         )
     ready_at = case_ready_at(case_dir)  # metrics: ready -> success (flows/metrics.py)
-    try:
-        await _keep_mrn_out_of_name(case_dir, settings)
-        outcome = await _dispatch_claimed(case_dir, settings)
-    except ClaimLost as exc:
-        # Taken over (this process was judged dead): nothing more is sent, moved, counted or
-        # released by this attempt; the case is its new owner's.
-        LOGGER.warning("%s", exc)
-        lost = CaseOutcome(case_dir.name, "skipped", str(case_dir), str(exc))
-        return skipped(str(exc), lost.as_result())
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        # Stopping: the case goes back to the queue as it is; an abort after the shutdown grace
-        # period counts the attempt (issue 11).
-        if aborting():
-            give_up_attempt(case_dir, settings, ABORT_REASON)
-        release_own_claim(case_dir)
-        raise
-    except BaseException as exc:
-        if is_api_outage(exc):
-            # The Prefect API went away mid-attempt: not the case's fault. Back to the queue
-            # uncounted; the loop claims it again once the API answers (flows/_api_wait.py).
-            LOGGER.warning(
-                "case %s: the Prefect API went away mid-attempt (%s); back in the queue, "
-                "attempt not counted",
-                case_dir.name,
-                describe_error(exc),
+    with claim:  # released on the way out, whatever ends the attempt (tasks/attempt_claim.py)
+        try:
+            await _keep_mrn_out_of_name(case_dir, settings)
+            outcome = await _dispatch_claimed(claim, settings)
+        except BaseException as exc:
+            outage = is_api_outage(exc)
+            ending = on_break(
+                exc,
+                api_outage=outage,
+                aborting=aborting(),
+                abort_reason=ABORT_REASON,
+                why=describe_error(exc),
             )
-            _release_own_claim(case_dir)
+            if ending.kind is Kind.SKIPPED:
+                # Taken over (this process was judged dead): nothing more is sent, moved,
+                # counted or released by this attempt; the case is its new owner's.
+                LOGGER.warning("%s", exc)
+                lost = CaseOutcome(case_dir.name, "skipped", str(case_dir), ending.reason)
+                return skipped(ending.reason, lost.as_result())
+            if ending.kind is Kind.UNCOUNTED and outage:
+                # The Prefect API went away mid-attempt: back to the queue uncounted; the loop
+                # claims it again once the API answers (flows/_api_wait.py).
+                LOGGER.warning(
+                    "case %s: the Prefect API went away mid-attempt (%s); back in the queue, "
+                    "attempt not counted",
+                    case_dir.name,
+                    ending.reason,
+                )
+            if ending.counts:  # an abort after the grace period (issue 11), a full disk...
+                give_up_attempt(case_dir, settings, ending.reason)
             raise
-        # Anything else unexpected (a full disk): never leave the case stuck. Count the
-        # attempt if the disk lets us, and free the claim in any case.
-        give_up_attempt(
-            case_dir, settings, f"the attempt ended unexpectedly: {describe_error(exc)}"
-        )
-        raise
     record_case_outcome(outcome, ready_at)  # metrics (flows/metrics.py)
     await _publish(outcome)
     await announce_outcome(outcome, settings)  # mercure's notifications: success/ or error/
-    result = outcome.as_result()
-    if outcome.location == "success":
-        return result
-    if outcome.location == "outgoing":
-        return retry_pending(outcome.reason, result)
-    return moved_to_error(outcome.reason, result)
-
-
-def _to_error(case_dir: Path, settings: DispatcherSettings, reason: str) -> CaseOutcome:
-    ensure_claim_held(case_dir)
-    _, _, error = settings.folders()
-    dest = cf.move_case(case_dir, error, fail_stage=cf.FAIL_STAGE, reason=reason)
-    return CaseOutcome(case_dir.name, "error", str(dest), reason)
+    return final_state(outcome.location, outcome.reason, outcome.as_result())
 
 
 def give_up_attempt(case_dir: Path, settings: DispatcherSettings, reason: str) -> None:
@@ -316,51 +310,64 @@ def give_up_attempt(case_dir: Path, settings: DispatcherSettings, reason: str) -
     Recording may itself fail (the disk is full): the claim is released all the same, so the
     case is dispatched again rather than stuck behind a live process that is not working on it.
     """
-    if not holds_claim(case_dir):
+    claim = AttemptClaim.of(case_dir)
+    if not claim.held():
         return
     try:
-        _fail_attempt(case_dir, settings, reason)
+        _apply(claim, settings, Disposition(Kind.FAILED, reason), case_dir.name)
     except Exception as exc:
         LOGGER.error("case %s: could not record the attempt (%s): %s", case_dir.name, reason, exc)
     finally:
-        _release_own_claim(case_dir)
+        claim.release()
 
 
-def _fail_attempt(case_dir: Path, settings: DispatcherSettings, reason: str) -> CaseOutcome:
-    """mercure's failure path: count the attempt; retry later, or error/ when exhausted."""
-    ensure_claim_held(case_dir)
-    try:
-        retry = cf.record_failed_attempt(case_dir, settings.retry_max, settings.retry_delay)
-    except TaskFileError as exc:
-        return _to_error(case_dir, settings, f"{reason}; {exc}")
-    if retry:
-        release_own_claim(case_dir)
-        return CaseOutcome(case_dir.name, "outgoing", str(case_dir), reason)
-    return _to_error(case_dir, settings, f"Max retries reached: {reason}")
+def _apply(
+    claim: AttemptClaim, settings: DispatcherSettings, decided: Disposition, case_id: str
+) -> CaseOutcome:
+    """Carry out what ``tasks/attempt.py`` decided: move the case, or count the attempt (and
+    carry out what that comes to), or leave it for a retry."""
+    case_dir = claim.case_dir
+    _, success, error = settings.folders()
+    if decided.kind is Kind.SUCCESS:
+        return CaseOutcome(case_id, "success", str(claim.move(success)))
+    if decided.kind is Kind.ERROR:
+        dest = claim.move(error, fail_stage=cf.FAIL_STAGE, reason=decided.reason)
+        return CaseOutcome(case_id, "error", str(dest), decided.reason)
+    if decided.kind is Kind.FAILED:  # mercure's failure path: count the attempt
+        claim.ensure_held()
+        try:
+            retry = cf.record_failed_attempt(case_dir, settings.retry_max, settings.retry_delay)
+            counted = after_counting(decided.reason, retry)
+        except TaskFileError as exc:
+            counted = after_counting(decided.reason, False, str(exc))
+        return _apply(claim, settings, counted, case_id)
+    if decided.kind is Kind.RETRY:
+        claim.release()
+        return CaseOutcome(case_id, "outgoing", str(case_dir), decided.reason)
+    raise ValueError(f"case {case_dir.name}: {decided.kind} is not an end of an attempt")
 
 
-async def _dispatch_claimed(case_dir: Path, settings: DispatcherSettings) -> CaseOutcome:
+async def _dispatch_claimed(claim: AttemptClaim, settings: DispatcherSettings) -> CaseOutcome:
     logger = get_run_logger()
+    case_dir = claim.case_dir
     try:
         _, task = read_task(case_dir)
     except TaskFileError as exc:
-        return _to_error(case_dir, settings, str(exc))
+        return _apply(claim, settings, Disposition(Kind.ERROR, str(exc)), case_dir.name)
     targets = target_names(task)
     await _add_run_tags(case_tags(case_dir, task, mrn=settings.mrn_in_run_names))
-    refused = case_links_problem(case_dir, allow_inside=settings.case_links_inside)
-    if refused:
-        return _to_error(case_dir, settings, f"{refused}. Unable to dispatch job {task.id}")
+    problem = case_links_problem(case_dir, allow_inside=settings.case_links_inside)
+    if problem:
+        return _apply(claim, settings, refused(problem, task.id), case_dir.name)
     if not targets:
-        return _to_error(
-            case_dir, settings, f"No targets provided. Unable to dispatch job {task.id}"
-        )
+        return _apply(claim, settings, refused("No targets provided", task.id), case_dir.name)
     blocks: dict[str, DispatchTarget] = {}
     for name in targets:
         try:
             blocks[name] = await aload_target(name)
         except ConfigError as exc:
             reason = f"{exc}. Unable to start dispatching of job {task.id}"
-            return _to_error(case_dir, settings, reason)
+            return _apply(claim, settings, Disposition(Kind.ERROR, reason), case_dir.name)
     raw = cf.reset_status_if_mismatched(case_dir, targets)
     status = raw["dispatch"]["status"]
     pending = [t for t in targets if status.get(t, {}).get("state") != "complete"]
@@ -374,31 +381,25 @@ async def _dispatch_claimed(case_dir: Path, settings: DispatcherSettings) -> Cas
     )
     # Raised only once every send has ended, so none goes on behind a released claim; an
     # outage goes back to the queue uncounted (dispatch_case), and complete targets stay so.
-    for result in results:
+    outcomes: dict[str, SendOutcome] = {}
+    for name, result in zip(pending, results, strict=True):
         if isinstance(result, BaseException):
             raise result
-        if result["state"] == "outage":
-            raise result["error"]
-    per_target = dict(zip(pending, cast(list[dict[str, Any]], results), strict=True))
-    failed = {name: r["message"] for name, r in per_target.items() if r["state"] != "complete"}
-    ensure_claim_held(case_dir)  # sends may take long: the case is still ours to move
+        if isinstance(result, Outage):
+            raise result.error
+        outcomes[name] = result
+    claim.ensure_held()  # sends may take long: the case is still ours to move
     # A link planted after the check above was refused by the senders (never followed), or
     # hid a sub-folder from them: the case is unusable as it is, whatever the peers said, so
     # it goes to error/ with the reason at once rather than to a retry or to success/.
-    refused = case_links_problem(case_dir, allow_inside=settings.case_links_inside)
-    outcome: CaseOutcome
-    if refused:
-        outcome = _to_error(case_dir, settings, f"{refused}. Unable to dispatch job {task.id}")
-    elif not failed:
-        _, success, _ = settings.folders()
-        dest = cf.move_case(case_dir, success)
-        outcome = CaseOutcome(task.id, "success", str(dest))
-    else:
-        reason = "; ".join(f"{name}: {message}" for name, message in failed.items())
-        outcome = _fail_attempt(case_dir, settings, reason)
-        outcome.case_id = task.id
-        logger.warning("case %s: %s -> %s", task.id, reason, outcome.location)
-    outcome.targets = per_target
+    links = case_links_problem(case_dir, allow_inside=settings.case_links_inside)
+    decided = after_sending(outcomes, links, task.id)
+    outcome = _apply(claim, settings, decided, case_dir.name if links else task.id)
+    if decided.counts:
+        logger.warning("case %s: %s -> %s", task.id, decided.reason, outcome.location)
+    outcome.targets = {
+        name: o.status() for name, o in outcomes.items() if isinstance(o, Sent | Failed)
+    }
     return outcome
 
 
@@ -416,7 +417,7 @@ async def _send_one(
     block: DispatchTarget,
     report: str | None,
     settings: DispatcherSettings,
-) -> dict[str, Any]:
+) -> SendOutcome:
     """Run the send task for one target and record its outcome in task.json at once."""
     run_tags = send_tags(name, block.target_type)
     task = send_to_target.with_options(
@@ -434,7 +435,7 @@ async def _send_one(
     if state.is_completed():
         result: dict[str, Any] = await state.aresult()
         cf.set_target_status(case_dir, name, "complete")
-        return {"state": "complete", "message": "", **result}
+        return Sent(result)
     try:
         outcome = await state.aresult(raise_on_failure=False)
     except Exception as exc:  # the result itself could not be read
@@ -444,10 +445,10 @@ async def _send_one(
         raise error  # nothing was sent; the case, its task.json included, is no longer ours
     if error is not None and is_api_outage(error):
         # Not the target's failure: its slot or its state could not reach the Prefect API.
-        return {"state": "outage", "message": describe_error(error), "error": error}
+        return Outage(error, describe_error(error))
     message = describe_error(error if error is not None else state.message or "send failed")
     cf.set_target_status(case_dir, name, "error", message)
-    return {"state": "error", "message": message}
+    return Failed(message)
 
 
 async def _publish(outcome: CaseOutcome) -> None:
@@ -498,37 +499,29 @@ async def run_case(
         set_loop_settings(settings)
     name, run_tags = case_run_labels(case_dir, task, priority, settings)
     started = False
-    try:
-        created = None
-        if deployment is not None and FlowRunContext.get() is None:
-            async with get_client() as client:
-                created = await deployment.create_run(
-                    client, time.monotonic(), str(case_dir), name, run_tags
+    # The claim the loop took: released when the run is over, whatever happened.
+    with AttemptClaim.of(case_dir):
+        try:
+            created = None
+            if deployment is not None and FlowRunContext.get() is None:
+                async with get_client() as client:
+                    created = await deployment.create_run(
+                        client, time.monotonic(), str(case_dir), name, run_tags
+                    )
+            started = True
+            if created is not None:
+                state = await run_created_run(
+                    _dispatch_created_run, created, {"case": str(case_dir)}
                 )
-        started = True
-        if created is not None:
-            state = await run_flow_async(
-                _dispatch_created_run,
-                flow_run=engine_view(created),
-                parameters={"case": str(case_dir)},
-                return_type="state",
-            )
-        else:
-            with tags(*run_tags):
-                state = await dispatch_case(str(case_dir), return_state=True)
-        result = await outcome_of(cast(State[Any], state))
-        return bool(result.get("location") == "success")
-    except Exception as exc:
-        LOGGER.exception("case %s: the dispatch run failed", case_dir.name)
-        if started and settings is not None and not is_api_outage(exc):
-            give_up_attempt(case_dir, settings, f"the dispatch run failed: {describe_error(exc)}")
-        else:  # no run or no API, no attempt: the case waits in the queue
-            _release_own_claim(case_dir)
-        return False
-    finally:
-        _release_own_claim(case_dir)  # whatever happened, the run is over
-
-
-def _release_own_claim(case_dir: Path) -> None:
-    """Free the case's claim if this process holds it (another may have taken it over)."""
-    release_own_claim(case_dir)
+            else:
+                with tags(*run_tags):
+                    state = await dispatch_case(str(case_dir), return_state=True)
+            result = await outcome_of(state)
+            return bool(result.get("location") == "success")
+        except Exception as exc:
+            LOGGER.exception("case %s: the dispatch run failed", case_dir.name)
+            if started and settings is not None and not is_api_outage(exc):
+                reason = f"the dispatch run failed: {describe_error(exc)}"
+                give_up_attempt(case_dir, settings, reason)
+            # else no run or no API, no attempt: the case waits in the queue
+            return False

@@ -24,7 +24,6 @@ from prefect.exceptions import ObjectNotFound
 from flows.case_states import CASE_DEPLOYMENT
 from flows.dispatch import case_run_labels
 from tasks import casefolder as cf
-from tasks.claims import queue_claim, release_own_claim
 
 if TYPE_CHECKING:
     from flows.sweep import Dispatcher
@@ -62,10 +61,11 @@ async def fan_out(dispatcher: Dispatcher, deployment_id: UUID) -> tuple[int, boo
         for cand in ordered[:room]:
             if cf.is_halted(outgoing):
                 return queued, True
-            if not dispatcher.claim(cand.path):
+            claim = dispatcher.take(cand.path)
+            if claim is None:
                 continue
             name, tags = case_run_labels(cand.path, cand.task, cand.priority, dispatcher.settings)
-            try:
+            with claim:  # released if the run cannot be created; else handed over to the run
                 run = await client.create_flow_run_from_deployment(
                     deployment_id,
                     parameters={"case": str(cand.path)},
@@ -73,10 +73,7 @@ async def fan_out(dispatcher: Dispatcher, deployment_id: UUID) -> tuple[int, boo
                     tags=tags,
                     work_queue_name=cand.priority,
                 )
-            except Exception:
-                release_own_claim(cand.path)
-                raise
-            queue_claim(cand.path, str(run.id))
+                claim.hand_over(str(run.id))
             queued += 1
             LOGGER.info("case %s queued on %s as run %s", cand.path.name, cand.priority, run.id)
     return queued, False

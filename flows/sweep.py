@@ -30,6 +30,7 @@ from flows.dispatch import give_up_attempt, run_case
 from flows.fanout import case_pool_deployment, fan_out
 from flows.takeover import ForeignClaims
 from tasks import casefolder as cf
+from tasks.attempt_claim import AttemptClaim
 from tasks.claims import release_stale_claim
 from tasks.oncelog import OnceLog
 
@@ -165,12 +166,16 @@ class Dispatcher:
         return scan, cf.order_cases(scan.ready, offpeak_now=offpeak)
 
     def claim(self, case_dir: Path) -> bool:
-        """Claim one case; False if someone holds it, it is gone, or it cannot be claimed
+        """Claim one case (:meth:`take`); False if it cannot be claimed."""
+        return self.take(case_dir) is not None
+
+    def take(self, case_dir: Path) -> AttemptClaim | None:
+        """Claim one case; None if someone holds it, it is gone, or it cannot be claimed
         (e.g. a folder the service cannot write: logged once, and only this case waits)."""
         try:
-            return cf.claim_case(case_dir)
+            return AttemptClaim.take(case_dir)
         except FileNotFoundError:
-            return False  # moved away since the scan
+            return None  # moved away since the scan
         except OSError as exc:
             self._said.log(
                 logging.ERROR,
@@ -181,7 +186,7 @@ class Dispatcher:
                 case_dir.name,
                 exc,
             )
-            return False
+            return None
 
     def _start(self, cand: cf.Candidate) -> asyncio.Task[bool] | None:
         outgoing = self.settings.folders()[0]

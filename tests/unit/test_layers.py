@@ -30,6 +30,8 @@ PREFECT_FREE = sorted(
     | {
         "blocks.qr",
         "tasks.tags",
+        "tasks.attempt",
+        "tasks.attempt_claim",
         # Imported before the environment (API URL, auth string) is decided: Prefect reads its
         # settings once, at import, so importing it here would freeze the wrong ones.
         "deployments.cli",

@@ -25,6 +25,8 @@ Here, at the bottom of the layers that use Prefect, so blocks, flows and deploym
 
 from __future__ import annotations
 
+import concurrent.futures
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,10 +40,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JOB_ENGINE_NAMES",
+    "active_queue_services",
     "api_post",
     "block_from_document",
     "block_name",
     "engine_view",
+    "ephemeral_api_urls",
+    "queued_items",
+    "start_drain",
     "run_created_run",
 ]
 
@@ -101,3 +107,39 @@ async def run_created_run(
     if not isinstance(state, State):
         raise TypeError(f"the engine returned {type(state).__name__}, not the run's state")
     return state
+
+
+def active_queue_services() -> list[Any]:
+    """Prefect's queue services (log and event shippers, ...) of this process that still run.
+
+    Their ``drain`` at interpreter exit retries for as long as the API is gone, past any stop
+    budget; the service drains them itself, with a deadline (``deployments/shutdown.py``). Not
+    imported when Prefect never started one here.
+    """
+    services = sys.modules.get("prefect._internal.concurrency.services")
+    if services is None:
+        return []
+    return [
+        s
+        for s in list(services._active_services)
+        if s._started and s._done_event is not None and not s._done_event.is_set()
+    ]
+
+
+def start_drain(service: Any) -> concurrent.futures.Future[bool]:
+    """Ask ``service`` to ship what it holds and stop; done when it has."""
+    future: concurrent.futures.Future[bool] = service._drain(at_exit=True)
+    return future
+
+
+def queued_items(service: Any) -> int:
+    """What ``service`` still holds, at least 1 (its queue ends in an end mark)."""
+    return max(1, int(service._queue.qsize()) - 1)
+
+
+def ephemeral_api_urls() -> list[str]:
+    """API URLs of the ephemeral subprocess servers started in this process (looked up, never
+    started: importing the server module would load the whole server app)."""
+    server = sys.modules.get("prefect.server.api.server")
+    instances = server.SubprocessASGIServer._instances.values() if server else ()
+    return [str(s.api_url) for s in instances if s.port is not None]

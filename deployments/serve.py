@@ -200,12 +200,11 @@ async def _deployments_on_work_pools(client: PrefectClient) -> set[str]:
 async def _sync_limits(settings: DispatcherSettings) -> None:
     from prefect.client.orchestration import get_client
 
+    from blocks.prefect_internals import block_name
     from blocks.registry import alist_targets
     from deployments.limits import apply_limits, wanted_limits
 
     targets = await alist_targets()
-    per_target = {
-        t.target_name or t._block_document_name or "": t.max_concurrent_sends for t in targets
-    }
+    per_target = {t.target_name or block_name(t): t.max_concurrent_sends for t in targets}
     async with get_client() as client:
         await apply_limits(client, wanted_limits(settings, per_target))

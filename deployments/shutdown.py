@@ -119,15 +119,12 @@ def drain_prefect_services(timeout: float) -> Counter[str]:
     Returns the items left behind per service (``APILogWorker``, ``EventsWorker``, ...). A
     drained service is stopped; anything queued later starts a new one, for the next drain.
     """
-    services = sys.modules.get("prefect._internal.concurrency.services")
-    if services is None:  # Prefect never ran here
-        return Counter()
+    from blocks.prefect_internals import active_queue_services, queued_items, start_drain
+
     waiting: dict[concurrent.futures.Future[bool], Any] = {}
-    for service in list(services._active_services):
-        if not service._started or service._done_event is None or service._done_event.is_set():
-            continue
+    for service in active_queue_services():
         try:
-            waiting[service._drain(at_exit=True)] = service
+            waiting[start_drain(service)] = service
         except Exception as exc:  # its loop is gone: nothing can ship it any more
             LOGGER.debug("could not drain %s: %s", type(service).__name__, exc)
             waiting[_failed()] = service
@@ -136,7 +133,7 @@ def drain_prefect_services(timeout: float) -> Counter[str]:
     left: Counter[str] = Counter()
     for future, service in waiting.items():
         if not future.done() or future.exception() is not None:
-            left[type(service).__name__] += max(1, service._queue.qsize() - 1)  # its end mark
+            left[type(service).__name__] += queued_items(service)
     return left
 
 

@@ -10,7 +10,6 @@ a few seconds, so a busy loop does not ask before every scan.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 import anyio
@@ -18,6 +17,7 @@ import httpx
 from prefect.client.orchestration import get_client
 
 from blocks.errors import DispatchError
+from blocks.prefect_internals import ephemeral_api_urls
 
 __all__ = ["ApiWatch", "api_bases", "is_api_outage"]
 
@@ -95,12 +95,7 @@ def api_bases() -> list[httpx.URL]:
     configured = PREFECT_API_URL.value()
     if configured:
         return [httpx.URL(str(configured))]
-    # Not imported: no ephemeral server was started here (and importing it would load the
-    # whole server app).
-    server = sys.modules.get("prefect.server.api.server")
-    instances = server.SubprocessASGIServer._instances.values() if server else ()
-    started = [s.api_url for s in instances if s.port is not None]
-    return [httpx.URL(url) for url in (*started, IN_PROCESS_API)]
+    return [httpx.URL(url) for url in (*ephemeral_api_urls(), IN_PROCESS_API)]
 
 
 def _to_the_api(error: httpx.TransportError | httpx.HTTPStatusError) -> bool:

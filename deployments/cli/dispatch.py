@@ -73,14 +73,15 @@ async def cmd_import_config(args: argparse.Namespace, home: Path) -> int:
 
 
 async def cmd_targets_list(args: argparse.Namespace, home: Path) -> int:
+    from blocks.prefect_internals import block_name
     from blocks.registry import alist_targets
 
     header = ("name", "type", "block", "direction")
     rows = [
         (
-            t.target_name or t._block_document_name,
+            t.target_name or block_name(t),
             t.target_type,
-            t._block_document_name,
+            block_name(t),
             t.direction,
         )
         for t in await alist_targets()
@@ -212,10 +213,11 @@ def _backend_keys(target: DispatchTarget) -> dict[str, Any]:
 
 async def _target_backends() -> dict[str, str]:
     """Send backend per target that has a choice (DICOM), for ``status``."""
+    from blocks.prefect_internals import block_name
     from blocks.registry import alist_targets
 
     return {
-        str(t.target_name or t._block_document_name): t.backends()["send"]
+        str(t.target_name or block_name(t)): t.backends()["send"]
         for t in await alist_targets()
         if t.backends()
     }

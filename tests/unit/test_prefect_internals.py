@@ -126,3 +126,26 @@ def test_the_job_process_preloads_what_the_checks_cover() -> None:
 
     engine_modules = {m for m in JOB_PRELOAD if m.startswith("prefect")}
     assert engine_modules <= {m for m, _ in internals.JOB_ENGINE_NAMES} | {"prefect.engine"}
+
+
+def test_queue_services_can_be_listed_drained_and_counted() -> None:
+    """The stop budget drains Prefect's queue services itself (their exit drain is unbounded):
+    the registry, the start/done flags, ``_drain`` and the queue must be where we read them."""
+    from prefect._internal.concurrency import services
+
+    list(services._active_services)  # a (weak) set of the running services
+    for name in ("_started", "_done_event", "_queue"):
+        assert name in inspect.getsource(services._QueueServiceBase.__init__), name
+    assert "at_exit" in inspect.signature(services._QueueServiceBase._drain).parameters
+    assert internals.active_queue_services() == [
+        s for s in internals.active_queue_services() if s._started
+    ]
+
+
+def test_ephemeral_servers_are_listed_with_their_url() -> None:
+    """The outage rule recognises an ephemeral server's requests by its URL."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    assert isinstance(SubprocessASGIServer._instances, dict)
+    assert isinstance(inspect.getattr_static(SubprocessASGIServer, "api_url"), property)
+    assert all(url.startswith("http") for url in internals.ephemeral_api_urls())

@@ -17,7 +17,7 @@ from blocks.dicom import DicomTarget
 from blocks.folder import FolderTarget
 from tasks.safefiles import LINK_REFUSED
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
 
 pytestmark = pytest.mark.integration

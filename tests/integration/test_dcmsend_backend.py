@@ -23,7 +23,7 @@ from blocks.errors import PermanentTargetError, TransientTargetError
 from tasks.taskjson import read_task
 from tests.cases import make_case
 from tests.dicomfiles import pixel_digest
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP, dcmtk_binary
 from tests.peers.net import free_port
 from tests.peers.pynetdicom_scp import parrot_scp

@@ -9,7 +9,7 @@ from blocks.dicom import DicomTarget
 from blocks.folder import FolderTarget
 from tests.cases import make_case
 from tests.dicomfiles import pixel_digest
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
 from tests.peers.net import free_port
 from tests.peers.pynetdicom_scp import DROP, parrot_scp

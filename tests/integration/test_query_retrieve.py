@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from blocks.errors import (
     TransientTargetError,
 )
 from tests.dicomfiles import pixel_digest
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
 from tests.peers.net import free_port
 from tests.peers.orthanc_qr import (
@@ -45,6 +44,7 @@ from tests.peers.orthanc_qr import (
     stop,
     take_away,
 )
+from tests.service import wait_for
 
 OUR_AET = "DISPATCH"
 SOURCE = "orthanc_qr"
@@ -138,17 +138,6 @@ def _deployment_exists(name: str) -> bool:
     return asyncio.run(check())
 
 
-def wait_for(
-    check: Callable[[], bool], timeout: float, what: str, show: Callable[[], Any] = str
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} {show()}")
-
-
 def digests(folder: Path) -> dict[str, str]:
     return dict(pixel_digest(p) for p in folder.rglob("*.dcm"))
 
@@ -182,7 +171,7 @@ def wait_batch(batch_id: str, state: str, timeout: float) -> Any:
         lambda: batch(batch_id).state in (state, "Failed", "Completed"),
         timeout,
         state,
-        batch_status_of(batch_id),
+        show=batch_status_of(batch_id),
     )
     status = batch(batch_id)
     assert status.state == state, status.as_dict()
@@ -564,7 +553,10 @@ def test_offpeak_batch_paused_resumed_and_started_by_the_scheduler(
         )
 
     wait_for(
-        back_to_the_window, 60, "both children to wait for the window", batch_status_of(batch_id)
+        back_to_the_window,
+        60,
+        "both children to wait for the window",
+        show=batch_status_of(batch_id),
     )
     if dt.datetime.now() < window - dt.timedelta(seconds=15):
         assert not list((tmp_path / batch_id).iterdir()), "nothing may run before the window"

@@ -21,7 +21,7 @@ from blocks.dicomweb import DicomWebTarget
 from blocks.errors import PermanentTargetError, TransientTargetError
 from tests.cases import make_case
 from tests.dicomfiles import pixel_digest
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.net import free_port
 from tests.peers.orthanc import Orthanc, StowRecorder
 

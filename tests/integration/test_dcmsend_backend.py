@@ -28,7 +28,7 @@ from tests.peers.dcmtk import StoreSCP, dcmtk_binary
 from tests.peers.net import free_port
 from tests.peers.pynetdicom_scp import parrot_scp
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(autouse=True)

@@ -41,7 +41,7 @@ from tests.peers.orthanc import Orthanc
 from tests.peers.s3 import MotoS3
 from tests.peers.xnat_fake import XnatFake
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 NAME = "late"
 SENDERS = ["folder", "sftp", "rsync", "s3", "dicomweb", "xnat", "dicom", "dcmsend"]

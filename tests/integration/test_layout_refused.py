@@ -7,12 +7,8 @@ import asyncio
 import json
 from pathlib import Path
 
-import pytest
-
 from tests.dispatch_env import DispatchEnv
 from tests.service import run_cli, serve_env
-
-pytestmark = pytest.mark.integration
 
 
 def our_lines(stderr: str) -> list[str]:

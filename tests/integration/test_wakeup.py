@@ -22,7 +22,7 @@ from tasks import casefolder as cf
 from tests.cases import make_case, task_json
 from tests.dispatch_env import DispatchEnv
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 ROUNDS = 3  # per way of becoming ready
 

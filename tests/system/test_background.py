@@ -31,7 +31,7 @@ import pytest
 from tests import jobs_fixtures
 from tests.service import REPO, run_cli, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 
 FIXTURES = "tests.jobs_fixtures"
 INSTALLER = "deployments.service_unit:main"

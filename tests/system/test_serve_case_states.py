@@ -78,7 +78,8 @@ def test_a_killed_service_leaves_no_running_ghost(env: DispatchEnv, tmp_path: Pa
     import threading
 
     from blocks.dicom import DicomTarget
-    from deployments.automations import ZOMBIE_WINDOW_SECONDS
+    from blocks.host import MIN_ZOMBIE_WINDOW_SECONDS, TEST_TAKEOVER_WINDOW_ENV
+    from deployments.automations import ensure_zombie_automation
 
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
@@ -88,7 +89,8 @@ def test_a_killed_service_leaves_no_running_ghost(env: DispatchEnv, tmp_path: Pa
     port = silent.getsockname()[1]
     env.save_target(DicomTarget(ip="127.0.0.1", port=port, acse_timeout=600), "silent")
 
-    proc, _ = start_serve(tmp_path)
+    # The shortest zombie window there is (the tests' takeover window raises it to 35 s).
+    proc, _ = start_serve(tmp_path, **{TEST_TAKEOVER_WINDOW_ENV: "10"})
     try:
         case = make_case(env.outgoing, ["silent"])
         wait_for(lambda: bool(case_runs(case.name)), 90, "the case's run")
@@ -99,11 +101,19 @@ def test_a_killed_service_leaves_no_running_ghost(env: DispatchEnv, tmp_path: Pa
         proc.kill()
         proc.wait(30)
         silent.close()
-    wait_for(
-        lambda: _state(run.id).type == StateType.CRASHED,
-        ZOMBIE_WINDOW_SECONDS + 60,
-        "the zombie-run automation",
-    )
+    try:
+        wait_for(
+            lambda: _state(run.id).type == StateType.CRASHED,
+            MIN_ZOMBIE_WINDOW_SECONDS + 60,
+            "the zombie-run automation",
+        )
+    finally:
+
+        async def default_window() -> None:
+            async with get_client() as client:
+                await ensure_zombie_automation(client)
+
+        asyncio.run(default_window())
     assert "heartbeat" in (_state(run.id).message or "")
     assert (case / ".processing").exists(), "the claim stays until a dispatcher recovers it"
 

@@ -129,22 +129,6 @@ def test_warning_status_counts_as_sent_unless_configured(env: DispatchEnv) -> No
         assert env.dispatch(strict)["location"] == "error"
 
 
-def test_sender_ip_and_aet_passing() -> None:
-    from blocks.base import SendContext
-    from tasks.taskjson import parse_task
-    from tests.cases import task_json
-
-    task = parse_task(
-        task_json("c1", ["t"], sender_address="10.1.2.3", sender_aet="CT1", receiver_aet="MERCURE")
-    )
-    target = DicomTarget(
-        ip="sender", port="", aet_target="PACS", pass_sender_aet=True, pass_receiver_aet=True
-    )
-    assert target.peer(SendContext(Path("."), task)) == ("10.1.2.3", 104, "MERCURE", "CT1")
-    plain = DicomTarget(ip="pacs.example", port="11112", aet_target="PACS", aet_source="ME")
-    assert plain.peer(SendContext(Path("."), task)) == ("pacs.example", 11112, "PACS", "ME")
-
-
 def test_connection_test_keys(tmp_path: Path) -> None:
     with StoreSCP(tmp_path / "pacs") as scp:
         up = dicom_target(scp.port).test_connection()

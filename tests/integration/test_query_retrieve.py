@@ -20,7 +20,6 @@ from uuid import UUID
 
 import pytest
 
-from blocks._dicomweb_qr import iter_multipart
 from blocks.dicom import DicomTarget
 from blocks.dicomweb import DicomWebTarget
 from blocks.errors import (
@@ -296,17 +295,6 @@ def test_wado_rs_streams_exactly_the_expected_instances(peer: Peer, tmp_path: Pa
         target.retrieve("QR-NOPE", None, tmp_path / "none")
 
 
-def test_multipart_parts_are_cut_whatever_the_chunking() -> None:
-    parts = [b"\x00" * 1000 + b"DICM" + bytes(range(256)) * 40, b"second", b"--x\r\n"]
-    body = b"preamble\r\n"
-    for part in parts:
-        body += b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
-    body += b"--b0undary--\r\n"
-    for size in (1, 7, 64, 100000):
-        chunks = [body[i : i + size] for i in range(0, len(body), size)]
-        assert list(iter_multipart(chunks, b"b0undary")) == parts
-
-
 def test_retrieve_of_an_unknown_accession_fails_clearly(peer: Peer, tmp_path: Path) -> None:
     with pytest.raises(AccessionNotFound, match="No series found with accession"):
         peer.dicom_target().retrieve("QR-NOPE", None, tmp_path / "x")
@@ -567,22 +555,3 @@ def test_offpeak_batch_paused_resumed_and_started_by_the_scheduler(
 
     for accession in ("QR-B", "QR-C"):  # retrieved in the window (folder written then)
         assert (tmp_path / batch_id / accession).stat().st_mtime >= window.timestamp()
-
-
-def test_query_retrieve_cores_do_not_import_prefect() -> None:
-    code = (
-        "import sys, blocks.qr, blocks._dimse_qr, blocks._dicomweb_qr; "
-        "sys.exit(1 if 'prefect' in sys.modules else 0)"
-    )
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
-
-
-def test_offpeak_window_arithmetic() -> None:
-    from flows.query import next_offpeak_start, parse_accessions
-
-    at = dt.datetime(2026, 3, 1, 12, 30)
-    assert next_offpeak_start("22:00", "06:00", at) == dt.datetime(2026, 3, 1, 22, 0)
-    assert next_offpeak_start("22:00", "06:00", at.replace(hour=23)) is None
-    assert next_offpeak_start("10:00", "11:00", at) == dt.datetime(2026, 3, 2, 10, 0)
-    assert next_offpeak_start("12:00", "12:00", at) is None  # start == end: always
-    assert parse_accessions(" A1, A2\nA3\r\n\nA1 ,") == ["A1", "A2", "A3"]

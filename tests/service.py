@@ -1,5 +1,5 @@
-"""How the tests run our programs as a site does: ``serve`` and the CLI as processes, and waiting
-for what they do.
+"""How the tests run our programs as a site does: ``serve`` and the CLI as processes, waiting for
+what they do, and the fake peers that only make sense around them (a peer that never answers).
 
 One place, so that every test starts ``serve`` the same way (its own data directory and log, the
 session server's API URL and auth string from the environment) and stops it the same way (SIGTERM,
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +28,7 @@ __all__ = [
     "free_port",
     "run_cli",
     "serve_env",
+    "silent_peer",
     "start_serve",
     "stop",
     "wait_for",
@@ -125,3 +129,30 @@ def run_cli(
         env=dict(os.environ if env is None else env),
         **kwargs,
     )
+
+
+@contextmanager
+def silent_peer() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A TCP peer that accepts connections and never answers a byte."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not done.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], accepted
+    finally:
+        done.set()
+        thread.join(2)
+        for conn in accepted:
+            conn.close()
+        listener.close()

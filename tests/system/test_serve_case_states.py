@@ -15,7 +15,7 @@ from flows.case_states import ALREADY_SENT
 from tests.cases import make_case
 from tests.dispatch_env import DispatchEnv
 from tests.integration.test_case_states import blocked_folder, case_runs, one_run
-from tests.service import start_serve, stop, wait_for
+from tests.service import silent_peer, start_serve, stop, wait_for
 
 
 def test_ui_retry_dispatches_the_case_again(env: DispatchEnv, tmp_path: Path) -> None:
@@ -74,33 +74,23 @@ def test_a_killed_service_leaves_no_running_ghost(env: DispatchEnv, tmp_path: Pa
     The peer accepts the TCP connection and never answers, so the send is in flight when the
     service dies; nothing on this host will ever report the run's end.
     """
-    import socket
-    import threading
-
     from blocks.dicom import DicomTarget
     from blocks.host import MIN_ZOMBIE_WINDOW_SECONDS, TEST_TAKEOVER_WINDOW_ENV
     from deployments.automations import ensure_zombie_automation
 
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    held: list[socket.socket] = []
-    threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
-    port = silent.getsockname()[1]
-    env.save_target(DicomTarget(ip="127.0.0.1", port=port, acse_timeout=600), "silent")
-
-    # The shortest zombie window there is (the tests' takeover window raises it to 35 s).
-    proc, _ = start_serve(tmp_path, **{TEST_TAKEOVER_WINDOW_ENV: "10"})
-    try:
-        case = make_case(env.outgoing, ["silent"])
-        wait_for(lambda: bool(case_runs(case.name)), 90, "the case's run")
-        (run,) = case_runs(case.name)
-        wait_for(lambda: _state(run.id).type == StateType.RUNNING, 60, "the run to be running")
-        wait_for(lambda: bool(held), 30, "the send to connect")
-    finally:
-        proc.kill()
-        proc.wait(30)
-        silent.close()
+    with silent_peer() as (port, held):
+        env.save_target(DicomTarget(ip="127.0.0.1", port=port, acse_timeout=600), "silent")
+        # The shortest zombie window there is (the tests' takeover window raises it to 35 s).
+        proc, _ = start_serve(tmp_path, **{TEST_TAKEOVER_WINDOW_ENV: "10"})
+        try:
+            case = make_case(env.outgoing, ["silent"])
+            wait_for(lambda: bool(case_runs(case.name)), 90, "the case's run")
+            (run,) = case_runs(case.name)
+            wait_for(lambda: _state(run.id).type == StateType.RUNNING, 60, "the run to be running")
+            wait_for(lambda: bool(held), 30, "the send to connect")
+        finally:
+            proc.kill()
+            proc.wait(30)
     try:
         wait_for(
             lambda: _state(run.id).type == StateType.CRASHED,

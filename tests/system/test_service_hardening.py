@@ -11,16 +11,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import stat
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +29,7 @@ from tasks.taskjson import read_task_raw
 from tests.cases import make_case
 from tests.dispatch_env import DispatchEnv
 from tests.peers.tmpfs import small_tmpfs
-from tests.service import CLI, free_port, run_cli, start_serve, stop, wait_for
+from tests.service import CLI, free_port, run_cli, silent_peer, start_serve, stop, wait_for
 
 EVIL_ORIGIN = "http://evil.example"
 
@@ -219,33 +215,6 @@ def save_fast_retries(api: str, auth: str, home: Path) -> None:
         [CLI[0], "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-
-
-@contextmanager
-def silent_peer() -> Iterator[tuple[int, list[socket.socket]]]:
-    """A TCP peer that accepts connections and never answers a byte."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[socket.socket] = []
-    done = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not done.is_set():
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1], accepted
-    finally:
-        done.set()
-        thread.join(2)
-        for conn in accepted:
-            conn.close()
-        listener.close()
 
 
 def test_sigterm_with_a_hung_send_exits_in_time(env: DispatchEnv, tmp_path: Path) -> None:

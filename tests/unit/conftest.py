@@ -66,3 +66,10 @@ def make_case(outgoing: Path) -> MakeCase:
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> str:
+    """The unit tier runs without a Prefect server: a test that needs one (or ``env``, which
+    saves blocks on it) belongs in tests/integration."""
+    pytest.fail("unit tests run without a Prefect server; move this test to tests/integration")

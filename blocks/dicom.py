@@ -69,7 +69,9 @@ class DicomTarget(QueryTarget):
         ```python
         from blocks.dicom import DicomTarget
 
-        DicomTarget.load("pacs-main").test_connection()
+        target = DicomTarget.load("BLOCK_NAME")  # e.g. "pacs-main"
+
+        target.test_connection()
         ```
     """
 
@@ -446,7 +448,9 @@ class DicomTLSTarget(DicomTarget):
         ```python
         from blocks.dicom import DicomTLSTarget
 
-        DicomTLSTarget.load("pacs-tls").test_connection()
+        target = DicomTLSTarget.load("BLOCK_NAME")  # e.g. "pacs-tls"
+
+        target.test_connection()
         ```
     """
 

@@ -85,7 +85,9 @@ class DicomWebTarget(QueryTarget):
         ```python
         from blocks.dicomweb import DicomWebTarget
 
-        DicomWebTarget.load("dicomweb-pacs").test_connection()
+        target = DicomWebTarget.load("BLOCK_NAME")  # e.g. "dicomweb-pacs"
+
+        target.test_connection()
         ```
     """
 

@@ -16,7 +16,7 @@ class DummyTarget(DispatchTarget):
         ```python
         from blocks.dummy import DummyTarget
 
-        DummyTarget.load("dummy")
+        target = DummyTarget.load("BLOCK_NAME")  # e.g. "dummy"
         ```
     """
 

@@ -77,7 +77,7 @@ class FolderTarget(DispatchTarget):
         ```python
         from blocks.folder import FolderTarget
 
-        FolderTarget.load("research-share")
+        target = FolderTarget.load("BLOCK_NAME")  # e.g. "research-share"
         ```
     """
 

@@ -8,6 +8,10 @@ block can be loaded) and, for compatibility, carries the deprecated overrides th
 releases documented before those values moved into the settings block. Prefect's own
 variables (``PREFECT_*``) are Prefect's business and are handled in ``deployments.environment``.
 
+The test suite alone may shorten the claim heartbeat and the takeover window
+(``DICOM_DISPATCH_TEST_*``), so that takeover tests need not wait minutes of real time; a site
+sets the window in the settings block, within its documented range.
+
 Which functions this host's background jobs may run (``DICOM_DISPATCH_JOBS``) is here too, not in
 a block: anyone with the API key can edit blocks.
 
@@ -27,6 +31,8 @@ __all__ = [
     "HISTORY_RETENTION_ENV",
     "HOME_ENV",
     "HOST_ID_ENV",
+    "TEST_CLAIM_HEARTBEAT_ENV",
+    "TEST_TAKEOVER_WINDOW_ENV",
     "JOBS_ENV",
     "METRICS_ADDRESS_ENV",
     "METRICS_PORT_ENV",
@@ -34,6 +40,7 @@ __all__ = [
     "STORAGE_COMMITMENT_PORT_ENV",
     "data_dir",
     "deprecated_override",
+    "claim_heartbeat_seconds",
     "history_retention_seconds",
     "host_id",
     "job_functions",
@@ -41,7 +48,9 @@ __all__ = [
     "restrict_data_dir",
     "storage_commitment_aet",
     "storage_commitment_port",
+    "takeover_window_seconds",
     "write_private_file",
+    "zombie_window_seconds",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -81,6 +90,16 @@ HOST_ID_ENV = "DICOM_DISPATCH_HOST_ID"
 #: configuration (``/etc/default/dicom-dispatch`` for the service), never a block: whoever can
 #: edit blocks must not be able to choose what code a job runs.
 JOBS_ENV = "DICOM_DISPATCH_JOBS"
+
+#: For tests only: seconds between a holder's claim refreshes (default ``CLAIM_HEARTBEAT_SECONDS``)
+#: and the claim age after which a dead host's case is taken over (default the settings'
+#: ``takeover_window_seconds``, 45–150 s). Never a block field: a site cannot shorten the window
+#: below what keeps a live but busy host from losing its cases.
+TEST_CLAIM_HEARTBEAT_ENV = "DICOM_DISPATCH_TEST_CLAIM_HEARTBEAT_SECONDS"
+TEST_TAKEOVER_WINDOW_ENV = "DICOM_DISPATCH_TEST_TAKEOVER_WINDOW_SECONDS"
+#: The zombie-run automation's window is never shorter: Prefect sends flow-run heartbeats at most
+#: every 30 s, so a shorter window would crash live runs.
+MIN_ZOMBIE_WINDOW_SECONDS = 35
 
 #: ``DispatcherSettings`` field → the environment variable that used to set it. Still honoured,
 #: with a warning, so a site's unit file keeps working while it moves the value into the block.
@@ -177,6 +196,39 @@ def deprecated_override(field: str, value: float) -> float:
         f"{name} is deprecated: set DispatcherSettings.{field} instead (using {number:g})",
     )
     return number
+
+
+def claim_heartbeat_seconds(default: float) -> float:
+    """Seconds between claim refreshes: ``default``, or the tests' shorter value."""
+    return _test_seconds(TEST_CLAIM_HEARTBEAT_ENV, default)
+
+
+def takeover_window_seconds(configured: float) -> float:
+    """The claim age after which a dead host's case is taken over: the settings' ``configured``
+    window, or the tests' shorter one."""
+    return _test_seconds(TEST_TAKEOVER_WINDOW_ENV, configured)
+
+
+def zombie_window_seconds(configured: int) -> int:
+    """The zombie-run automation's window: the takeover window, never under
+    ``MIN_ZOMBIE_WINDOW_SECONDS`` (the tests' shorter window is raised to it)."""
+    return max(MIN_ZOMBIE_WINDOW_SECONDS, round(takeover_window_seconds(configured)))
+
+
+def _test_seconds(name: str, default: float) -> float:
+    """The positive number in ``$name`` (warned about once: it is for tests), else ``default``."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        _warn_once(name, f"{name}={text!r} is not a positive number of seconds; ignored")
+        return default
+    _warn_once(name, f"{name}={seconds:g}: a test setting, not for production")
+    return seconds
 
 
 def history_retention_seconds() -> float:

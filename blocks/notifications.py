@@ -39,6 +39,7 @@ class SmtpServer(Block):
         SmtpServer(host="mail.example.org", port=587, security="starttls").save(
             "mercure-smtp", overwrite=True
         )
+        smtp = SmtpServer.load("BLOCK_NAME")  # e.g. "mercure-smtp"
         ```
     """
 
@@ -85,6 +86,8 @@ class SmtpEmailNotification(NotificationBlock):
         from blocks.notifications import SmtpEmailNotification, SmtpServer
 
         mail = SmtpEmailNotification(smtp=SmtpServer.load("mercure-smtp"), to=["a@example.org"])
+        mail.save("ct-mail")
+        mail = SmtpEmailNotification.load("BLOCK_NAME")  # e.g. "ct-mail"
         await mail.notify("case sent", subject="[Mercure] Rule ct: COMPLETED")
         ```
     """

@@ -79,7 +79,9 @@ class RsyncTarget(SshTarget):
         ```python
         from blocks.rsync import RsyncTarget
 
-        RsyncTarget.load("archive-rsync").test_connection()
+        target = RsyncTarget.load("BLOCK_NAME")  # e.g. "archive-rsync"
+
+        target.test_connection()
         ```
     """
 

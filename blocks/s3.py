@@ -60,7 +60,9 @@ class S3Target(DispatchTarget):
         ```python
         from blocks.s3 import S3Target
 
-        S3Target.load("archive").test_connection()
+        target = S3Target.load("BLOCK_NAME")  # e.g. "archive"
+
+        target.test_connection()
         ```
     """
 

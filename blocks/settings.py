@@ -37,7 +37,7 @@ class DispatcherSettings(Block):
         ```python
         from blocks.settings import DispatcherSettings
 
-        settings = DispatcherSettings.load("default")
+        settings = DispatcherSettings.load("BLOCK_NAME")  # the service reads "default"
         ```
     """
 

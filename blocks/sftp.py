@@ -183,7 +183,9 @@ class SftpTarget(SshTarget):
         ```python
         from blocks.sftp import SftpTarget
 
-        SftpTarget.load("research-sftp").test_connection()
+        target = SftpTarget.load("BLOCK_NAME")  # e.g. "research-sftp"
+
+        target.test_connection()
         ```
     """
 

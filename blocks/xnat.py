@@ -89,7 +89,9 @@ class XnatTarget(DispatchTarget):
         ```python
         from blocks.xnat import XnatTarget
 
-        XnatTarget.load("xnat-research").test_connection()
+        target = XnatTarget.load("BLOCK_NAME")  # e.g. "xnat-research"
+
+        target.test_connection()
         ```
     """
 

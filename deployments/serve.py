@@ -106,7 +106,7 @@ async def _run_service(
     from prefect.runner import Runner
     from prefect.types.entrypoint import EntrypointType
 
-    from blocks.host import data_dir, restrict_data_dir
+    from blocks.host import data_dir, restrict_data_dir, zombie_window_seconds
     from blocks.registry import aload_settings, aregister_block_types
     from deployments.automations import ensure_zombie_automation
     from deployments.background_service import run_background_executor
@@ -119,7 +119,8 @@ async def _run_service(
         await aregister_block_types(client)
         settings = await aload_settings()
         settings.checked_folders()  # folders that could hurt each other: refuse to start
-        await ensure_zombie_automation(client, settings.takeover_window_seconds)
+        window = zombie_window_seconds(settings.takeover_window_seconds)
+        await ensure_zombie_automation(client, window)
         on_pool = await _deployments_on_work_pools(client)
     await _sync_limits(settings)
 

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.context import AsyncClientContext, SyncClientContext
 
+from blocks.host import takeover_window_seconds
 from blocks.registry import aload_settings
 from blocks.settings import DispatcherSettings
 from flows._api_wait import ApiWatch
@@ -155,7 +156,8 @@ class Dispatcher:
 
     async def _release_claims_of_dead_runs(self, claimed: list[Path]) -> None:
         """Claims made elsewhere are judged by their run and heartbeat (``flows/takeover.py``)."""
-        await self._foreign_claims.release_dead(claimed, self.settings.takeover_window_seconds)
+        window = takeover_window_seconds(self.settings.takeover_window_seconds)
+        await self._foreign_claims.release_dead(claimed, window)
 
     async def ready_cases(self) -> tuple[cf.Scan, list[cf.Candidate]]:
         scan = await anyio.to_thread.run_sync(self._scan)

@@ -34,6 +34,7 @@ from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient, get_client
 
+from blocks.host import claim_heartbeat_seconds
 from tasks.claims import (
     CLAIM_HEARTBEAT_SECONDS,
     ClaimOwner,
@@ -48,13 +49,16 @@ LOGGER = logging.getLogger(__name__)
 
 
 class ForeignClaims:
-    """Judges, at most every ``interval`` seconds, the claims that other processes hold."""
+    """Judges, at most every ``interval`` seconds (default: the claim heartbeat's), the claims
+    that other processes hold."""
 
     def __init__(
         self,
-        interval: float = CLAIM_HEARTBEAT_SECONDS,
+        interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if interval is None:
+            interval = claim_heartbeat_seconds(CLAIM_HEARTBEAT_SECONDS)
         self.interval = interval
         self._clock = clock
         self._last_check = float("-inf")

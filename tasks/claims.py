@@ -43,7 +43,7 @@ from pathlib import Path
 
 import psutil
 
-from blocks.host import host_id
+from blocks.host import claim_heartbeat_seconds, host_id
 from tasks.safefiles import create_new, open_new, read_regular_stat
 
 __all__ = [
@@ -492,7 +492,7 @@ def _ensure_refresher() -> None:
 
 def _refresh_forever() -> None:
     while True:
-        time.sleep(CLAIM_HEARTBEAT_SECONDS)
+        time.sleep(claim_heartbeat_seconds(CLAIM_HEARTBEAT_SECONDS))
         try:
             refresh_held_claims()
         except Exception:  # never let the heartbeat die of one bad folder

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tasks.taskjson import new_task
 from tests.dicomfiles import make_ct_series
 
-__all__ = ["make_case", "task_json"]
+__all__ = ["make_case", "task_json", "write_case"]
 
 
 def task_json(
@@ -47,6 +48,28 @@ def task_json(
     return task
 
 
+def write_case(
+    folder: Path,
+    *,
+    task: dict[str, Any] | None = None,
+    text: str | None = None,
+    files: Callable[[Path], object] | None = None,
+) -> Path:
+    """Create a case folder as mercure's router does: under ``.lock``, its files, then
+    ``task.json`` (``task`` compact on one line, or ``text`` verbatim for broken files, or none).
+    The one writer of case folders for every test tier."""
+    folder.mkdir(parents=True)
+    (folder / ".lock").touch()
+    if files is not None:
+        files(folder)
+    if text is not None:
+        (folder / "task.json").write_text(text, encoding="utf-8")
+    elif task is not None:
+        (folder / "task.json").write_text(json.dumps(task), encoding="utf-8")
+    (folder / ".lock").unlink()
+    return folder
+
+
 def make_case(
     outgoing: Path,
     targets: list[str] | str,
@@ -59,10 +82,11 @@ def make_case(
 ) -> Path:
     """A ready case folder in ``outgoing`` (written under ``.lock``, as mercure's router does)."""
     case_id = case_id or str(uuid.uuid1())
-    folder = outgoing / case_id
-    folder.mkdir(parents=True)
-    (folder / ".lock").touch()
-    make_ct_series(folder, files, rows=rows, cols=cols, accession=task_kwargs.get("acc", "ACC0001"))
-    (folder / "task.json").write_text(json.dumps(task_json(case_id, targets, **task_kwargs)))
-    (folder / ".lock").unlink()
-    return folder
+    accession = task_kwargs.get("acc", "ACC0001")
+    return write_case(
+        outgoing / case_id,
+        task=task_json(case_id, targets, **task_kwargs),
+        files=lambda folder: make_ct_series(
+            folder, files, rows=rows, cols=cols, accession=accession
+        ),
+    )

@@ -46,6 +46,8 @@ os.environ.update(
 
 import pytest  # noqa: E402
 
+from tests.dispatch_env import DispatchEnv  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[str]:
@@ -89,3 +91,12 @@ def _drain_prefect_workers() -> None:
 
     APILogWorker.drain_all(timeout=10)
     EventsWorker.drain_all(timeout=10)
+
+
+@pytest.fixture
+def env(prefect_server: str, tmp_path: Path) -> DispatchEnv:
+    e = DispatchEnv(tmp_path / "outgoing", tmp_path / "success", tmp_path / "error")
+    for folder in (e.outgoing, e.success, e.error):
+        folder.mkdir()
+    e.save_settings()
+    return e

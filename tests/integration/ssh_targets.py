@@ -17,7 +17,7 @@ import pytest
 
 from blocks.sftp import SshTarget
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.net import free_port
 from tests.peers.sshd import SshServer
 

@@ -10,17 +10,13 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-
 from blocks._dcmsend_report import parse_report
 from blocks.dicom import DicomTarget
 from blocks.folder import FolderTarget
 from tasks.safefiles import LINK_REFUSED
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
-
-pytestmark = pytest.mark.integration
 
 SECRET = b"root:x:0:0:secret bytes no target may ever hold\n"
 

@@ -18,13 +18,12 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.states import AwaitingRetry, Running
+from prefect.states import Running
 
 from blocks.folder import FolderTarget
-from flows.case_states import ALREADY_SENT, RETRY_PENDING, SKIPPED
+from flows.case_states import RETRY_PENDING, SKIPPED
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
-from tests.integration.test_serve import start_serve, stop, wait_for
+from tests.dispatch_env import DispatchEnv
 
 
 def case_runs(case_id: str) -> list[FlowRun]:
@@ -137,109 +136,3 @@ def test_recovered_claim_sets_its_run_crashed(env: DispatchEnv, tmp_path: Path) 
     assert state is not None
     assert state.type == StateType.CRASHED
     assert "gone" in (state.message or "")
-
-
-def test_ui_retry_dispatches_the_case_again(env: DispatchEnv, tmp_path: Path) -> None:
-    """The loop's runs belong to dispatch-case; the UI's Retry call sends the case from error/."""
-    env.save_settings(retry_max=1)
-    target, blocker = blocked_folder(tmp_path)
-    env.save_target(target, "share")
-    proc, log = start_serve(tmp_path)
-    try:
-        case = make_case(env.outgoing, ["share"])
-        wait_for(lambda: (env.error / case.name).is_dir(), 90, "the case to reach error/")
-        wait_for(lambda: bool(case_runs(case.name)), 30, "the case's run")
-        (run,) = case_runs(case.name)
-        assert run.deployment_id is not None, "a loop run must belong to the deployment"
-        wait_for(lambda: _state(run.id).type == StateType.FAILED, 30, "the run to end Failed")
-
-        blocker.unlink()  # the target works now
-        _retry_from_ui(run.id)
-        wait_for(lambda: _state(run.id).type == StateType.COMPLETED, 120, "the retried run")
-        assert (env.success / case.name).is_dir()
-        copies = [p for p in (blocker / "share").iterdir() if not p.name.startswith(".")]
-        assert len(copies) == 1
-
-        _retry_from_ui(run.id)  # a second Retry: the case is in success/ already
-        wait_for(lambda: _state(run.id).name == ALREADY_SENT, 120, "the second retry")
-        assert _state(run.id).type == StateType.COMPLETED
-        again = [p for p in (blocker / "share").iterdir() if not p.name.startswith(".")]
-        assert again == copies, "nothing may be sent twice"
-        assert len(case_runs(case.name)) == 1, "a Retry reuses the run"
-    finally:
-        stop(proc, log)
-
-
-def test_serve_creates_the_zombie_run_automation(env: DispatchEnv, tmp_path: Path) -> None:
-    from deployments.automations import ZOMBIE_AUTOMATION, ZOMBIE_WINDOW_SECONDS
-
-    async def automations() -> list[Any]:
-        async with get_client() as client:
-            return list(await client.read_automations_by_name(ZOMBIE_AUTOMATION))
-
-    for _ in range(2):  # a second start finds it and creates no second one
-        proc, log = start_serve(tmp_path)
-        try:
-            wait_for(lambda log=log: b"dispatching from" in log.read_bytes(), 120, "serve to start")
-        finally:
-            stop(proc, log)
-    (automation,) = asyncio.run(automations())
-    assert automation.enabled
-    assert automation.trigger.within.total_seconds() == ZOMBIE_WINDOW_SECONDS
-    assert automation.actions[0].type == "change-flow-run-state"
-
-
-def _state(run_id: Any) -> Any:
-    state = one_run(run_id).state
-    assert state is not None
-    return state
-
-
-def _retry_from_ui(run_id: Any) -> None:
-    """Exactly what the UI's Retry button sends."""
-
-    async def retry() -> None:
-        async with get_client() as client:
-            await client.set_flow_run_state(run_id, AwaitingRetry(), force=True)
-
-    asyncio.run(retry())
-
-
-def test_a_killed_service_leaves_no_running_ghost(env: DispatchEnv, tmp_path: Path) -> None:
-    """SIGKILL mid-send, never restarted: the automation sets the run Crashed within its window.
-
-    The peer accepts the TCP connection and never answers, so the send is in flight when the
-    service dies; nothing on this host will ever report the run's end.
-    """
-    import socket
-    import threading
-
-    from blocks.dicom import DicomTarget
-    from deployments.automations import ZOMBIE_WINDOW_SECONDS
-
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    held: list[socket.socket] = []
-    threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
-    port = silent.getsockname()[1]
-    env.save_target(DicomTarget(ip="127.0.0.1", port=port, acse_timeout=600), "silent")
-
-    proc, _ = start_serve(tmp_path)
-    try:
-        case = make_case(env.outgoing, ["silent"])
-        wait_for(lambda: bool(case_runs(case.name)), 90, "the case's run")
-        (run,) = case_runs(case.name)
-        wait_for(lambda: _state(run.id).type == StateType.RUNNING, 60, "the run to be running")
-        wait_for(lambda: bool(held), 30, "the send to connect")
-    finally:
-        proc.kill()
-        proc.wait(30)
-        silent.close()
-    wait_for(
-        lambda: _state(run.id).type == StateType.CRASHED,
-        ZOMBIE_WINDOW_SECONDS + 60,
-        "the zombie-run automation",
-    )
-    assert "heartbeat" in (_state(run.id).message or "")
-    assert (case / ".processing").exists(), "the claim stays until a dispatcher recovers it"

@@ -5,31 +5,23 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from blocks.folder import FolderTarget
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
-
-CLI = [sys.executable, "-m", "deployments.cli"]
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
-    )
+from tests.dispatch_env import DispatchEnv
+from tests.service import CLI, run_cli
 
 
 def test_help_and_usage_errors_start_no_server(tmp_path: Path) -> None:
     env = {**os.environ, "DICOM_DISPATCH_HOME": str(tmp_path / "home")}
     env.pop("PREFECT_API_URL", None)
     started = time.monotonic()
-    ok = subprocess.run([*CLI, "--help"], capture_output=True, text=True, env=env, timeout=60)
+    ok = run_cli("--help", env=env, timeout=60)
     assert ok.returncode == 0
     assert "import-config" in ok.stdout
-    bad = subprocess.run([*CLI, "frobnicate"], capture_output=True, text=True, env=env, timeout=60)
+    bad = run_cli("frobnicate", env=env, timeout=60)
     assert bad.returncode == 2
     assert time.monotonic() - started < 20
     assert not (tmp_path / "home" / "postgres").exists(), "--help must not start a database"
@@ -157,7 +149,7 @@ def test_version_is_the_installed_package_version(tmp_path: Path) -> None:
     from importlib.metadata import version
 
     env = {**os.environ, "DICOM_DISPATCH_HOME": str(tmp_path / "home")}
-    done = subprocess.run([*CLI, "--version"], capture_output=True, text=True, env=env, timeout=60)
+    done = run_cli("--version", env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"dicom-dispatch {version('dicom-dispatch')}"
     assert not (tmp_path / "home" / "postgres").exists(), "--version must not start a database"
@@ -167,7 +159,7 @@ def test_unreachable_api_is_one_line_and_exit_1(tmp_path: Path) -> None:
     dead_api = "http://127.0.0.1:9/api"  # port 9 (discard): nothing listens on loopback
     env = {**os.environ, "DICOM_DISPATCH_HOME": str(tmp_path / "home"), "PREFECT_API_URL": dead_api}
     for argv in (["targets", "list"], ["status", "--json"], ["jobs", "list"]):
-        done = subprocess.run([*CLI, *argv], capture_output=True, text=True, env=env, timeout=120)
+        done = run_cli(*argv, env=env)
         assert done.returncode == 1, (argv, done.stderr)
         assert "Traceback" not in done.stderr, argv
         assert done.stderr.count("\n") == 1, done.stderr

@@ -15,20 +15,19 @@ from pathlib import Path
 import pytest
 from pynetdicom.dsutils import split_dataset
 
-from blocks import _dcmsend
 from blocks._dcmsend_report import parse_report
 from blocks.base import SendContext, dicom_files
-from blocks.dicom import DicomTarget, DicomTLSTarget
+from blocks.dicom import DicomTarget
 from blocks.errors import PermanentTargetError, TransientTargetError
 from tasks.taskjson import read_task
 from tests.cases import make_case
 from tests.dicomfiles import pixel_digest
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP, dcmtk_binary
 from tests.peers.net import free_port
 from tests.peers.pynetdicom_scp import parrot_scp
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(autouse=True)
@@ -52,59 +51,6 @@ def dataset_bytes(path: Path) -> bytes:
 
 def leftovers(case: Path) -> list[str]:
     return sorted(p.name for p in case.iterdir() if p.name.endswith(".tmp"))
-
-
-def test_command_line_is_mercures_order() -> None:
-    command = _dcmsend.dcmsend_command(
-        "/usr/bin/dcmsend",
-        Path("/cases/c1"),
-        "10.0.0.5",
-        104,
-        "PACS",
-        "MERCURE",
-        Path("/cases/c1/sent.txt"),
-        connect_timeout=10,
-        acse_timeout=30,
-        dimse_timeout=0.5,
-    )
-    assert command == [
-        "/usr/bin/dcmsend",
-        "10.0.0.5",
-        "104",
-        "+r",
-        "+sd",
-        "/cases/c1",
-        "-aet",
-        "MERCURE",
-        "-aec",
-        "PACS",
-        "-nuc",
-        "+sp",
-        "*.dcm",
-        "-to",
-        "10",
-        "+crf",
-        "/cases/c1/sent.txt",
-        "-ta",
-        "30",
-        "-td",
-        "1",
-    ]
-
-
-def test_backend_defaults_to_auto_which_picks_dcmsend_where_it_can() -> None:
-    plain = DicomTarget(ip="127.0.0.1")
-    assert plain.backend == "auto"
-    assert plain.retrieve_backend == "auto"
-    assert DicomTarget.model_fields["backend"].description.endswith(".")  # type: ignore[union-attr]
-    assert plain.send_backend() == "dcmsend"
-    assert plain.backends() == {"send": "dcmsend (auto)", "retrieve": "dcmtk (auto)"}
-    # What only pynetdicom does: several associations, TLS, C-MOVE bound to one address.
-    assert DicomTarget(ip="127.0.0.1", max_associations=4).send_backend() == "pynetdicom"
-    assert DicomTLSTarget(ip="127.0.0.1").send_backend() == "pynetdicom"
-    bound = DicomTarget(ip="127.0.0.1", retrieve_method="move", move_listen_address="127.0.0.1")
-    assert bound.backends()["retrieve"] == "pynetdicom (auto)"
-    assert DicomTarget(ip="127.0.0.1", backend="pynetdicom").backends()["send"] == "pynetdicom"
 
 
 def test_auto_sends_with_dcmsend_through_dispatch_case(env: DispatchEnv, tmp_path: Path) -> None:

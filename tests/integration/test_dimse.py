@@ -32,7 +32,7 @@ from tests.dicomfiles import make_ct_series, pixel_digest
 from tests.peers.dcmtk import StoreSCP, dcmtk_binary, free_port
 from tests.peers.pynetdicom_scp import DROP, parrot_scp
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 HOST = "127.0.0.1"
 CALLING = "DCMSEND"  # dcmsend's default calling AE title, so the reports can be compared

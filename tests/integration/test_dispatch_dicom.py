@@ -9,7 +9,7 @@ from blocks.dicom import DicomTarget
 from blocks.folder import FolderTarget
 from tests.cases import make_case
 from tests.dicomfiles import pixel_digest
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
 from tests.peers.net import free_port
 from tests.peers.pynetdicom_scp import DROP, parrot_scp
@@ -127,22 +127,6 @@ def test_warning_status_counts_as_sent_unless_configured(env: DispatchEnv) -> No
         env.save_target(dicom_target(scp.port, scp.aet, warning_counts_as_sent=False), "coercing")
         strict = make_case(env.outgoing, ["coercing"])
         assert env.dispatch(strict)["location"] == "error"
-
-
-def test_sender_ip_and_aet_passing() -> None:
-    from blocks.base import SendContext
-    from tasks.taskjson import parse_task
-    from tests.cases import task_json
-
-    task = parse_task(
-        task_json("c1", ["t"], sender_address="10.1.2.3", sender_aet="CT1", receiver_aet="MERCURE")
-    )
-    target = DicomTarget(
-        ip="sender", port="", aet_target="PACS", pass_sender_aet=True, pass_receiver_aet=True
-    )
-    assert target.peer(SendContext(Path("."), task)) == ("10.1.2.3", 104, "MERCURE", "CT1")
-    plain = DicomTarget(ip="pacs.example", port="11112", aet_target="PACS", aet_source="ME")
-    assert plain.peer(SendContext(Path("."), task)) == ("pacs.example", 11112, "PACS", "ME")
 
 
 def test_connection_test_keys(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from blocks.dummy import DummyTarget
 from blocks.folder import FolderTarget
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 
 
 def _received(folder: Path) -> list[Path]:

@@ -15,7 +15,7 @@ import pytest
 from blocks.dummy import DummyTarget
 from blocks.folder import FolderTarget
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import os
 import time
 from uuid import UUID
 
-import pytest
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
@@ -68,7 +67,6 @@ async def _children(run_id: UUID) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-@pytest.mark.integration
 def test_runs_older_than_the_retention_are_vacuumed(prefect_server: str) -> None:
     from prefect.logging.handlers import APILogWorker
 

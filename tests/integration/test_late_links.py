@@ -31,7 +31,7 @@ from blocks.sftp import SftpTarget
 from tasks.safefiles import LINK_REFUSED, case_links_problem
 from tasks.taskjson import read_task
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.integration.ssh_targets import ssh_target
 from tests.integration.test_target_s3 import bucket_name, s3_target
 from tests.integration.test_target_xnat import xnat_target
@@ -41,7 +41,7 @@ from tests.peers.orthanc import Orthanc
 from tests.peers.s3 import MotoS3
 from tests.peers.xnat_fake import XnatFake
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 NAME = "late"
 SENDERS = ["folder", "sftp", "rsync", "s3", "dicomweb", "xnat", "dicom", "dcmsend"]

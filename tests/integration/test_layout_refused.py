@@ -5,23 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-
-from tests.integration.conftest import DispatchEnv
-
-pytestmark = pytest.mark.integration
-
-CLI = [sys.executable, "-m", "deployments.cli"]
-
-
-def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DICOM_DISPATCH_HOME": str(home)}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, env=env)
+from tests.dispatch_env import DispatchEnv
+from tests.service import run_cli, serve_env
 
 
 def our_lines(stderr: str) -> list[str]:
@@ -48,25 +35,11 @@ def test_import_config_refuses_error_inside_success(env: DispatchEnv, tmp_path: 
             }
         )
     )
-    done = run_cli("import-config", str(config), home=tmp_path / "home")
+    done = run_cli("import-config", str(config), env=serve_env(tmp_path / "home"))
     assert done.returncode != 0
     (line,) = our_lines(done.stderr)
     assert "error_folder" in line
     assert "inside success_folder" in line
     assert current_settings() == before, "the settings changed"
-    listed = run_cli("targets", "list", "--json", home=tmp_path / "home")
+    listed = run_cli("targets", "list", "--json", env=serve_env(tmp_path / "home"))
     assert "layout_probe" not in listed.stdout, "a target was imported"
-
-
-def test_serve_refuses_error_inside_success(env: DispatchEnv, tmp_path: Path) -> None:
-    env.save_settings(error_folder=str(env.success / "error"))
-    try:
-        done = run_cli("serve", home=tmp_path / "home")
-    finally:
-        env.save_settings()
-    assert done.returncode != 0
-    (line,) = our_lines(done.stderr)
-    assert "error_folder" in line, done.stderr[-2000:]
-    assert "inside success_folder" in line
-    assert "Traceback" not in done.stderr
-    assert not (env.success / "error").exists(), "serve created the nested folder"

@@ -11,7 +11,7 @@ from blocks.s3 import S3Target
 from blocks.sftp import SftpTarget
 from tests.cases import make_case
 from tests.dicomfiles import pixel_digest
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
 from tests.peers.net import free_port
 from tests.peers.orthanc import Orthanc

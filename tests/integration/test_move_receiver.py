@@ -18,8 +18,6 @@ from blocks._storage_scp import MOVE_MAX_ASSOCIATIONS, MOVE_MAX_PDU, MoveSCP
 from tests.dicomfiles import make_ct_series
 from tests.peers.net import free_port
 
-pytestmark = pytest.mark.integration
-
 PACS_AET = "PACS"
 OUR_AET = "DISPATCH"
 

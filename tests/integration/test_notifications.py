@@ -24,7 +24,7 @@ from blocks.notifications import SMTP_SERVER_NAME, SmtpServer
 from deployments.importer import import_mercure_config
 from deployments.rule_automations import read_rule_automations
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.recorders import HttpCall, Mail, recording_http_server, recording_smtp_sink
 
 #: No second call may follow within this many seconds of the expected one.

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from uuid import UUID
 
 import pytest
 
-from blocks._dicomweb_qr import iter_multipart
 from blocks.dicom import DicomTarget
 from blocks.dicomweb import DicomWebTarget
 from blocks.errors import (
@@ -32,7 +30,7 @@ from blocks.errors import (
     TransientTargetError,
 )
 from tests.dicomfiles import pixel_digest
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
 from tests.peers.net import free_port
 from tests.peers.orthanc_qr import (
@@ -45,6 +43,7 @@ from tests.peers.orthanc_qr import (
     stop,
     take_away,
 )
+from tests.service import wait_for
 
 OUR_AET = "DISPATCH"
 SOURCE = "orthanc_qr"
@@ -138,17 +137,6 @@ def _deployment_exists(name: str) -> bool:
     return asyncio.run(check())
 
 
-def wait_for(
-    check: Callable[[], bool], timeout: float, what: str, show: Callable[[], Any] = str
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} {show()}")
-
-
 def digests(folder: Path) -> dict[str, str]:
     return dict(pixel_digest(p) for p in folder.rglob("*.dcm"))
 
@@ -182,7 +170,7 @@ def wait_batch(batch_id: str, state: str, timeout: float) -> Any:
         lambda: batch(batch_id).state in (state, "Failed", "Completed"),
         timeout,
         state,
-        batch_status_of(batch_id),
+        show=batch_status_of(batch_id),
     )
     status = batch(batch_id)
     assert status.state == state, status.as_dict()
@@ -305,17 +293,6 @@ def test_wado_rs_streams_exactly_the_expected_instances(peer: Peer, tmp_path: Pa
     assert digests(tmp_path / "mr") == expected(study, "knee")
     with pytest.raises(AccessionNotFound):
         target.retrieve("QR-NOPE", None, tmp_path / "none")
-
-
-def test_multipart_parts_are_cut_whatever_the_chunking() -> None:
-    parts = [b"\x00" * 1000 + b"DICM" + bytes(range(256)) * 40, b"second", b"--x\r\n"]
-    body = b"preamble\r\n"
-    for part in parts:
-        body += b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
-    body += b"--b0undary--\r\n"
-    for size in (1, 7, 64, 100000):
-        chunks = [body[i : i + size] for i in range(0, len(body), size)]
-        assert list(iter_multipart(chunks, b"b0undary")) == parts
 
 
 def test_retrieve_of_an_unknown_accession_fails_clearly(peer: Peer, tmp_path: Path) -> None:
@@ -564,7 +541,10 @@ def test_offpeak_batch_paused_resumed_and_started_by_the_scheduler(
         )
 
     wait_for(
-        back_to_the_window, 60, "both children to wait for the window", batch_status_of(batch_id)
+        back_to_the_window,
+        60,
+        "both children to wait for the window",
+        show=batch_status_of(batch_id),
     )
     if dt.datetime.now() < window - dt.timedelta(seconds=15):
         assert not list((tmp_path / batch_id).iterdir()), "nothing may run before the window"
@@ -575,22 +555,3 @@ def test_offpeak_batch_paused_resumed_and_started_by_the_scheduler(
 
     for accession in ("QR-B", "QR-C"):  # retrieved in the window (folder written then)
         assert (tmp_path / batch_id / accession).stat().st_mtime >= window.timestamp()
-
-
-def test_query_retrieve_cores_do_not_import_prefect() -> None:
-    code = (
-        "import sys, blocks.qr, blocks._dimse_qr, blocks._dicomweb_qr; "
-        "sys.exit(1 if 'prefect' in sys.modules else 0)"
-    )
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
-
-
-def test_offpeak_window_arithmetic() -> None:
-    from flows.query import next_offpeak_start, parse_accessions
-
-    at = dt.datetime(2026, 3, 1, 12, 30)
-    assert next_offpeak_start("22:00", "06:00", at) == dt.datetime(2026, 3, 1, 22, 0)
-    assert next_offpeak_start("22:00", "06:00", at.replace(hour=23)) is None
-    assert next_offpeak_start("10:00", "11:00", at) == dt.datetime(2026, 3, 2, 10, 0)
-    assert next_offpeak_start("12:00", "12:00", at) is None  # start == end: always
-    assert parse_accessions(" A1, A2\nA3\r\n\nA1 ,") == ["A1", "A2", "A3"]

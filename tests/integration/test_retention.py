@@ -19,7 +19,7 @@ import pytest
 
 from blocks.settings import DispatcherSettings
 from deployments.cleaner_service import clean_once, run_cleaner
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.tmpfs import small_tmpfs
 
 CASE_BYTES = 300 * 1024
@@ -167,25 +167,3 @@ def test_import_config_takes_mercures_retention_and_says_cleaning_is_off(
     again = asyncio.run(import_mercure_config(path)).as_dict()
     assert again["cleaning"]["enabled"] is True
     assert "86400 s" in again["cleaning"]["summary"]
-
-
-def test_serve_logs_every_removal_with_the_case_id(env: DispatchEnv, tmp_path: Path) -> None:
-    """README: "every removal is logged with the case id" — in ``serve``'s own output."""
-    from tests.integration.test_serve import start_serve, stop, wait_for
-
-    old = make_sent(env.success, "sent-long-ago", 7200)
-    env.save_settings(
-        cleaner_enabled=True,
-        retention=3600,
-        cleaner_scan_interval=0.5,
-        offpeak_start="00:00",  # always off-peak
-        offpeak_end="00:00",
-    )
-    proc, log = start_serve(tmp_path)
-    try:
-        wait_for(lambda: not old.exists(), 120, "the service's cleaner to remove the case")
-        wait_for(lambda: "sent-long-ago" in log.read_text(), 10, "the removal in serve's log")
-    finally:
-        stop(proc, log)
-    lines = [line for line in log.read_text().splitlines() if "sent-long-ago" in line]
-    assert any("removed case sent-long-ago" in line for line in lines), lines

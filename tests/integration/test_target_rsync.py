@@ -14,7 +14,7 @@ import pytest
 
 from blocks.rsync import RsyncTarget
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.integration.ssh_targets import (
     WRONG_PASSWORD,
     assert_arrived,

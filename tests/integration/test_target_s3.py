@@ -15,7 +15,7 @@ from blocks.errors import PermanentTargetError
 from blocks.s3 import S3Target, object_key
 from tasks.taskjson import read_task
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.net import free_port
 from tests.peers.s3 import REGION, MotoS3
 

@@ -10,7 +10,7 @@ import pytest
 from blocks.rsync import RsyncTarget
 from blocks.sftp import PART_SUFFIX, SftpTarget
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.integration.ssh_targets import (
     assert_arrived,
     connection_test_failures,

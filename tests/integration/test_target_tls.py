@@ -21,7 +21,7 @@ from blocks._dcmsend_report import parse_report
 from blocks.dicom import DicomTLSTarget
 from tests.cases import make_case
 from tests.dicomfiles import pixel_digest
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
 from tests.peers.net import free_port
 

@@ -20,9 +20,9 @@ import pytest
 from blocks.dummy import DummyTarget
 from tasks import casefolder as cf
 from tests.cases import make_case, task_json
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 ROUNDS = 3  # per way of becoming ready
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from tests.cases import write_case
+
 from .mercure_task import CASE_ID, MERCURE_TASK, SERIES_UID
 
 _EXAMPLE = object()
@@ -31,6 +33,14 @@ def outgoing(tmp_path: Path) -> Path:
 MakeCase = Callable[..., Path]
 
 
+def _two_files(case: Path) -> None:
+    """A stand-in DICOM file (preamble and magic only) and its tags file, as mercure names them."""
+    (case / f"{SERIES_UID}#1.2.3.4.1.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 64)
+    (case / f"{SERIES_UID}#1.2.3.4.1.tags").write_text(
+        json.dumps({"SeriesInstanceUID": SERIES_UID}), encoding="utf-8"
+    )
+
+
 @pytest.fixture
 def make_case(outgoing: Path) -> MakeCase:
     """Write a case folder: ``task.json`` (compact, one line, as mercure writes it) and two files.
@@ -47,18 +57,19 @@ def make_case(outgoing: Path) -> MakeCase:
         text: str | None = None,
         files: bool = True,
     ) -> Path:
-        case = (parent or outgoing) / name
-        case.mkdir(parents=True)
-        if text is not None:
-            (case / "task.json").write_text(text, encoding="utf-8")
-        elif task is not None:
-            data = copy.deepcopy(MERCURE_TASK) if task is _EXAMPLE else task
-            (case / "task.json").write_text(json.dumps(data), encoding="utf-8")
-        if files:
-            (case / f"{SERIES_UID}#1.2.3.4.1.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 64)
-            (case / f"{SERIES_UID}#1.2.3.4.1.tags").write_text(
-                json.dumps({"SeriesInstanceUID": SERIES_UID}), encoding="utf-8"
-            )
-        return case
+        data = copy.deepcopy(MERCURE_TASK) if task is _EXAMPLE else task
+        return write_case(
+            (parent or outgoing) / name,
+            task=data,
+            text=text,
+            files=_two_files if files else None,
+        )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> str:
+    """The unit tier runs without a Prefect server: a test that needs one (or ``env``, which
+    saves blocks on it) belongs in tests/integration."""
+    pytest.fail("unit tests run without a Prefect server; move this test to tests/integration")

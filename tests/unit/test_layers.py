@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("blocks", "tasks", "flows", "deployments")
 #: The pure bottom: what every other room may use, and which uses nothing above it.
@@ -101,20 +99,19 @@ def _is_module(name: str) -> bool:
 SOURCES = sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
-def test_imports_point_down(path: Path) -> None:
+def upward_imports(path: Path) -> list[str]:
+    """The modules of a higher layer that ``path`` imports (its own package's are allowed)."""
     me = module_name(path)
-    upward = sorted(
+    return sorted(
         other
         for other in our_imports(path)
         if other.split(".")[0] != me.split(".")[0] or me in BOTTOM
         if rank(other) > rank(me)
     )
-    assert not upward, f"{me} imports from a higher layer: {upward}"
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
-def test_private_modules_are_imported_only_at_home(path: Path) -> None:
+def foreign_private_imports(path: Path) -> list[str]:
+    """The private modules (``_x``) of another package that ``path`` imports."""
     me = module_name(path)
     foreign = []
     for other in our_imports(path):
@@ -125,7 +122,20 @@ def test_private_modules_are_imported_only_at_home(path: Path) -> None:
                 if not (me == home or me.startswith(home + ".")):
                     foreign.append(other)
                 break
-    assert not foreign, f"{me} imports private modules of another package: {sorted(foreign)}"
+    return sorted(foreign)
+
+
+def test_imports_keep_the_layers() -> None:
+    """One check over every module, reporting every offender at once."""
+    offences = []
+    for path in SOURCES:
+        me = module_name(path)
+        if upward := upward_imports(path):
+            offences.append(f"{me} imports from a higher layer: {upward}")
+        if foreign := foreign_private_imports(path):
+            offences.append(f"{me} imports private modules of another package: {foreign}")
+    assert SOURCES, "no sources found"
+    assert not offences, "\n".join(offences)
 
 
 def test_cores_do_not_import_prefect() -> None:

@@ -4,58 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 from blocks.folder import FolderTarget
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
-from tests.peers.net import free_port
-
-CLI = [sys.executable, "-m", "deployments.cli"]
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def start_serve(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
-    """``dicom-dispatch serve`` on the session's Prefect server, its own data dir and log.
-
-    The Runner polls every second, so a deployment run starts at once.
-    """
-    log = tmp_path / "serve.log"
-    proc_env = {
-        **os.environ,
-        "DICOM_DISPATCH_HOME": str(tmp_path / "home"),
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-        **env,
-    }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*CLI, "serve", *args], env=proc_env, stdout=out, stderr=subprocess.STDOUT
-        )
-    return proc, log
-
-
-def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError("serve did not stop within 60 s of SIGTERM") from None
-    assert code == 0, log.read_text()[-3000:]
+from tests.dispatch_env import DispatchEnv
+from tests.integration.test_layout_refused import our_lines
+from tests.integration.test_retention import make_sent
+from tests.service import free_port, run_cli, start_serve, stop, wait_for
 
 
 def test_serve_dispatches_and_serves_deployments(env: DispatchEnv, tmp_path: Path) -> None:
@@ -93,11 +51,9 @@ def test_serve_embedded_default_stack(tmp_path: Path) -> None:
     port = free_port()
     proc_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     proc_env.update({"DICOM_DISPATCH_HOME": str(home), "PREFECT_HOME": str(home / "prefect")})
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*CLI, "serve", "--port", str(port)], env=proc_env, stdout=out, stderr=subprocess.STDOUT
-        )
+    proc, log = start_serve(
+        tmp_path, "--port", str(port), environ=proc_env, DICOM_DISPATCH_HOME=str(home)
+    )
     try:
         record_file = home / "service.json"
         wait_for(record_file.exists, 240, "service.json")
@@ -111,13 +67,7 @@ def test_serve_embedded_default_stack(tmp_path: Path) -> None:
         # A CLI command finds the running service through its record (no ephemeral server).
         mercure = tmp_path / "mercure.json"
         mercure.write_text(json.dumps({"targets": {"null": {"target_type": "dummy"}}}))
-        done = subprocess.run(
-            [*CLI, "import-config", str(mercure)],
-            env=proc_env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = run_cli("import-config", str(mercure), env=proc_env)
         assert done.returncode == 0, done.stderr
         case = make_case(home / "outgoing", ["null"])
         wait_for(lambda: (home / "success" / case.name).is_dir(), 90, "dispatch by the service")
@@ -125,3 +75,37 @@ def test_serve_embedded_default_stack(tmp_path: Path) -> None:
         stop(proc, log)
     assert not (home / "service.json").exists()
     assert not (home / "postgres" / "postmaster.pid").exists(), "PostgreSQL must be stopped"
+
+
+def test_serve_logs_every_removal_with_the_case_id(env: DispatchEnv, tmp_path: Path) -> None:
+    """README: "every removal is logged with the case id" — in ``serve``'s own output."""
+    old = make_sent(env.success, "sent-long-ago", 7200)
+    env.save_settings(
+        cleaner_enabled=True,
+        retention=3600,
+        cleaner_scan_interval=0.5,
+        offpeak_start="00:00",  # always off-peak
+        offpeak_end="00:00",
+    )
+    proc, log = start_serve(tmp_path)
+    try:
+        wait_for(lambda: not old.exists(), 120, "the service's cleaner to remove the case")
+        wait_for(lambda: "sent-long-ago" in log.read_text(), 10, "the removal in serve's log")
+    finally:
+        stop(proc, log)
+    lines = [line for line in log.read_text().splitlines() if "sent-long-ago" in line]
+    assert any("removed case sent-long-ago" in line for line in lines), lines
+
+
+def test_serve_refuses_error_inside_success(env: DispatchEnv, tmp_path: Path) -> None:
+    env.save_settings(error_folder=str(env.success / "error"))
+    try:
+        done = run_cli("serve", env={**os.environ, "DICOM_DISPATCH_HOME": str(tmp_path / "home")})
+    finally:
+        env.save_settings()
+    assert done.returncode != 0
+    (line,) = our_lines(done.stderr)
+    assert "error_folder" in line, done.stderr[-2000:]
+    assert "inside success_folder" in line
+    assert "Traceback" not in done.stderr
+    assert not (env.success / "error").exists(), "serve created the nested folder"

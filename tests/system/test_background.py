@@ -29,23 +29,12 @@ import psutil
 import pytest
 
 from tests import jobs_fixtures
+from tests.service import REPO, run_cli, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 
-REPO = Path(__file__).resolve().parents[2]
-JOBS_CLI = [sys.executable, "-m", "deployments.cli", "jobs"]
 FIXTURES = "tests.jobs_fixtures"
 INSTALLER = "deployments.service_unit:main"
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def read(out: Path, name: str) -> dict[str, Any]:
@@ -539,9 +528,7 @@ def test_jobs_cli(executor: Executor, out: Path) -> None:
     t = f"L-{kinds()}"
 
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*JOBS_CLI, *argv], cwd=REPO, capture_output=True, text=True, timeout=120
-        )
+        return run_cli("jobs", *argv, cwd=REPO)
 
     ok = cli("run", f"{FIXTURES}:timed", "--type", t, "--limit", f"{t}=1", str(out), "c1", t, "0.1")
     assert ok.returncode == 0, ok.stderr

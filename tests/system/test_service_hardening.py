@@ -11,16 +11,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import stat
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +27,9 @@ from blocks.dicom import DicomTarget
 from blocks.folder import FolderTarget
 from tasks.taskjson import read_task_raw
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
-from tests.integration.test_serve import CLI, stop, wait_for
-from tests.peers.net import free_port
+from tests.dispatch_env import DispatchEnv
 from tests.peers.tmpfs import small_tmpfs
+from tests.service import CLI, free_port, run_cli, silent_peer, start_serve, stop, wait_for
 
 EVIL_ORIGIN = "http://evil.example"
 
@@ -54,13 +49,6 @@ def basic(auth: str) -> dict[str, str]:
     import base64
 
     return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
-
-
-def serve_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [*CLI, "serve", *args], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
 
 
 def prefect_server_child(proc: subprocess.Popen[bytes]) -> psutil.Process:
@@ -128,8 +116,9 @@ def test_embedded_service_locked_down_and_survives_its_server(tmp_path: Path) ->
     port = free_port()
     proc_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     proc_env.update({"DICOM_DISPATCH_HOME": str(home), "PREFECT_HOME": str(home / "prefect")})
-    log = tmp_path / "serve.log"
-    proc = serve_process(["--port", str(port)], proc_env, log)
+    proc, log = start_serve(
+        tmp_path, "--port", str(port), environ=proc_env, DICOM_DISPATCH_HOME=str(home)
+    )
     api = f"http://127.0.0.1:{port}/api"
     try:
         wait_for((home / "service.json").exists, 240, "service.json")
@@ -160,9 +149,7 @@ def test_embedded_service_locked_down_and_survives_its_server(tmp_path: Path) ->
         # CLI commands find the service's record and its auth string by themselves.
         mercure = tmp_path / "mercure.json"
         mercure.write_text(json.dumps({"targets": {"null": {"target_type": "dummy"}}}))
-        done = subprocess.run(
-            [*CLI, "import-config", str(mercure)], env=proc_env, capture_output=True, text=True
-        )
+        done = run_cli("import-config", str(mercure), env=proc_env)
         assert done.returncode == 0, done.stderr
         save_fast_retries(api, auth, home)
 
@@ -195,9 +182,7 @@ def test_embedded_service_locked_down_and_survives_its_server(tmp_path: Path) ->
             if (retries := read_task_raw(home / "success" / c.name)["dispatch"].get("retries"))
         }
         assert not counted, f"the server's restart is not the cases' fault: {counted}"
-        status = subprocess.run(
-            [*CLI, "status", "--json"], env=proc_env, capture_output=True, text=True, timeout=120
-        )
+        status = run_cli("status", "--json", env=proc_env)
         assert status.returncode == 0, status.stderr
         server = json.loads(status.stdout)["server"]
         assert server["state"] == "running", server
@@ -232,46 +217,12 @@ def save_fast_retries(api: str, auth: str, home: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-@contextmanager
-def silent_peer() -> Iterator[tuple[int, list[socket.socket]]]:
-    """A TCP peer that accepts connections and never answers a byte."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[socket.socket] = []
-    done = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not done.is_set():
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1], accepted
-    finally:
-        done.set()
-        thread.join(2)
-        for conn in accepted:
-            conn.close()
-        listener.close()
-
-
-def external_serve(env: DispatchEnv, tmp_path: Path, log: Path) -> subprocess.Popen[bytes]:
-    """``serve`` on the session's Prefect server (its auth string comes from the environment)."""
-    proc_env = {**os.environ, "DICOM_DISPATCH_HOME": str(tmp_path / "home")}
-    return serve_process([], proc_env, log)
-
-
 def test_sigterm_with_a_hung_send_exits_in_time(env: DispatchEnv, tmp_path: Path) -> None:
     """A send blocked on a peer that never answers: SIGTERM → the service exits within 15 s
     (default grace 10 s), the case is back in outgoing/, unclaimed, its attempt recorded."""
     with silent_peer() as (port, accepted):
         env.save_target(DicomTarget(ip="127.0.0.1", port=str(port), aet_target="NEVER"), "never")
-        log = tmp_path / "serve.log"
-        proc = external_serve(env, tmp_path, log)
+        proc, log = start_serve(tmp_path)
         try:
             case = make_case(env.outgoing, ["never"])
             wait_for(lambda: bool(accepted) and (case / ".processing").exists(), 90, "the send")
@@ -320,8 +271,7 @@ def test_disk_full_mid_case_leaves_nothing_stuck(env: DispatchEnv, tmp_path: Pat
         )
         env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
         (outgoing / "HALT").touch()
-        log = tmp_path / "serve.log"
-        proc = external_serve(env, tmp_path, log)
+        proc, log = start_serve(tmp_path)
         try:
             case = make_case(outgoing, ["share"], files=2)
             filler = fill(disk)
@@ -393,90 +343,12 @@ def db_keys(database: Path) -> int:
         )
 
 
-def test_mrn_kept_out_of_run_names_and_tags(env: DispatchEnv, tmp_path: Path) -> None:
-    """``mrn_in_run_names=False``: neither the run's name nor its tags carry the MRN."""
-    from prefect import get_client
-
-    env.save_settings(mrn_in_run_names=False)
-    env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
-    case = make_case(env.outgoing, ["share"], mrn="MRN-SECRET-7", acc="ACC-77")
-    assert env.dispatch(case)["location"] == "success"
-
-    async def runs() -> list[Any]:
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-        from prefect.client.schemas.sorting import FlowRunSort
-
-        async with get_client() as client:
-            flt = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"case:{case.name}"]))
-            found = await client.read_flow_runs(
-                flow_run_filter=flt, sort=FlowRunSort.ID_DESC, limit=10
-            )
-            return list(found)
-
-    import asyncio
-
-    found = asyncio.run(runs())
-    assert found, "the case run must be findable by its case tag"
-    for run in found:
-        assert "MRN-SECRET-7" not in run.name
-        assert not any("MRN-SECRET-7" in tag for tag in run.tags), run.tags
-        assert "acc:ACC-77" in run.tags
-
-
-def test_work_pool_fan_out_keeps_the_mrn_out_of_queued_runs(env: DispatchEnv) -> None:
-    """Work-pool mode: the runs the sweep queues for the workers honour ``mrn_in_run_names``."""
-    import asyncio
-
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    from blocks.settings import DispatcherSettings
-    from flows.dispatch import dispatch_case
-    from flows.fanout import fan_out
-    from flows.sweep import Dispatcher
-    from tests.integration.test_scaleout import _remove_work_pool_deployments
-
-    pool = "mrn-check"
-    env.save_settings(mrn_in_run_names=False)
-    case = make_case(env.outgoing, ["share"], mrn="MRN-SECRET-8", acc="ACC-78")
-
-    async def queue_it() -> list[Any]:
-        async with get_client() as client:
-            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
-            await client.create_work_queue(name="normal", work_pool_name=pool)
-            flow_id = await client.create_flow(dispatch_case)
-            deployment = await client.create_deployment(flow_id, pool, work_pool_name=pool)
-        settings = await DispatcherSettings.aload("default")
-        queued, _ = await fan_out(Dispatcher(settings), deployment)
-        assert queued == 1
-        async with get_client() as client:
-            flt = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment]))
-            runs = list(
-                await client.read_flow_runs(flow_run_filter=flt, sort=FlowRunSort.ID_DESC, limit=10)
-            )
-            for run in runs:  # no worker will take them
-                await client.delete_flow_run(run.id)
-            return runs
-
-    try:
-        runs = asyncio.run(queue_it())
-    finally:
-        asyncio.run(_remove_work_pool_deployments(pool))
-    (run,) = runs
-    assert f"case:{case.name}" in run.tags
-    assert "acc:ACC-78" in run.tags
-    assert "MRN-SECRET-8" not in run.name
-    assert not any("MRN-SECRET-8" in tag for tag in run.tags), run.tags
-
-
 def test_serve_refuses_an_open_external_api(tmp_path: Path) -> None:
     """An external API without an auth string: refused off loopback (exit 2), before any
     connection is tried."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_AUTH_STRING"}
     env.update({"DICOM_DISPATCH_HOME": str(tmp_path / "home")})
     env["PREFECT_API_URL"] = "http://192.0.2.1:4200/api"
-    done = subprocess.run([*CLI, "serve"], env=env, capture_output=True, text=True, timeout=60)
+    done = run_cli("serve", env=env, timeout=60)
     assert done.returncode == 2
     assert "PREFECT_API_AUTH_STRING" in done.stderr

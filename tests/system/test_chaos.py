@@ -35,10 +35,10 @@ import pytest
 from blocks.folder import FolderTarget
 from tasks.casefolder import PROCESSING, REASON_FILE
 from tests.cases import make_case, task_json
-from tests.integration.conftest import DispatchEnv
-from tests.integration.test_metrics import scrape
-from tests.integration.test_serve import CLI, stop, wait_for
+from tests.dispatch_env import DispatchEnv
 from tests.peers.net import free_port
+from tests.service import run_cli, start_serve, stop, wait_for
+from tests.system.test_metrics import scrape
 
 GOOD_CASES = 50
 REPO = Path(__file__).resolve().parents[2]
@@ -227,7 +227,6 @@ def test_hostile_entries_cost_only_themselves(
     unwritable = drop("folder-unwritable", valid_task, mode=0o755)
 
     metrics_port = free_port()
-    log = root / "serve.log"
     proc_env = {
         **os.environ,
         "DICOM_DISPATCH_HOME": str(folders["home"]),
@@ -240,7 +239,7 @@ def test_hostile_entries_cost_only_themselves(
     reach = [python, python.resolve(), Path(sys.prefix), Path(sys.base_prefix), REPO]
     done = threading.Event()
     churner = threading.Thread(target=churn, args=(outgoing, service_user, done), daemon=True)
-    with traversable([p / "x" for p in reach]), open(log, "wb") as out:
+    with traversable([p / "x" for p in reach]):
         probe = subprocess.run(
             [sys.executable, "-c", "import deployments.cli"],
             env=proc_env,
@@ -250,12 +249,13 @@ def test_hostile_entries_cost_only_themselves(
         )
         if probe.returncode != 0:
             pytest.skip(f"the service user cannot run this Python: {probe.stderr[-500:]}")
-        proc = subprocess.Popen(
-            [*CLI, "serve", "--workers", "1"],
-            env=proc_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            **as_user(service_user),  # type: ignore[arg-type]
+        proc, log = start_serve(
+            root,
+            "--workers",
+            "1",
+            environ=proc_env,
+            popen=as_user(service_user),
+            DICOM_DISPATCH_HOME=proc_env["DICOM_DISPATCH_HOME"],
         )
         try:
             started = psutil.Process(proc.pid).create_time()
@@ -286,14 +286,7 @@ def test_hostile_entries_cost_only_themselves(
             time.sleep(2)  # a few more scans over the entries that stay
 
             sample = scrape(metrics_port)
-            status = subprocess.run(
-                [*CLI, "status", "--json"],
-                env=proc_env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                **as_user(service_user),  # type: ignore[arg-type]
-            )
+            status = run_cli("status", "--json", env=proc_env, **as_user(service_user))  # type: ignore[arg-type]
             assert proc.poll() is None, "the service must not have ended"
             assert psutil.Process(proc.pid).create_time() == started
         finally:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -12,9 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from blocks.folder import FolderTarget
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
-from tests.integration.test_serve import CLI, stop, wait_for
-from tests.peers.net import free_port
+from tests.dispatch_env import DispatchEnv
+from tests.service import free_port, start_serve, stop, wait_for
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -34,17 +31,10 @@ def test_metrics_count_a_known_run_of_cases(env: DispatchEnv, tmp_path: Path) ->
     env.save_target(FolderTarget(folder=str(blocker / "sub")), "broken")
     env.save_settings(retry_max=2)
     port = free_port()
-    log = tmp_path / "serve.log"
-    proc_env = {
-        **os.environ,
-        "DICOM_DISPATCH_HOME": str(tmp_path / "home"),
-        "DICOM_DISPATCH_METRICS_PORT": str(port),
-    }
     (env.outgoing / "HALT").touch()  # all cases in place before the loop looks
     sent = [make_case(env.outgoing, ["share"], files=2) for _ in range(3)]
     failing = make_case(env.outgoing, ["broken"], files=1)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*CLI, "serve"], env=proc_env, stdout=out, stderr=subprocess.STDOUT)
+    proc, log = start_serve(tmp_path, DICOM_DISPATCH_METRICS_PORT=str(port))
     try:
 
         def endpoint_up() -> bool:

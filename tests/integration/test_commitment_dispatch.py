@@ -22,12 +22,12 @@ from blocks.host import data_dir
 from blocks.registry import aload_settings
 from deployments.commitment_service import run_commitment_listener
 from tests.cases import make_case
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.peers.commitment_scp import commitment_scp
 from tests.peers.net import free_port
 from tests.peers.orthanc import Orthanc
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 OUR_AET = "DISPATCH"
 

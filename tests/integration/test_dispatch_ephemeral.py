@@ -13,8 +13,8 @@ import pytest
 
 from tasks.taskjson import read_task_raw
 from tests.cases import make_case
-from tests.integration.test_cli import CLI
 from tests.peers.net import free_port
+from tests.service import CLI
 
 
 def ephemeral_env(home: Path) -> dict[str, str]:

@@ -30,7 +30,7 @@ from tests.peers.net import free_port
 from tests.peers.orthanc import Orthanc
 from tests.peers.pynetdicom_scp import parrot_scp
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 OUR_AET = "DISPATCH"
 

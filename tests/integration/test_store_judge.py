@@ -21,7 +21,7 @@ from tests.dicomfiles import pixel_digest
 from tests.peers.dcmtk import dcmtk_binary
 from tests.peers.pynetdicom_scp import parrot_scp
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 BACKENDS = ["pynetdicom", "dcmsend"]
 

@@ -27,11 +27,11 @@ from blocks.errors import PermanentTargetError
 from tasks.taskjson import read_task
 from tests.cases import make_case
 from tests.compressed import COMPRESSED, Reference, attributes, compress_case, dataset_bytes
-from tests.integration.conftest import DispatchEnv
+from tests.dispatch_env import DispatchEnv
 from tests.integration.test_target_tls import PKI, pki, tls_target  # noqa: F401 (fixture)
 from tests.peers.dcmtk import StoreSCP, dcmtk_binary
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 UNCOMPRESSED = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}
 BACKENDS = ["pynetdicom", "dcmsend"]

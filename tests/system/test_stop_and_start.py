@@ -19,17 +19,19 @@ import psutil
 import pytest
 
 from tests.cases import make_case
-from tests.integration.test_serve import CLI, stop, wait_for
-from tests.integration.test_service_hardening import (
-    save_fast_retries,
-    serve_process,
-    silent_peer,
-)
 from tests.peers.net import free_port
+from tests.service import CLI, silent_peer, start_serve, stop, wait_for
+from tests.system.test_service_hardening import save_fast_retries
 
 #: README's promise: from SIGTERM to the last process gone.
 STOP_PROMISE = 15.0
 ROUNDS = 3
+
+
+def serve_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``serve args`` in the data directory ``env`` names, logging to ``log``."""
+    home = env["DICOM_DISPATCH_HOME"]
+    return start_serve(log.parent, *args, name=log.stem, environ=env, DICOM_DISPATCH_HOME=home)[0]
 
 
 def every_process(proc: subprocess.Popen[bytes], home: Path) -> list[psutil.Process]:

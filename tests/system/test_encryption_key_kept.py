@@ -12,9 +12,9 @@ import pytest
 from cryptography.fernet import Fernet
 
 from deployments.encryption_key import KEY_ENV, KEY_FILE, EncryptionKeyError, ensure_encryption_key
-from tests.integration.test_serve import CLI
-from tests.integration.test_service_hardening import drain_events
 from tests.peers.net import free_port
+from tests.service import CLI
+from tests.system.test_service_hardening import drain_events
 
 #: ``prctl(PR_CAPBSET_DROP)`` and the capabilities that let root read a file whatever its mode.
 PR_CAPBSET_DROP = 24

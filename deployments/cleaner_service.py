@@ -8,7 +8,6 @@ The pass runs in a thread: removing a large case must not hold up the dispatcher
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from blocks.settings import DispatcherSettings
 from tasks import casefolder as cf
 from tasks.cleaner import CleanReport, clean_success
+from tasks.periodic import Periodic
 
 __all__ = ["clean_once", "run_cleaner"]
 
@@ -39,17 +39,12 @@ def clean_once(settings: DispatcherSettings, now: dt.datetime | None = None) -> 
 
 async def run_cleaner(settings: Callable[[], DispatcherSettings], stop: asyncio.Event) -> None:
     """Until ``stop``: wait an interval (first pass after one, as mercure), then clean if on."""
-    while not stop.is_set():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), settings().cleaner_scan_interval)
+
+    async def step() -> None:
         current = settings()  # what the refresh loaded meanwhile
-        if stop.is_set() or not current.cleaner_enabled:
-            continue
-        try:
-            report = await asyncio.to_thread(clean_once, current)
-        except Exception:
-            LOGGER.exception("the cleaner's pass failed")
-            continue
+        if not current.cleaner_enabled:
+            return
+        report = await asyncio.to_thread(clean_once, current)
         if report.removed:
             LOGGER.info(
                 "cleaner removed %d case(s), %d bytes%s",
@@ -57,3 +52,7 @@ async def run_cleaner(settings: Callable[[], DispatcherSettings], stop: asyncio.
                 report.freed,
                 " (emergency clean)" if report.emergency else "",
             )
+
+    await Periodic("cleaner", step, lambda: settings().cleaner_scan_interval, logger=LOGGER).run(
+        stop
+    )

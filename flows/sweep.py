@@ -32,6 +32,7 @@ from flows.takeover import ForeignClaims
 from tasks import casefolder as cf
 from tasks.claims import release_stale_claim
 from tasks.oncelog import OnceLog
+from tasks.periodic import Periodic
 
 __all__ = ["Dispatcher", "PassResult", "sweep_outgoing"]
 
@@ -268,14 +269,8 @@ class Dispatcher:
         self.ensure_folders()
         interval = self.settings.dispatcher_scan_interval
         async with watch_outgoing(self.settings.folders()[0], self._wakeup, stop):
-            while not stop.is_set():
-                await self._wakeup.wait(interval)
-                if stop.is_set():
-                    break
-                try:
-                    await self._fill()
-                except Exception:
-                    LOGGER.exception("error while dispatching")
+            sweep = Periodic("dispatcher", self._fill, interval, logger=LOGGER)
+            await sweep.run(stop, self._wakeup.event)
 
     async def _fill(self) -> None:
         free = self.capacity - len(self._in_flight)

@@ -23,6 +23,7 @@ BOTTOM = {
     "tasks.casefolder",
     "tasks.safefiles",
     "tasks.claims",
+    "tasks.periodic",
 }
 #: Modules that must import without Prefect (unit-testable, usable from any script).
 PREFECT_FREE = sorted(

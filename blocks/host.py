@@ -6,7 +6,7 @@ data (``DICOM_DISPATCH_HOME``), where it exposes metrics (``DICOM_DISPATCH_METRI
 run history the server it starts keeps (``DICOM_DISPATCH_HISTORY_RETENTION``: read before any
 block can be loaded) and, for compatibility, carries the deprecated overrides that earlier
 releases documented before those values moved into the settings block. Prefect's own
-variables (``PREFECT_*``) are Prefect's business and are handled in ``deployments.environment``.
+variables (``PREFECT_*``) are Prefect's business and are handled in ``deployments.service.api``.
 
 Which functions this host's background jobs may run (``DICOM_DISPATCH_JOBS``) is here too, not in
 a block: anyone with the API key can edit blocks.

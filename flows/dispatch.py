@@ -33,9 +33,9 @@ from blocks.base import DispatchTarget
 from blocks.errors import CaseError, ConfigError, describe_error
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
-from flows._api_wait import is_api_outage
+from flows._abort import ABORT_REASON, aborting
+from flows._api_outage import is_api_outage
 from flows._loop_context import loop_settings, set_loop_settings
-from flows._shutdown import ABORT_REASON, aborting
 from flows.case_events import announce_outcome
 from flows.case_states import (
     CaseDeployment,
@@ -277,7 +277,7 @@ async def dispatch_case(case: str) -> Any:
     except BaseException as exc:
         if is_api_outage(exc):
             # The Prefect API went away mid-attempt: not the case's fault. Back to the queue
-            # uncounted; the loop claims it again once the API answers (flows/_api_wait.py).
+            # uncounted; the loop claims it again once the API answers (flows/_api_outage.py).
             LOGGER.warning(
                 "case %s: the Prefect API went away mid-attempt (%s); back in the queue, "
                 "attempt not counted",

@@ -22,8 +22,8 @@ from prefect.context import AsyncClientContext, SyncClientContext
 
 from blocks.registry import aload_settings
 from blocks.settings import DispatcherSettings
-from flows._api_wait import ApiWatch
-from flows._shutdown import ABORT_REASON, begin_abort
+from flows._abort import ABORT_REASON, begin_abort
+from flows._api_outage import ApiWatch
 from flows._wakeup import Wakeup, watch_outgoing
 from flows.case_states import CaseDeployment, crash_run
 from flows.dispatch import give_up_attempt, run_case

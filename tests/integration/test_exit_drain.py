@@ -14,7 +14,7 @@ from tests.peers.net import free_port
 SCRIPT = """
 import sys, time
 from prefect.events import emit_event
-from deployments.shutdown import leave_process
+from deployments.service.stop_budget import leave_process
 
 for i in range(20):
     emit_event(event="dicom-dispatch.test", resource={"prefect.resource.id": f"case.{i}"})

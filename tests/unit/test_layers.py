@@ -34,9 +34,11 @@ PREFECT_FREE = sorted(
         # Imported before the environment (API URL, auth string) is decided: Prefect reads its
         # settings once, at import, so importing it here would freeze the wrong ones.
         "deployments.cli",
-        "deployments.serve",
-        "deployments.environment",
-        "deployments.metrics",
+        "deployments.service.serve",
+        "deployments.service",
+        "deployments.service.api",
+        "deployments.service.database",
+        "deployments.service.metrics_endpoint",
         "blocks._association",
         "blocks._dcmsend",
         "blocks._dcmsend_report",

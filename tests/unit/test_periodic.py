@@ -58,7 +58,9 @@ def test_wake_cuts_the_pause_short_and_is_cleared() -> None:
 
     async def main() -> None:
         stop, wake = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(Periodic("woken", lambda: passes.append(1), 3600).run(stop, wake))
+        task = asyncio.create_task(
+            Periodic("woken", lambda: passes.append(1), 3600).run(stop, wake)
+        )
         await asyncio.sleep(0.05)
         wake.set()
         await asyncio.sleep(0.05)
@@ -113,13 +115,15 @@ def test_a_thread_runs_a_sync_step_and_survives_its_failures() -> None:
     thread = Periodic("claim-heartbeat-test", step, 0.01, error_level=logging.DEBUG).start_thread(
         stop
     )
-    assert thread.daemon and thread.name == "claim-heartbeat-test"
+    assert thread.daemon
+    assert thread.name == "claim-heartbeat-test"
     deadline = time.monotonic() + 5
     while len(passes) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     stop.set()
     thread.join(5)
-    assert len(passes) >= 3 and not thread.is_alive()
+    assert len(passes) >= 3
+    assert not thread.is_alive()
 
 
 def _declared_services() -> set[str]:

@@ -1,8 +1,9 @@
 """What keeps a long-running service in order beside the dispatcher loop (one task in serve).
 
-The cleaner (``deployments/cleaner_service.py``), the metrics endpoint and its sampler
-(``deployments/metrics.py``), the audit of the send slots (``deployments/slot_audit.py``). Each
-ends when ``stop`` is set; a failure of one is logged and never stops the dispatcher.
+The cleaner (``cleaner_service.py``), the metrics endpoint and its sampler
+(``metrics_endpoint.py``), the audit of the send slots (``slot_audit.py``), each a
+:class:`~tasks.periodic.Periodic` (the table: architecture §2.4). Each ends when ``stop`` is
+set; a failure of one is logged and never stops the dispatcher.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from collections.abc import Callable
 
 from blocks.host import metrics_address
 from blocks.settings import DispatcherSettings
-from deployments.cleaner_service import run_cleaner
-from deployments.metrics import MetricsEndpoint, sample_forever
-from deployments.slot_audit import run_slot_audit
+from deployments.service.cleaner_service import run_cleaner
+from deployments.service.metrics_endpoint import MetricsEndpoint, sample_forever
+from deployments.service.slot_audit import run_slot_audit
 
 __all__ = ["run_upkeep"]
 

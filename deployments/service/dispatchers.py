@@ -3,7 +3,7 @@
 One dispatcher process spends most of a core in Prefect's client at a busy site; more processes
 use more cores. The ``serve`` process is dispatcher 1 (it also runs the embedded server, the
 Runner and the background executor); the other N-1 are children that run only a dispatcher loop
-(``python -m deployments.dispatcher_worker``). Nothing is shared in memory: the claims
+(``python -m deployments.service.dispatcher_child``). Nothing is shared in memory: the claims
 (``.processing``, exclusive create) keep a case to one process, Prefect's tag limits (leased on
 the server) keep ``num_proc``, per-type and per-target limits across all processes and hosts,
 and each process orders its own cases urgent/normal/off-peak.
@@ -46,7 +46,7 @@ LOGGER = logging.getLogger("dicom_dispatch.serve")
 MAX_DEFAULT_WORKERS = 4
 SETTINGS_REFRESH_SECONDS = 15.0
 RESTART_PAUSE_SECONDS = 5.0
-CHILD_MODULE = "deployments.dispatcher_worker"
+CHILD_MODULE = "deployments.service.dispatcher_child"
 
 
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

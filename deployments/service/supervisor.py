@@ -21,8 +21,8 @@ from typing import Any
 import psutil
 
 from blocks.host import restrict_data_dir
-from deployments.environment import _healthy
-from deployments.server import PrefectServer
+from deployments.service.api import _healthy
+from deployments.service.server import PrefectServer
 
 __all__ = ["STATE_FILE", "ServerSupervisor", "read_server_state"]
 

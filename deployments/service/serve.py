@@ -4,9 +4,9 @@ Without ``PREFECT_API_URL``: a local Prefect server with its UI (embedded Postgr
 lease storage) as a child process. Always: block types registered, tag limits set from the
 settings, the ``dispatch-case`` and ``sweep-outgoing`` deployments served, and the dispatcher
 loop running in this process. The embedded server runs with an auth string and is supervised
-(``deployments/supervisor.py``). SIGTERM/SIGINT: stop claiming, give in-flight sends their grace
-period, abort the rest (attempt recorded, claim released), stop the runner, the server and the
-database, all within the stop budget (``deployments/shutdown.py``).
+(``supervisor.py``). SIGTERM/SIGINT: stop claiming, give in-flight sends their grace period,
+abort the rest (attempt recorded, claim released), stop the runner, the server and the database,
+all within the stop budget (``stop_budget.py``).
 """
 
 from __future__ import annotations
@@ -19,25 +19,24 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deployments.api_auth import (
+from deployments.service.api import decide_api, remove_service_record, write_service_record
+from deployments.service.api_auth import (
     CLIENT_AUTH_ENV,
     ensure_auth_string,
     is_loopback,
     server_access_env,
 )
-from deployments.encryption_key import KEY_ENV
-from deployments.environment import (
-    _profile_api_url,
-    ensure_embedded_database,
-    remove_service_record,
-    stop_embedded_postgres,
-    write_service_record,
+from deployments.service.database import ensure_embedded_database, stop_embedded_postgres
+from deployments.service.dispatchers import (
+    SETTINGS_REFRESH_SECONDS,
+    DispatcherChildren,
+    run_dispatcher_loop,
 )
-from deployments.metrics import prepare_metrics_dir
-from deployments.server import PrefectServer
-from deployments.shutdown import ShutdownClock, at_last_resort, drain_prefect_services
-from deployments.supervisor import ServerSupervisor
-from deployments.workers import SETTINGS_REFRESH_SECONDS, DispatcherChildren, run_dispatcher_loop
+from deployments.service.encryption_key import KEY_ENV
+from deployments.service.metrics_endpoint import prepare_metrics_dir
+from deployments.service.server import PrefectServer
+from deployments.service.stop_budget import ShutdownClock, at_last_resort, drain_prefect_services
+from deployments.service.supervisor import ServerSupervisor
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -56,7 +55,7 @@ async def serve(
     supervisor: ServerSupervisor | None = None
     embedded_db = False
     clock = ShutdownClock(stop_flag)
-    if not os.environ.get("PREFECT_API_URL") and not _profile_api_url():
+    if decide_api(home, "serve").kind == "embedded":
         embedded_db = not (
             os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
             or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
@@ -78,13 +77,15 @@ async def serve(
             at_last_resort(lambda: stop_embedded_postgres(pgdata, 0.1))
         supervisor = ServerSupervisor(server, home, pgdata)
         print(f"Prefect UI: {server.ui_url} (log in with {home / 'api-auth-string'})", flush=True)
-    prepare_metrics_dir(home)  # one metrics directory per host (deployments/metrics.py)
+    prepare_metrics_dir(
+        home
+    )  # one metrics directory per host (deployments/service/metrics_endpoint.py)
     try:
         await _run_service(stop_flag, clock, supervisor, workers)
     finally:
         remove_service_record(home)
         # Prefect's queued logs and events, shipped while the API still answers (within the
-        # budget: what is left is dropped at exit, deployments/shutdown.py).
+        # budget: what is left is dropped at exit, deployments/service/stop_budget.py).
         await asyncio.to_thread(drain_prefect_services, clock.left(1.5))
         if supervisor is not None:
             supervisor.stop()
@@ -109,9 +110,9 @@ async def _run_service(
     from blocks.host import data_dir, restrict_data_dir
     from blocks.registry import aload_settings, aregister_block_types
     from deployments.automations import ensure_zombie_automation
-    from deployments.background_service import run_background_executor
-    from deployments.query_service import add_query_deployments
-    from deployments.upkeep import run_upkeep
+    from deployments.service.background import run_background_executor
+    from deployments.service.periodic_services import run_upkeep
+    from deployments.service.query import add_query_deployments
     from flows.dispatch import dispatch_case
     from flows.sweep import Dispatcher, sweep_outgoing
 

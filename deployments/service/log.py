@@ -9,11 +9,11 @@ hold. ``DICOM_DISPATCH_LOG_LEVEL`` changes the level.
 from __future__ import annotations
 
 import logging
-import os
+
+from blocks.host import LOG_LEVEL_ENV, log_level
 
 __all__ = ["LOG_LEVEL_ENV", "log_to_stderr"]
 
-LOG_LEVEL_ENV = "DICOM_DISPATCH_LOG_LEVEL"
 _MARK = "_dicom_dispatch_service_log"
 
 
@@ -26,5 +26,5 @@ def log_to_stderr() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     setattr(handler, _MARK, True)
     ours.addHandler(handler)
-    ours.setLevel(os.environ.get(LOG_LEVEL_ENV, "INFO"))
+    ours.setLevel(log_level())
     ours.propagate = False  # not a second time through Prefect's root handler

@@ -27,12 +27,13 @@ def clean_once(settings: DispatcherSettings, now: dt.datetime | None = None) -> 
     """One pass with these settings: the emergency clean if due; the regular one if off-peak."""
     moment = now or dt.datetime.now()
     outgoing, success, error = settings.folders()
+    cleaning, offpeak = settings.cleaning(), settings.offpeak()
     return clean_success(
         success,
         protected=(outgoing, error),
-        retention=settings.retention,
-        emergency_percentage=settings.emergency_clean_percentage,
-        offpeak_now=cf.is_offpeak(settings.offpeak_start, settings.offpeak_end, moment.time()),
+        retention=cleaning.retention,
+        emergency_percentage=cleaning.emergency_percentage,
+        offpeak_now=cf.is_offpeak(offpeak.start, offpeak.end, moment.time()),
         now=moment.timestamp() if now is not None else time.time(),
     )
 
@@ -42,7 +43,7 @@ async def run_cleaner(settings: Callable[[], DispatcherSettings], stop: asyncio.
 
     async def step() -> None:
         current = settings()  # what the refresh loaded meanwhile
-        if not current.cleaner_enabled:
+        if not current.cleaning().enabled:
             return
         report = await asyncio.to_thread(clean_once, current)
         if report.removed:
@@ -53,6 +54,6 @@ async def run_cleaner(settings: Callable[[], DispatcherSettings], stop: asyncio.
                 " (emergency clean)" if report.emergency else "",
             )
 
-    await Periodic("cleaner", step, lambda: settings().cleaner_scan_interval, logger=LOGGER).run(
+    await Periodic("cleaner", step, lambda: settings().cleaning().scan_interval, logger=LOGGER).run(
         stop
     )

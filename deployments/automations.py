@@ -35,7 +35,7 @@ __all__ = [
     "zombie_automation",
 ]
 
-LOGGER = logging.getLogger("dicom_dispatch.serve")
+LOGGER = logging.getLogger(__name__)
 
 #: Three missed heartbeats: a loaded host or a slow API is not mistaken for a dead one.
 ZOMBIE_WINDOW_SECONDS = 90

@@ -39,7 +39,7 @@ __all__ = [
     "write_service_record",
 ]
 
-LOGGER = logging.getLogger("dicom_dispatch.serve")
+LOGGER = logging.getLogger(__name__)
 SERVICE_FILE = "service.json"
 #: Every flow run sends a heartbeat this often (Prefect's minimum), so a run whose process died
 #: is marked Crashed by the automation in ``deployments/automations.py``.

@@ -20,7 +20,7 @@ from tasks.periodic import Periodic
 
 __all__ = ["clean_once", "run_cleaner"]
 
-LOGGER = logging.getLogger("dicom_dispatch.cleaner")
+LOGGER = logging.getLogger(__name__)
 
 
 def clean_once(settings: DispatcherSettings, now: dt.datetime | None = None) -> CleanReport:

@@ -42,7 +42,7 @@ __all__ = [
     "run_dispatcher_loop",
 ]
 
-LOGGER = logging.getLogger("dicom_dispatch.serve")
+LOGGER = logging.getLogger(__name__)
 MAX_DEFAULT_WORKERS = 4
 SETTINGS_REFRESH_SECONDS = 15.0
 RESTART_PAUSE_SECONDS = 5.0

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MetricsEndpoint", "prepare_metrics_dir", "sample_forever"]
 
-LOGGER = logging.getLogger("dicom_dispatch.metrics")
+LOGGER = logging.getLogger(__name__)
 SAMPLE_SECONDS = 10.0
 METRICS_DIR = "metrics"
 

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SETTINGS_REFRESH_SECONDS", "is_loopback", "serve"]
 
-LOGGER = logging.getLogger("dicom_dispatch.serve")
+LOGGER = logging.getLogger(__name__)
 
 
 async def serve(

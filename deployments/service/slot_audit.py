@@ -35,7 +35,7 @@ from tasks.tags import is_send_tag
 
 __all__ = ["AUDIT_LOCK", "AUDIT_SECONDS", "SlotAudit", "run_slot_audit"]
 
-LOGGER = logging.getLogger("dicom_dispatch.slot_audit")
+LOGGER = logging.getLogger(__name__)
 AUDIT_SECONDS = 30.0
 AUDIT_LOCK = "dicom-dispatch-slot-audit"
 #: The shortest lease the server accepts; an audit takes well under a second.

@@ -26,7 +26,7 @@ from deployments.service.server import PrefectServer
 
 __all__ = ["STATE_FILE", "ServerSupervisor", "read_server_state"]
 
-LOGGER = logging.getLogger("dicom_dispatch.supervisor")
+LOGGER = logging.getLogger(__name__)
 STATE_FILE = "server-state.json"
 CHECK_SECONDS = 1.0
 #: Health checks that may fail in a row before a running server counts as hung.

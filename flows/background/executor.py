@@ -78,7 +78,7 @@ from tasks.periodic import Periodic
 
 __all__ = ["BackgroundExecutor", "ExecutorSettings", "run_background_executor"]
 
-LOGGER = logging.getLogger("dicom_dispatch.jobs")
+LOGGER = logging.getLogger(__name__)
 HOSTNAME = socket.gethostname()
 EXECUTOR_STOPPED = "the background executor stopped"
 #: How often the executor looks for runs left by a dead executor (and re-reads its settings).

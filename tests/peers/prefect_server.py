@@ -13,12 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from deployments.service.api import (
-    LEASE_STORAGE,
-    QUIET_ENV,
-    embedded_postgres_url,
-    stop_embedded_postgres,
-)
+from deployments.service.api import LEASE_STORAGE, QUIET_ENV
+from deployments.service.database import embedded_postgres_url, stop_embedded_postgres
 from deployments.service.server import PrefectServer
 from tests.peers.net import free_port
 

@@ -17,10 +17,10 @@ from deployments.service.cleaner_service import run_cleaner
 from deployments.service.metrics_endpoint import MetricsEndpoint, sample_forever
 from deployments.service.slot_audit import run_slot_audit
 
-__all__ = ["run_upkeep"]
+__all__ = ["run_periodic_services"]
 
 
-async def run_upkeep(settings: Callable[[], DispatcherSettings], stop: asyncio.Event) -> None:
+async def run_periodic_services(settings: Callable[[], DispatcherSettings], stop: asyncio.Event) -> None:
     """Until ``stop``: clean success/, serve and sample the metrics (when an address is set),
     give back the send slots no lease holds."""
     endpoint: MetricsEndpoint | None = None

@@ -111,7 +111,7 @@ async def _run_service(
     from blocks.registry import aload_settings, aregister_block_types
     from deployments.automations import ensure_zombie_automation
     from deployments.service.background import run_background_executor
-    from deployments.service.periodic_services import run_upkeep
+    from deployments.service.periodic_services import run_periodic_services
     from deployments.service.query import add_query_deployments
     from flows.dispatch import dispatch_case
     from flows.sweep import Dispatcher, sweep_outgoing
@@ -158,7 +158,7 @@ async def _run_service(
     LOGGER.info("dispatching from %s", settings.folders()[0])
     print(f"dispatching from {settings.folders()[0]}", flush=True)
 
-    upkeep = asyncio.create_task(run_upkeep(lambda: dispatcher.settings, stop))  # cleaner, metrics
+    periodic = asyncio.create_task(run_periodic_services(lambda: dispatcher.settings, stop))  # cleaner, metrics
     if supervisor is not None:
         supervisor.start()  # on its own thread: see ServerSupervisor
     minding = asyncio.create_task(children.supervise(stop))
@@ -174,7 +174,7 @@ async def _run_service(
         # The children give their sends the same grace as this process, from the same moment.
         await asyncio.to_thread(children.stop, clock.left_before(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(upkeep, clock.left(2.0))
+            await asyncio.wait_for(periodic, clock.left(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(jobs_task, clock.left(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -20,7 +20,9 @@ from deployments.service.slot_audit import run_slot_audit
 __all__ = ["run_periodic_services"]
 
 
-async def run_periodic_services(settings: Callable[[], DispatcherSettings], stop: asyncio.Event) -> None:
+async def run_periodic_services(
+    settings: Callable[[], DispatcherSettings], stop: asyncio.Event
+) -> None:
     """Until ``stop``: clean success/, serve and sample the metrics (when an address is set),
     give back the send slots no lease holds."""
     endpoint: MetricsEndpoint | None = None

@@ -158,7 +158,8 @@ async def _run_service(
     LOGGER.info("dispatching from %s", settings.folders()[0])
     print(f"dispatching from {settings.folders()[0]}", flush=True)
 
-    periodic = asyncio.create_task(run_periodic_services(lambda: dispatcher.settings, stop))  # cleaner, metrics
+    # The cleaner, the metrics, the slot audit (architecture §2.4).
+    periodic = asyncio.create_task(run_periodic_services(lambda: dispatcher.settings, stop))
     if supervisor is not None:
         supervisor.start()  # on its own thread: see ServerSupervisor
     minding = asyncio.create_task(children.supervise(stop))

@@ -89,17 +89,17 @@ class DispatcherSettings(Block):
     outgoing_folder: str = Field(
         title="Folders: outgoing folder",
         default="",
-        description="Queue of cases (empty: <data dir>/outgoing).",
+        description="Queue of cases (empty: outgoing/ in the data directory).",
     )
     success_folder: str = Field(
         title="Folders: success folder",
         default="",
-        description="Sent cases (empty: <data dir>/success).",
+        description="Sent cases (empty: success/ in the data directory).",
     )
     error_folder: str = Field(
         title="Folders: error folder",
         default="",
-        description="Failed cases (empty: <data dir>/error).",
+        description="Failed cases (empty: error/ in the data directory).",
     )
 
     # -- Dispatching: how a case is scanned, tried and retried

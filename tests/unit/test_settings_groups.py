@@ -52,3 +52,9 @@ def test_the_code_reads_a_group_through_its_view() -> None:
     assert settings.cleaning() == Cleaning(
         enabled=True, retention=60, emergency_percentage=80, scan_interval=5
     )
+
+
+def test_descriptions_survive_the_ui() -> None:
+    # The UI renders descriptions as Markdown: "<data dir>" was taken for an HTML tag and vanished.
+    for name, info in DispatcherSettings.model_fields.items():
+        assert "<" not in (info.description or ""), name

@@ -13,7 +13,6 @@ data directory; else a client command uses an ephemeral server on the same datab
 from __future__ import annotations
 
 import json
-import logging
 import os
 import urllib.request
 from dataclasses import dataclass
@@ -39,7 +38,6 @@ __all__ = [
     "write_service_record",
 ]
 
-LOGGER = logging.getLogger(__name__)
 SERVICE_FILE = "service.json"
 #: Every flow run sends a heartbeat this often (Prefect's minimum), so a run whose process died
 #: is marked Crashed by the automation in ``deployments/automations.py``.

@@ -7,7 +7,7 @@ Run from the repository root::
 
 It starts a Prefect server on embedded PostgreSQL (filesystem lease storage) unless
 ``PREFECT_API_URL`` is set, and one background executor (``python -m
-deployments.background_service``), all on 127.0.0.1, and removes them and its temporary folder
+deployments.service.background``), all on 127.0.0.1, and removes them and its temporary folder
 afterwards (``--keep`` keeps the folder, with the executor's log).
 
 Figures:
@@ -88,7 +88,7 @@ def executor(api_url: str, base: Path) -> Iterator[None]:
     env = {**os.environ, "PREFECT_API_URL": api_url, "DICOM_DISPATCH_HOME": str(base / "home")}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "deployments.background_service"],
+            [sys.executable, "-m", "deployments.service.background"],
             cwd=REPO,
             env=env,
             stdout=out,
@@ -242,7 +242,7 @@ def run_all(args: argparse.Namespace, base: Path, out: Path, figures: dict[str, 
     with prefect_api(base) as api_url:
         from prefect import __version__ as prefect_version
 
-        from deployments.background_service import ExecutorSettings
+        from deployments.service.background import ExecutorSettings
 
         settings = asyncio.run(ExecutorSettings.aload())
         print(

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(work: Path, cases: int, counts: list[int]) -> dict[str, Any]:
     from bench.dispatch.data import make_cases
-    from deployments.workers import available_cpus
+    from deployments.service.dispatchers import available_cpus
 
     cores = available_cpus()
     binary = dcmsend_binary()

@@ -1,12 +1,16 @@
 """Host-level settings: what differs per machine, read from the environment in this one place.
 
+:class:`HostSettings` (pydantic-settings, as Prefect reads its own) holds every
+``DICOM_DISPATCH_*`` variable, typed; :func:`host_settings` reads them once per state of the
+environment. The functions below are its views for the code that needs one value.
+
 Everything a site tunes lives in :class:`~blocks.settings.DispatcherSettings` (a block, editable in
 the Prefect UI, the same for every host). The environment only says where this host keeps its
 data (``DICOM_DISPATCH_HOME``), where it exposes metrics (``DICOM_DISPATCH_METRICS_*``), how much
 run history the server it starts keeps (``DICOM_DISPATCH_HISTORY_RETENTION``: read before any
 block can be loaded) and, for compatibility, carries the deprecated overrides that earlier
 releases documented before those values moved into the settings block. Prefect's own
-variables (``PREFECT_*``) are Prefect's business and are handled in ``deployments.environment``.
+variables (``PREFECT_*``) are Prefect's business and are handled in ``deployments.service.api``.
 
 The test suite alone may shorten the claim heartbeat and the takeover window
 (``DICOM_DISPATCH_TEST_*``), so that takeover tests need not wait minutes of real time; a site
@@ -24,16 +28,23 @@ import logging
 import os
 import socket
 import stat
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "DEPRECATED_OVERRIDES",
+    "ENV_PREFIX",
     "HISTORY_RETENTION_ENV",
     "HOME_ENV",
     "HOST_ID_ENV",
     "TEST_CLAIM_HEARTBEAT_ENV",
     "TEST_TAKEOVER_WINDOW_ENV",
     "JOBS_ENV",
+    "LOG_LEVEL_ENV",
     "METRICS_ADDRESS_ENV",
     "METRICS_PORT_ENV",
     "STORAGE_COMMITMENT_AET_ENV",
@@ -42,8 +53,11 @@ __all__ = [
     "deprecated_override",
     "claim_heartbeat_seconds",
     "history_retention_seconds",
+    "HostSettings",
     "host_id",
+    "host_settings",
     "job_functions",
+    "log_level",
     "metrics_address",
     "restrict_data_dir",
     "storage_commitment_aet",
@@ -54,6 +68,9 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger(__name__)
+
+#: Every variable of ours starts so; the rest of the name is the field of :class:`HostSettings`.
+ENV_PREFIX = "DICOM_DISPATCH_"
 
 #: The data directory's variable; default ``~/.dicom-dispatch``.
 HOME_ENV = "DICOM_DISPATCH_HOME"
@@ -100,6 +117,8 @@ TEST_TAKEOVER_WINDOW_ENV = "DICOM_DISPATCH_TEST_TAKEOVER_WINDOW_SECONDS"
 #: The zombie-run automation's window is never shorter: Prefect sends flow-run heartbeats at most
 #: every 30 s, so a shorter window would crash live runs.
 MIN_ZOMBIE_WINDOW_SECONDS = 35
+#: The level of the service's own log lines on stderr (``deployments/service/log.py``).
+LOG_LEVEL_ENV = "DICOM_DISPATCH_LOG_LEVEL"
 
 #: ``DispatcherSettings`` field → the environment variable that used to set it. Still honoured,
 #: with a warning, so a site's unit file keeps working while it moves the value into the block.
@@ -113,9 +132,150 @@ DEPRECATED_OVERRIDES: dict[str, str] = {
 _warned: set[str] = set()
 
 
+def _number(value: Any, name: str, fallback: str) -> float | None:
+    """``value`` as a number; None when unset, or (warned about) when not a number."""
+    text = str(value).strip() if value is not None else ""
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        _warn_once(name, f"{name}={text!r} is not a number; {fallback}")
+        return None
+
+
+class HostSettings(BaseSettings):
+    """Every ``DICOM_DISPATCH_*`` variable, typed; a bad value is warned about and replaced by
+    its default (a host must not stop over a typo that has a safe default)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore", frozen=True
+    )
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".dicom-dispatch")
+    host_id: str = Field(default="", description="Empty: the host name.")
+    jobs: str = Field(default="", description="Comma-separated module:function references.")
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+    metrics_port: int = Field(default=DEFAULT_METRICS_PORT, description="0: no endpoint.")
+    history_retention: float = Field(
+        default=DEFAULT_HISTORY_RETENTION, description="Seconds; 0: keep everything."
+    )
+    log_level: str = "INFO"
+    storage_commitment_port: int = Field(
+        default=DEFAULT_STORAGE_COMMITMENT_PORT, description="0: no listener."
+    )
+    storage_commitment_aet: str = Field(default="", description="Empty: each target's AE title.")
+    # For tests only (TEST_CLAIM_HEARTBEAT_ENV, TEST_TAKEOVER_WINDOW_ENV); None: unset.
+    test_claim_heartbeat_seconds: float | None = None
+    test_takeover_window_seconds: float | None = None
+    # Deprecated overrides of DispatcherSettings fields (DEPRECATED_OVERRIDES); None: unset.
+    retrieve_limit: float | None = None
+    jobs_poll_seconds: float | None = None
+    jobs_lease_seconds: float | None = None
+    jobs_max_processes: float | None = None
+
+    @field_validator(
+        "host_id", "jobs", "metrics_address", "log_level", "storage_commitment_aet", mode="before"
+    )
+    @classmethod
+    def _stripped(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields[str(info.field_name)].default
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _port(cls, value: Any) -> int:
+        text = str(value).strip()
+        if not text:
+            return DEFAULT_METRICS_PORT
+        try:
+            return int(text)
+        except ValueError:
+            _warn_once(
+                METRICS_PORT_ENV,
+                f"{METRICS_PORT_ENV}={text!r} is not a port; using {DEFAULT_METRICS_PORT}",
+            )
+            return DEFAULT_METRICS_PORT
+
+    @field_validator("storage_commitment_port", mode="before")
+    @classmethod
+    def _commitment_port(cls, value: Any) -> int:
+        text = str(value).strip()
+        try:
+            port = int(text) if text else DEFAULT_STORAGE_COMMITMENT_PORT
+        except ValueError:
+            port = -1
+        if not 0 <= port <= 65535:
+            _warn_once(
+                STORAGE_COMMITMENT_PORT_ENV,
+                f"{STORAGE_COMMITMENT_PORT_ENV}={text!r} is not a port; "
+                f"using {DEFAULT_STORAGE_COMMITMENT_PORT}",
+            )
+            port = DEFAULT_STORAGE_COMMITMENT_PORT
+        return port
+
+    @field_validator("test_claim_heartbeat_seconds", "test_takeover_window_seconds", mode="before")
+    @classmethod
+    def _test_seconds(cls, value: Any, info: ValidationInfo) -> float | None:
+        """A positive number of seconds (warned about once: it is for tests), else unset."""
+        name = ENV_PREFIX + str(info.field_name).upper()
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = 0.0
+        if not seconds > 0:
+            _warn_once(name, f"{name}={text!r} is not a positive number of seconds; ignored")
+            return None
+        _warn_once(name, f"{name}={seconds:g}: a test setting, not for production")
+        return seconds
+
+    @field_validator("history_retention", mode="before")
+    @classmethod
+    def _retention(cls, value: Any) -> float:
+        """At least Prefect's minimum: a value Prefect would refuse (one hour or less, not a
+        number) must not stop the server from starting."""
+        seconds = _number(
+            value,
+            HISTORY_RETENTION_ENV,
+            f"keeping {DEFAULT_HISTORY_RETENTION:g} s of run history",
+        )
+        if seconds is None:
+            return DEFAULT_HISTORY_RETENTION
+        if seconds <= 0:
+            return 0.0
+        if seconds < MIN_HISTORY_RETENTION:
+            _warn_once(
+                HISTORY_RETENTION_ENV,
+                f"{HISTORY_RETENTION_ENV}={str(value).strip()}: Prefect keeps at least "
+                f"{MIN_HISTORY_RETENTION:g} s",
+            )
+            return MIN_HISTORY_RETENTION
+        return seconds
+
+    @field_validator(*DEPRECATED_OVERRIDES, mode="before")
+    @classmethod
+    def _deprecated(cls, value: Any, info: ValidationInfo) -> float | None:
+        field = str(info.field_name)
+        return _number(value, DEPRECATED_OVERRIDES[field], f"using DispatcherSettings.{field}")
+
+
+def host_settings() -> HostSettings:
+    """This host's settings, read once per state of the ``DICOM_DISPATCH_*`` environment (a
+    command sets ``DICOM_DISPATCH_HOME`` for its children; tests set variables per test)."""
+    ours = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX)))
+    return _read(ours)
+
+
+@lru_cache(maxsize=8)
+def _read(_environment: tuple[tuple[str, str], ...]) -> HostSettings:
+    return HostSettings()
+
+
 def data_dir(create: bool = False) -> Path:
     """``$DICOM_DISPATCH_HOME``, default ``~/.dicom-dispatch``; created on request."""
-    path = Path(os.environ.get(HOME_ENV) or Path.home() / ".dicom-dispatch")
+    path = host_settings().home
     if create:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         restrict_data_dir(path)
@@ -167,13 +327,17 @@ def write_private_file(path: Path, text: str) -> None:
 
 def host_id() -> str:
     """Who this host is in the claims it writes: ``$DICOM_DISPATCH_HOST_ID`` or the host name."""
-    return os.environ.get(HOST_ID_ENV, "").strip() or socket.gethostname()
+    return host_settings().host_id or socket.gethostname()
 
 
 def job_functions() -> list[str]:
     """The ``module:function`` references of ``$DICOM_DISPATCH_JOBS``, as written (unchecked)."""
-    text = os.environ.get(JOBS_ENV, "")
-    return [ref.strip() for ref in text.split(",") if ref.strip()]
+    return [ref.strip() for ref in host_settings().jobs.split(",") if ref.strip()]
+
+
+def log_level() -> str:
+    """``$DICOM_DISPATCH_LOG_LEVEL``, default ``INFO``."""
+    return host_settings().log_level
 
 
 def deprecated_override(field: str, value: float) -> float:
@@ -182,15 +346,10 @@ def deprecated_override(field: str, value: float) -> float:
     A variable that is set but not a number is ignored with a warning rather than stopping the
     service: the block's value is a valid setting on its own.
     """
+    number: float | None = getattr(host_settings(), field)
+    if number is None:
+        return value
     name = DEPRECATED_OVERRIDES[field]
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return value
-    try:
-        number = float(text)
-    except ValueError:
-        _warn_once(name, f"{name}={text!r} is not a number; using DispatcherSettings.{field}")
-        return value
     _warn_once(
         name,
         f"{name} is deprecated: set DispatcherSettings.{field} instead (using {number:g})",
@@ -200,13 +359,13 @@ def deprecated_override(field: str, value: float) -> float:
 
 def claim_heartbeat_seconds(default: float) -> float:
     """Seconds between claim refreshes: ``default``, or the tests' shorter value."""
-    return _test_seconds(TEST_CLAIM_HEARTBEAT_ENV, default)
+    return host_settings().test_claim_heartbeat_seconds or default
 
 
 def takeover_window_seconds(configured: float) -> float:
     """The claim age after which a dead host's case is taken over: the settings' ``configured``
     window, or the tests' shorter one."""
-    return _test_seconds(TEST_TAKEOVER_WINDOW_ENV, configured)
+    return host_settings().test_takeover_window_seconds or configured
 
 
 def zombie_window_seconds(configured: int) -> int:
@@ -215,86 +374,26 @@ def zombie_window_seconds(configured: int) -> int:
     return max(MIN_ZOMBIE_WINDOW_SECONDS, round(takeover_window_seconds(configured)))
 
 
-def _test_seconds(name: str, default: float) -> float:
-    """The positive number in ``$name`` (warned about once: it is for tests), else ``default``."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = 0.0
-    if not seconds > 0:
-        _warn_once(name, f"{name}={text!r} is not a positive number of seconds; ignored")
-        return default
-    _warn_once(name, f"{name}={seconds:g}: a test setting, not for production")
-    return seconds
-
-
 def history_retention_seconds() -> float:
-    """``$DICOM_DISPATCH_HISTORY_RETENTION`` in seconds (0: no vacuum), at least Prefect's minimum.
-
-    A value Prefect would refuse (one hour or less, not a number) must not stop the server from
-    starting: it is raised to the minimum, or the default is used, with a warning.
-    """
-    text = os.environ.get(HISTORY_RETENTION_ENV, "").strip()
-    if not text:
-        return DEFAULT_HISTORY_RETENTION
-    try:
-        seconds = float(text)
-    except ValueError:
-        _warn_once(
-            HISTORY_RETENTION_ENV,
-            f"{HISTORY_RETENTION_ENV}={text!r} is not a number of seconds; "
-            f"keeping {DEFAULT_HISTORY_RETENTION:g} s of run history",
-        )
-        return DEFAULT_HISTORY_RETENTION
-    if seconds <= 0:
-        return 0.0
-    if seconds < MIN_HISTORY_RETENTION:
-        _warn_once(
-            HISTORY_RETENTION_ENV,
-            f"{HISTORY_RETENTION_ENV}={text}: Prefect keeps at least {MIN_HISTORY_RETENTION:g} s",
-        )
-        return MIN_HISTORY_RETENTION
-    return seconds
+    """``$DICOM_DISPATCH_HISTORY_RETENTION`` in seconds (0: no vacuum), at least Prefect's
+    minimum."""
+    return host_settings().history_retention
 
 
 def metrics_address() -> tuple[str, int] | None:
     """(bind address, port) of the metrics endpoint; None when the port is ``0`` (off)."""
-    address = os.environ.get(METRICS_ADDRESS_ENV, "").strip() or DEFAULT_METRICS_ADDRESS
-    text = os.environ.get(METRICS_PORT_ENV, "").strip()
-    try:
-        port = int(text) if text else DEFAULT_METRICS_PORT
-    except ValueError:
-        _warn_once(
-            METRICS_PORT_ENV,
-            f"{METRICS_PORT_ENV}={text!r} is not a port; using {DEFAULT_METRICS_PORT}",
-        )
-        port = DEFAULT_METRICS_PORT
-    return (address, port) if port > 0 else None
+    settings = host_settings()
+    return (settings.metrics_address, settings.metrics_port) if settings.metrics_port > 0 else None
 
 
 def storage_commitment_port() -> int:
     """``$DICOM_DISPATCH_STORAGE_COMMITMENT_PORT`` (default 11114); 0: no listener."""
-    text = os.environ.get(STORAGE_COMMITMENT_PORT_ENV, "").strip()
-    try:
-        port = int(text) if text else DEFAULT_STORAGE_COMMITMENT_PORT
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        _warn_once(
-            STORAGE_COMMITMENT_PORT_ENV,
-            f"{STORAGE_COMMITMENT_PORT_ENV}={text!r} is not a port; "
-            f"using {DEFAULT_STORAGE_COMMITMENT_PORT}",
-        )
-        port = DEFAULT_STORAGE_COMMITMENT_PORT
-    return port
+    return host_settings().storage_commitment_port
 
 
 def storage_commitment_aet() -> str:
     """``$DICOM_DISPATCH_STORAGE_COMMITMENT_AET``; empty: each target's calling AE title."""
-    return os.environ.get(STORAGE_COMMITMENT_AET_ENV, "").strip()
+    return host_settings().storage_commitment_aet
 
 
 def _warn_once(name: str, message: str) -> None:

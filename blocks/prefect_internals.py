@@ -113,8 +113,8 @@ def active_queue_services() -> list[Any]:
     """Prefect's queue services (log and event shippers, ...) of this process that still run.
 
     Their ``drain`` at interpreter exit retries for as long as the API is gone, past any stop
-    budget; the service drains them itself, with a deadline (``deployments/shutdown.py``). Not
-    imported when Prefect never started one here.
+    budget; the service drains them itself, with a deadline
+    (``deployments/service/stop_budget.py``). Not imported when Prefect never started one here.
     """
     services = sys.modules.get("prefect._internal.concurrency.services")
     if services is None:

@@ -2,7 +2,7 @@
 
 A process that dies (SIGKILL, power loss, a host gone) cannot report its runs' end, so they
 would show Running forever. Every flow run sends a heartbeat event every
-``HEARTBEAT_SECONDS`` (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, set by ``deployments.environment``
+``HEARTBEAT_SECONDS`` (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, set by ``deployments.service.api``
 before Prefect is imported, also for runs executed in-process by the dispatcher loop); this
 proactive trigger sets a run Crashed when, after a heartbeat, no heartbeat and no state change
 came within ``ZOMBIE_WINDOW_SECONDS``. Prefect's own recipe (docs: "detect zombie flows"), with
@@ -24,7 +24,7 @@ from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
 
-from deployments.environment import HEARTBEAT_SECONDS
+from deployments.service.api import HEARTBEAT_SECONDS
 
 __all__ = [
     "HEARTBEAT_SECONDS",
@@ -35,7 +35,7 @@ __all__ = [
     "zombie_automation",
 ]
 
-LOGGER = logging.getLogger("dicom_dispatch.serve")
+LOGGER = logging.getLogger(__name__)
 
 #: Three missed heartbeats: a loaded host or a slow API is not mistaken for a dead one.
 ZOMBIE_WINDOW_SECONDS = 90

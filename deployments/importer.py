@@ -71,11 +71,12 @@ def cleaning_summary(settings: DispatcherSettings) -> dict[str, Any]:
 
     The import never switches it on: mercure's cleaner may still be running on the same folders.
     """
-    if settings.cleaner_enabled:
+    cleaning, offpeak = settings.cleaning(), settings.offpeak()
+    if cleaning.enabled:
         text = (
-            f"on: success/ cases older than {settings.retention:g} s are removed between "
-            f"{settings.offpeak_start} and {settings.offpeak_end}; the oldest at any time when "
-            f"the volume is over {settings.emergency_clean_percentage:g} % full"
+            f"on: success/ cases older than {cleaning.retention:g} s are removed between "
+            f"{offpeak.start} and {offpeak.end}; the oldest at any time when "
+            f"the volume is over {cleaning.emergency_percentage:g} % full"
         )
     else:
         text = (
@@ -83,9 +84,9 @@ def cleaning_summary(settings: DispatcherSettings) -> dict[str, Any]:
             "set cleaner_enabled in DispatcherSettings to switch it on"
         )
     return {
-        "enabled": settings.cleaner_enabled,
-        "retention": settings.retention,
-        "emergency_clean_percentage": settings.emergency_clean_percentage,
+        "enabled": cleaning.enabled,
+        "retention": cleaning.retention,
+        "emergency_clean_percentage": cleaning.emergency_percentage,
         "summary": text,
     }
 

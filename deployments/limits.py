@@ -21,9 +21,10 @@ def wanted_limits(
     settings: DispatcherSettings, target_limits: dict[str, int | None]
 ) -> dict[str, int]:
     """Every tag we manage and its limit (0 = none)."""
-    wanted = {TOTAL_TAG: settings.num_proc}
+    sends = settings.send_limits()
+    wanted = {TOTAL_TAG: sends.total}
     for kind in TARGET_TYPES:
-        wanted[type_tag(kind)] = settings.type_limits.get(kind, 0)
+        wanted[type_tag(kind)] = sends.per_type.get(kind, 0)
     for name, limit in target_limits.items():
         wanted[target_tag(name)] = limit or 0
     return wanted

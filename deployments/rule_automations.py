@@ -57,7 +57,7 @@ __all__ = [
     "sync_rule_notifications",
 ]
 
-LOGGER = logging.getLogger("dicom_dispatch.import")
+LOGGER = logging.getLogger(__name__)
 
 RULE_AUTOMATION_PREFIX = "dicom-dispatch: rule "
 RULE_BLOCK_PREFIX = "mercure-rule-"

@@ -50,6 +50,11 @@ class Wakeup:
     def poke(self) -> None:
         self._event.set()
 
+    @property
+    def event(self) -> asyncio.Event:
+        """The flag itself, for a :class:`~tasks.periodic.Periodic` that sleeps on it."""
+        return self._event
+
     async def wait(self, timeout: float) -> bool:
         """Sleep until poked or ``timeout`` seconds passed; True when poked."""
         with anyio.move_on_after(timeout):

@@ -33,9 +33,9 @@ from blocks.errors import CaseError, ConfigError, describe_error
 from blocks.prefect_internals import run_created_run
 from blocks.registry import aload_settings, aload_target
 from blocks.settings import DispatcherSettings
-from flows._api_wait import is_api_outage
+from flows._abort import ABORT_REASON, aborting
+from flows._api_outage import is_api_outage
 from flows._loop_context import loop_settings, set_loop_settings
-from flows._shutdown import ABORT_REASON, aborting
 from flows.case_events import announce_outcome
 from flows.case_states import (
     CaseDeployment,
@@ -288,7 +288,7 @@ async def dispatch_case(case: str) -> Any:
                 return skipped(ending.reason, lost.as_result())
             if ending.kind is Kind.UNCOUNTED and outage:
                 # The Prefect API went away mid-attempt: back to the queue uncounted; the loop
-                # claims it again once the API answers (flows/_api_wait.py).
+                # claims it again once the API answers (flows/_api_outage.py).
                 LOGGER.warning(
                     "case %s: the Prefect API went away mid-attempt (%s); back in the queue, "
                     "attempt not counted",

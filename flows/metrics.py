@@ -4,7 +4,8 @@ The metric objects are made on first use, after the service chose prometheus-cli
 multiprocess mode (``use_multiprocess_dir``): then every process of the host (``--workers``)
 writes its values to files in one directory and one scrape sums them up. Without it (a CLI
 command, a test) the values live in this process's registry and go with it. The queue depth is
-not recorded here: the endpoint counts the folders when it is scraped (``deployments/metrics``).
+not recorded here: the endpoint counts the folders when it is scraped
+(``deployments/service/metrics_endpoint``).
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from prefect.context import AsyncClientContext, SyncClientContext
 from blocks.host import takeover_window_seconds
 from blocks.registry import aload_settings
 from blocks.settings import DispatcherSettings
-from flows._api_wait import ApiWatch
-from flows._shutdown import ABORT_REASON, begin_abort
+from flows._abort import ABORT_REASON, begin_abort
+from flows._api_outage import ApiWatch
 from flows._wakeup import Wakeup, watch_outgoing
 from flows.case_states import CaseDeployment, crash_run
 from flows.dispatch import give_up_attempt, run_case
@@ -34,6 +34,7 @@ from tasks import casefolder as cf
 from tasks.attempt_claim import AttemptClaim
 from tasks.claims import release_stale_claim
 from tasks.oncelog import OnceLog
+from tasks.periodic import Periodic
 
 __all__ = ["Dispatcher", "PassResult", "sweep_outgoing"]
 
@@ -275,14 +276,8 @@ class Dispatcher:
         self.ensure_folders()
         interval = self.settings.dispatcher_scan_interval
         async with watch_outgoing(self.settings.folders()[0], self._wakeup, stop):
-            while not stop.is_set():
-                await self._wakeup.wait(interval)
-                if stop.is_set():
-                    break
-                try:
-                    await self._fill()
-                except Exception:
-                    LOGGER.exception("error while dispatching")
+            sweep = Periodic("dispatcher", self._fill, interval, logger=LOGGER)
+            await sweep.run(stop, self._wakeup.event)
 
     async def _fill(self) -> None:
         free = self.capacity - len(self._in_flight)

@@ -44,6 +44,7 @@ from pathlib import Path
 import psutil
 
 from blocks.host import claim_heartbeat_seconds, host_id
+from tasks.periodic import Periodic
 from tasks.safefiles import create_new, open_new, read_regular_stat
 
 __all__ = [
@@ -486,14 +487,13 @@ def _ensure_refresher() -> None:
     with _lock:
         if _refresher is not None and _refresher.is_alive():
             return
-        _refresher = threading.Thread(target=_refresh_forever, name="claim-heartbeat", daemon=True)
-        _refresher.start()
+        _refresher = HEARTBEAT.start_thread()
 
 
-def _refresh_forever() -> None:
-    while True:
-        time.sleep(claim_heartbeat_seconds(CLAIM_HEARTBEAT_SECONDS))
-        try:
-            refresh_held_claims()
-        except Exception:  # never let the heartbeat die of one bad folder
-            LOGGER.exception("could not refresh the claims")
+#: Runs as long as the process: a thread, since claims are taken outside any event loop too.
+HEARTBEAT = Periodic(
+    "claim-heartbeat",
+    refresh_held_claims,
+    lambda: claim_heartbeat_seconds(CLAIM_HEARTBEAT_SECONDS),
+    logger=LOGGER,
+)

@@ -34,7 +34,7 @@ __all__ = [
     "scan_sent",
 ]
 
-LOGGER = logging.getLogger("dicom_dispatch.cleaner")
+LOGGER = logging.getLogger(__name__)
 #: What was said about entries the cleaner cannot handle (each once, until it goes away).
 _SAID = OnceLog(LOGGER)
 #: Markers that say someone is still working on the folder.

@@ -87,7 +87,7 @@ def service_env(home: Path) -> dict[str, str]:
 @contextmanager
 def running_service(base: Path, scp_port: int) -> Iterator[Service]:
     """``import-config`` of a mercure.json with a DICOM and a dummy target, then ``serve``."""
-    from deployments.environment import read_service_record
+    from deployments.service.api import read_service_record
     from tests.peers.net import free_port
 
     home = base / "home"

@@ -19,7 +19,7 @@ from deployments.cli.dispatch import (
 )
 from deployments.cli.jobs import add_jobs_parser
 from deployments.cli.query import add_query_parsers
-from deployments.environment import choose_api, prepare_environment
+from deployments.service.api import choose_api, prepare_environment
 
 __all__ = ["build_parser", "main"]
 

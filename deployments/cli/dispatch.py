@@ -32,8 +32,8 @@ from deployments.cli.core import (
     report_failure,
     table,
 )
-from deployments.environment import read_service_record
-from deployments.supervisor import read_server_state
+from deployments.service.api import read_service_record
+from deployments.service.supervisor import read_server_state
 from tasks import casefolder as cf
 from tasks.taskjson import TASKFILE, read_task, target_names
 
@@ -296,19 +296,19 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
     runs in the main thread; with many concurrent in-process case runs that would race with
     ours. Off the main thread the engine leaves signals alone.
     """
-    from deployments.api_auth import external_api_warning
-    from deployments.environment import _profile_api_url
-    from deployments.serve import is_loopback, serve
-    from deployments.service_log import log_to_stderr
-    from deployments.shutdown import join_within_budget
-    from deployments.workers import default_workers
+    from deployments.service.api import decide_api
+    from deployments.service.api_auth import external_api_warning
+    from deployments.service.dispatchers import default_workers
+    from deployments.service.log import log_to_stderr
+    from deployments.service.serve import is_loopback, serve
+    from deployments.service.stop_budget import join_within_budget
 
     if not is_loopback(args.host) and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
         raise UsageError(
             f"refusing to serve on {args.host}: block secrets would be readable through the API; "
             "set PREFECT_SERVER_API_AUTH_STRING or bind to 127.0.0.1"
         )
-    external = os.environ.get("PREFECT_API_URL") or _profile_api_url()
+    external = decide_api(home, "serve").url
     try:
         warning = external_api_warning(external) if external else None
     except ValueError as exc:

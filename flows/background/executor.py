@@ -74,14 +74,17 @@ from flows.background.queue import (
 )
 from flows.background.records import FORCEFULLY_ABORTED, JobLimits
 from flows.background.settings import ExecutorSettings
+from tasks.periodic import Periodic
 
 __all__ = ["BackgroundExecutor", "ExecutorSettings", "run_background_executor"]
 
-LOGGER = logging.getLogger("dicom_dispatch.jobs")
+LOGGER = logging.getLogger(__name__)
 HOSTNAME = socket.gethostname()
 EXECUTOR_STOPPED = "the background executor stopped"
 #: How often the executor looks for runs left by a dead executor (and re-reads its settings).
 RECONCILE_SECONDS = 30.0
+#: Seconds between tries to start while the API does not answer yet.
+PREPARE_RETRY_SECONDS = 5.0
 #: A run left active by a dead process is only marked Crashed after this long in its state.
 STALE_AFTER_SECONDS = 15.0
 #: A run admitted (Pending) whose process never got started.
@@ -140,13 +143,16 @@ class BackgroundExecutor:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then stop this executor's jobs (they end Crashed)."""
-        while not stop.is_set():
-            try:
-                await self._prepare()
-                break
-            except Exception as exc:  # noqa: BLE001 - the API may not be up yet
-                LOGGER.warning("background executor: cannot prepare yet: %s", one_line(exc))
-                await self._sleep(stop, 5.0)
+        # The API may not be up yet: tried again every few seconds until it answers.
+        await Periodic(
+            "background executor start",
+            self._prepare,
+            PREPARE_RETRY_SECONDS,
+            wait_first=False,
+            until_success=True,
+            error_level=logging.WARNING,
+            logger=LOGGER,
+        ).run(stop, self._wake)
         if stop.is_set():
             return
         LOGGER.info(
@@ -166,39 +172,32 @@ class BackgroundExecutor:
                 await self._shutdown()
 
     async def _loop(self, stop: asyncio.Event) -> None:
-        next_renew = time.monotonic() + self.settings.lease_seconds / 4
-        next_reconcile = time.monotonic()
-        failures = 0
-        while not stop.is_set():
-            self._wake.clear()
-            try:
-                await self._reap()
-                if self._jobs and (
-                    time.monotonic() - self._last_watch >= self.settings.poll_seconds
-                ):
-                    self._last_watch = time.monotonic()
-                    await self._watch_cancellations()
-                if time.monotonic() >= next_renew:
-                    await self._renew()
-                    next_renew = time.monotonic() + self.settings.lease_seconds / 4
-                if time.monotonic() >= next_reconcile:
-                    await self._reconcile()
-                    next_reconcile = time.monotonic() + RECONCILE_SECONDS
-                await self.admit()
-                failures = 0
-            except Exception as exc:  # noqa: BLE001 - the API may be restarting
-                failures += 1
-                LOGGER.warning("background executor: %s: %s", type(exc).__name__, one_line(exc))
-            delay = self.settings.poll_seconds * (1 if failures == 0 else min(8, failures))
-            await self._sleep(stop, delay)
+        """Admission every ``poll_seconds`` (sooner when a job ends), spaced out up to eight
+        times while the API fails (it may be restarting)."""
+        deadlines = {"renew": time.monotonic() + self.settings.lease_seconds / 4, "reconcile": 0.0}
 
-    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
-        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        async def step() -> None:
+            await self._reap()
+            if self._jobs and time.monotonic() - self._last_watch >= self.settings.poll_seconds:
+                self._last_watch = time.monotonic()
+                await self._watch_cancellations()
+            if time.monotonic() >= deadlines["renew"]:
+                await self._renew()
+                deadlines["renew"] = time.monotonic() + self.settings.lease_seconds / 4
+            if time.monotonic() >= deadlines["reconcile"]:
+                await self._reconcile()
+                deadlines["reconcile"] = time.monotonic() + RECONCILE_SECONDS
+            await self.admit()
+
+        await Periodic(
+            "background executor",
+            step,
+            lambda: self.settings.poll_seconds,
+            wait_first=False,
+            backoff=8,
+            error_level=logging.WARNING,
+            logger=LOGGER,
+        ).run(stop, self._wake)
 
     async def _shutdown(self) -> None:
         for job in self._jobs.values():

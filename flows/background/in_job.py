@@ -24,7 +24,7 @@ __all__ = [
     "record_task_info",
 ]
 
-JOB_LOGGER = logging.getLogger("dicom_dispatch.jobs")
+JOB_LOGGER = logging.getLogger(__name__)
 
 
 def get_current_task() -> BackgroundTask | None:

@@ -25,7 +25,7 @@ from blocks.host import JOBS_ENV, job_functions
 
 __all__ = ["ENTRY_POINT_GROUP", "JobRegistry", "registered_jobs"]
 
-LOGGER = logging.getLogger("dicom_dispatch.jobs")
+LOGGER = logging.getLogger(__name__)
 
 #: The entry-point group in which a package declares its job functions (value ``module:func``).
 ENTRY_POINT_GROUP = "dicom_dispatch.jobs"

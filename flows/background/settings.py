@@ -21,7 +21,7 @@ from flows.background.registered import ENTRY_POINT_GROUP, JobRegistry, register
 
 __all__ = ["ExecutorSettings", "warn_ignored_job_modules"]
 
-LOGGER = logging.getLogger("dicom_dispatch.jobs")
+LOGGER = logging.getLogger(__name__)
 _warned = False
 
 

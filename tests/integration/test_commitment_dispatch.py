@@ -20,7 +20,7 @@ from blocks._commitment import LISTENER_RECORD
 from blocks.dicom import DicomTarget
 from blocks.host import data_dir
 from blocks.registry import aload_settings
-from deployments.commitment_service import run_commitment_listener
+from deployments.service.commitment_service import run_commitment_listener
 from tests.cases import make_case
 from tests.dispatch_env import DispatchEnv
 from tests.peers.commitment_scp import commitment_scp

@@ -14,7 +14,7 @@ from tests.peers.net import free_port
 SCRIPT = """
 import sys, time
 from prefect.events import emit_event
-from deployments.shutdown import leave_process
+from deployments.service.stop_budget import leave_process
 
 for i in range(20):
     emit_event(event="dicom-dispatch.test", resource={"prefect.resource.id": f"case.{i}"})
@@ -29,17 +29,17 @@ def test_queued_events_for_a_dead_api_do_not_hold_the_exit(tmp_path: Path) -> No
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_API_URL"] = f"http://127.0.0.1:{free_port()}/api"  # nothing listens
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", SCRIPT],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "queued"
-    queued = time.monotonic()
-    code = proc.wait(60)
-    took = time.monotonic() - queued
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "queued"
+        queued = time.monotonic()
+        code = proc.wait(60)
+        took = time.monotonic() - queued
     assert code == 3
     assert took < 3.0, f"the process took {took:.1f} s to end"

@@ -1,8 +1,8 @@
 """The Prefect server serve starts keeps run history for a period: older finished runs go.
 
-The session's server is started by ``deployments.server.PrefectServer`` (serve's own code path),
-with the vacuum looking every few seconds (tests/conftest.py). Runs' end times are backdated in
-the server's PostgreSQL, as if they had finished long ago.
+The session's server is started by ``deployments.service.server.PrefectServer`` (serve's own code
+path), with the vacuum looking every few seconds (tests/conftest.py). Runs' end times are
+backdated in the server's PostgreSQL, as if they had finished long ago.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from blocks.settings import DispatcherSettings
-from deployments.cleaner_service import clean_once, run_cleaner
+from deployments.service.cleaner_service import clean_once, run_cleaner
 from tests.dispatch_env import DispatchEnv
 from tests.peers.tmpfs import small_tmpfs
 

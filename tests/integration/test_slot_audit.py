@@ -1,4 +1,4 @@
-"""The audit of the send slots against a real Prefect server (``deployments/slot_audit.py``).
+"""The send slots' audit against a real Prefect server (``deployments/service/slot_audit.py``).
 
 A slot counted with no lease is what a server killed between counting a slot and writing its
 lease leaves behind; it is made here with the API's lease-less increment. The audit gives it
@@ -17,7 +17,7 @@ from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 
 from deployments.limits import apply_limits
-from deployments.slot_audit import AUDIT_LOCK, SlotAudit
+from deployments.service.slot_audit import AUDIT_LOCK, SlotAudit
 from tasks.tags import target_tag
 
 

@@ -1,7 +1,7 @@
 """A real ``prefect server start`` on an embedded PostgreSQL, for the integration tests.
 
-The same code path as the service (``deployments.server.PrefectServer``), so the tests exercise
-what users run: scheduler, repossessor and filesystem lease storage included. With
+The same code path as the service (``deployments.service.server.PrefectServer``), so the tests
+exercise what users run: scheduler, repossessor and filesystem lease storage included. With
 ``auth_string`` the server requires it, as the service's does (clients then need
 ``PREFECT_API_AUTH_STRING``).
 """
@@ -13,13 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from deployments.environment import (
-    LEASE_STORAGE,
-    QUIET_ENV,
-    embedded_postgres_url,
-    stop_embedded_postgres,
-)
-from deployments.server import PrefectServer
+from deployments.service.api import LEASE_STORAGE, QUIET_ENV
+from deployments.service.database import embedded_postgres_url, stop_embedded_postgres
+from deployments.service.server import PrefectServer
 from tests.peers.net import free_port
 
 __all__ = ["running_prefect_server"]

@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from deployments.encryption_key import KEY_ENV, KEY_FILE, EncryptionKeyError, ensure_encryption_key
+from deployments.service.encryption_key import (
+    KEY_ENV,
+    KEY_FILE,
+    EncryptionKeyError,
+    ensure_encryption_key,
+)
 from tests.peers.net import free_port
 from tests.service import CLI
 from tests.system.test_service_hardening import drain_events

@@ -297,7 +297,7 @@ def test_encryption_key_moves_out_of_the_database(
     from prefect.blocks.system import Secret
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from deployments.encryption_key import KEY_ENV, KEY_FILE, ensure_encryption_key
+    from deployments.service.encryption_key import KEY_ENV, KEY_FILE, ensure_encryption_key
     from tests.peers.prefect_server import running_prefect_server
 
     base, home = tmp_path / "db", tmp_path / "home"

@@ -11,7 +11,7 @@ from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.errors import TransientTargetError
-from flows._api_wait import api_bases, is_api_outage
+from flows._api_outage import api_bases, is_api_outage
 from tests.peers.net import free_port
 
 API = "http://127.0.0.1:4200/api"

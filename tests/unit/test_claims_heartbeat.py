@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.workers import available_cpus
+from deployments.service.dispatchers import available_cpus
 from tasks.claims import (
     PROCESSING,
     claim_age,

@@ -12,7 +12,7 @@ import pytest
 
 from blocks.errors import ConfigError
 from blocks.settings import DispatcherSettings, check_folder_layout
-from deployments.cleaner_service import clean_once
+from deployments.service.cleaner_service import clean_once
 
 OLD = dt.datetime(2026, 1, 1, 3, 0)  # off-peak
 

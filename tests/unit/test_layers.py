@@ -21,6 +21,7 @@ BOTTOM = {
     "tasks.casefolder",
     "tasks.safefiles",
     "tasks.claims",
+    "tasks.periodic",
 }
 #: Modules that must import without Prefect (unit-testable, usable from any script).
 PREFECT_FREE = sorted(
@@ -33,9 +34,11 @@ PREFECT_FREE = sorted(
         # Imported before the environment (API URL, auth string) is decided: Prefect reads its
         # settings once, at import, so importing it here would freeze the wrong ones.
         "deployments.cli",
-        "deployments.serve",
-        "deployments.environment",
-        "deployments.metrics",
+        "deployments.service.serve",
+        "deployments.service",
+        "deployments.service.api",
+        "deployments.service.database",
+        "deployments.service.metrics_endpoint",
         "blocks._association",
         "blocks._commitment",
         "blocks._commitment_record",

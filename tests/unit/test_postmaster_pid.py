@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deployments.environment import remove_stale_postmaster_pid
+from deployments.service.database import remove_stale_postmaster_pid
 
 
 def pid_file(pgdata: Path, pid: int) -> Path:

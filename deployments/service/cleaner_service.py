@@ -8,7 +8,6 @@ The pass runs in a thread: removing a large case must not hold up the dispatcher
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -17,39 +16,36 @@ from collections.abc import Callable
 from blocks.settings import DispatcherSettings
 from tasks import casefolder as cf
 from tasks.cleaner import CleanReport, clean_success
+from tasks.periodic import Periodic
 
 __all__ = ["clean_once", "run_cleaner"]
 
-LOGGER = logging.getLogger("dicom_dispatch.cleaner")
+LOGGER = logging.getLogger(__name__)
 
 
 def clean_once(settings: DispatcherSettings, now: dt.datetime | None = None) -> CleanReport:
     """One pass with these settings: the emergency clean if due; the regular one if off-peak."""
     moment = now or dt.datetime.now()
     outgoing, success, error = settings.folders()
+    cleaning, offpeak = settings.cleaning(), settings.offpeak()
     return clean_success(
         success,
         protected=(outgoing, error),
-        retention=settings.retention,
-        emergency_percentage=settings.emergency_clean_percentage,
-        offpeak_now=cf.is_offpeak(settings.offpeak_start, settings.offpeak_end, moment.time()),
+        retention=cleaning.retention,
+        emergency_percentage=cleaning.emergency_percentage,
+        offpeak_now=cf.is_offpeak(offpeak.start, offpeak.end, moment.time()),
         now=moment.timestamp() if now is not None else time.time(),
     )
 
 
 async def run_cleaner(settings: Callable[[], DispatcherSettings], stop: asyncio.Event) -> None:
     """Until ``stop``: wait an interval (first pass after one, as mercure), then clean if on."""
-    while not stop.is_set():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), settings().cleaner_scan_interval)
+
+    async def step() -> None:
         current = settings()  # what the refresh loaded meanwhile
-        if stop.is_set() or not current.cleaner_enabled:
-            continue
-        try:
-            report = await asyncio.to_thread(clean_once, current)
-        except Exception:
-            LOGGER.exception("the cleaner's pass failed")
-            continue
+        if not current.cleaning().enabled:
+            return
+        report = await asyncio.to_thread(clean_once, current)
         if report.removed:
             LOGGER.info(
                 "cleaner removed %d case(s), %d bytes%s",
@@ -57,3 +53,7 @@ async def run_cleaner(settings: Callable[[], DispatcherSettings], stop: asyncio.
                 report.freed,
                 " (emergency clean)" if report.emergency else "",
             )
+
+    await Periodic("cleaner", step, lambda: settings().cleaning().scan_interval, logger=LOGGER).run(
+        stop
+    )

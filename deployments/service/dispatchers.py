@@ -3,7 +3,7 @@
 One dispatcher process spends most of a core in Prefect's client at a busy site; more processes
 use more cores. The ``serve`` process is dispatcher 1 (it also runs the embedded server, the
 Runner and the background executor); the other N-1 are children that run only a dispatcher loop
-(``python -m deployments.dispatcher_worker``). Nothing is shared in memory: the claims
+(``python -m deployments.service.dispatcher_child``). Nothing is shared in memory: the claims
 (``.processing``, exclusive create) keep a case to one process, Prefect's tag limits (leased on
 the server) keep ``num_proc``, per-type and per-target limits across all processes and hosts,
 and each process orders its own cases urgent/normal/off-peak.
@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks.periodic import Periodic
+
 if TYPE_CHECKING:
     from blocks.settings import DispatcherSettings
     from flows.sweep import Dispatcher
@@ -40,11 +42,11 @@ __all__ = [
     "run_dispatcher_loop",
 ]
 
-LOGGER = logging.getLogger("dicom_dispatch.serve")
+LOGGER = logging.getLogger(__name__)
 MAX_DEFAULT_WORKERS = 4
 SETTINGS_REFRESH_SECONDS = 15.0
 RESTART_PAUSE_SECONDS = 5.0
-CHILD_MODULE = "deployments.dispatcher_worker"
+CHILD_MODULE = "deployments.service.dispatcher_child"
 
 
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -78,23 +80,17 @@ async def run_dispatcher_loop(
     from blocks.registry import aload_settings
 
     async def refresh() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), SETTINGS_REFRESH_SECONDS)
-            if stop.is_set():
-                return
-            try:
-                settings = await aload_settings()
-                settings.checked_folders()  # a bad layout keeps the last good settings
-                dispatcher.settings = settings
-                if on_refresh is not None:
-                    await on_refresh(dispatcher.settings)
-            except ConfigError as exc:
-                LOGGER.error("the new settings are not taken up: %s", exc)
-            except Exception:
-                LOGGER.exception("could not refresh the settings")
+        try:
+            settings = await aload_settings()
+            settings.checked_folders()  # a bad layout keeps the last good settings
+            dispatcher.settings = settings
+            if on_refresh is not None:
+                await on_refresh(dispatcher.settings)
+        except ConfigError as exc:
+            LOGGER.error("the new settings are not taken up: %s", exc)
 
-    refresher = asyncio.create_task(refresh())
+    refreshing = Periodic("settings refresh", refresh, SETTINGS_REFRESH_SECONDS, logger=LOGGER)
+    refresher = asyncio.create_task(refreshing.run(stop))
     try:
         await dispatcher.run_forever(stop, max_grace=max_grace)
     finally:
@@ -127,9 +123,8 @@ class DispatcherChildren:
     async def supervise(self, stop: asyncio.Event) -> None:
         """Start again a child that died, until ``stop``."""
         died_at: dict[int, float] = {}
-        while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+
+        def restart_the_dead() -> None:
             for i, proc in enumerate(self._procs):
                 if stop.is_set() or proc.poll() is None:
                     continue
@@ -141,6 +136,8 @@ class DispatcherChildren:
                 )
                 died_at.pop(i)
                 self._procs[i] = self._spawn(i + 2)
+
+        await Periodic("dispatcher supervision", restart_the_dead, 1.0, logger=LOGGER).run(stop)
 
     def ask_to_stop(self) -> None:
         """Tell every child to stop (stdin closed): each drains its sends in its own grace."""

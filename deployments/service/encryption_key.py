@@ -7,7 +7,7 @@ in the data directory instead and every server we start gets it as
 ``PREFECT_SERVER_ENCRYPTION_KEY``. On the first start after an upgrade the key Prefect stored is
 copied to that file and then deleted from the database, so existing secrets still decrypt.
 
-The move runs once, in a child process (``python -m deployments.encryption_key``): it needs
+The move runs once, in a child process (``python -m deployments.service.encryption_key``): it needs
 Prefect's server database layer, which a service process should not carry for its lifetime.
 A key the site sets itself (``PREFECT_SERVER_ENCRYPTION_KEY``) is left alone.
 """
@@ -104,7 +104,7 @@ def ensure_encryption_key(home: Path) -> None:
     key = read_key_file(path)
     if key is None:
         done = subprocess.run(
-            [sys.executable, "-m", "deployments.encryption_key"],
+            [sys.executable, "-m", "deployments.service.encryption_key"],
             env={**os.environ, "DICOM_DISPATCH_HOME": str(home)},
             capture_output=True,
             text=True,

@@ -33,7 +33,7 @@ __all__ = [
     "use_auth_string",
 ]
 
-LOGGER = logging.getLogger("dicom_dispatch.api_auth")
+LOGGER = logging.getLogger(__name__)
 
 #: The auth string's file in the data directory (0600).
 AUTH_FILE = "api-auth-string"

@@ -21,12 +21,12 @@ from typing import Any
 import psutil
 
 from blocks.host import restrict_data_dir
-from deployments.environment import _healthy
-from deployments.server import PrefectServer
+from deployments.service.api import _healthy
+from deployments.service.server import PrefectServer
 
 __all__ = ["STATE_FILE", "ServerSupervisor", "read_server_state"]
 
-LOGGER = logging.getLogger("dicom_dispatch.supervisor")
+LOGGER = logging.getLogger(__name__)
 STATE_FILE = "server-state.json"
 CHECK_SECONDS = 1.0
 #: Health checks that may fail in a row before a running server counts as hung.

@@ -21,7 +21,7 @@ from blocks.prefect_internals import ephemeral_api_urls
 
 __all__ = ["ApiWatch", "api_bases", "is_api_outage"]
 
-LOGGER = logging.getLogger("flows.sweep")
+LOGGER = logging.getLogger(__name__)
 UP_HOLDS_SECONDS = 10.0
 CHECK_TIMEOUT = 4.0
 #: Where Prefect's client reaches an API app running in its own process (``PrefectClient``).

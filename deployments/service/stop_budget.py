@@ -36,7 +36,7 @@ __all__ = [
     "leave_process",
 ]
 
-LOGGER = logging.getLogger("dicom_dispatch.serve")
+LOGGER = logging.getLogger(__name__)
 #: Seconds from the stop signal to the process's exit, but for the last resort (children
 #: killed, at most ≈ 1 s): every process is gone within the 15 s README promises.
 EXIT_BUDGET = 13.0

@@ -1,9 +1,9 @@
-"""One extra dispatcher process of ``serve --workers N`` (``deployments/workers.py``).
+"""One extra dispatcher process of ``serve --workers N`` (``deployments/service/dispatchers.py``).
 
 It runs a dispatcher loop and nothing else, against the API its parent set in
 ``PREFECT_API_URL``. It stops, letting the sends in flight finish, on SIGTERM/SIGINT or when its
 stdin ends: the parent holds the other end, so a parent that dies (even by SIGKILL) stops it.
-It keeps the service's stop budget (``deployments/shutdown.py``): exited within 15 s.
+It keeps the service's stop budget (``deployments/service/stop_budget.py``): exited within 15 s.
 """
 
 from __future__ import annotations
@@ -14,15 +14,19 @@ import sys
 import threading
 from typing import NoReturn
 
-from deployments.environment import prepare_environment
-from deployments.shutdown import ShutdownClock, drain_prefect_services, join_within_budget
+from deployments.service.api import prepare_environment
+from deployments.service.stop_budget import (
+    ShutdownClock,
+    drain_prefect_services,
+    join_within_budget,
+)
 
 __all__ = ["main"]
 
 
 async def _run(stop_flag: threading.Event) -> None:
     from blocks.registry import aload_settings
-    from deployments.workers import run_dispatcher_loop
+    from deployments.service.dispatchers import run_dispatcher_loop
     from flows.sweep import Dispatcher
 
     stop = asyncio.Event()
@@ -40,7 +44,7 @@ async def _run(stop_flag: threading.Event) -> None:
         await run_dispatcher_loop(dispatcher, stop, max_grace=clock.grace(float("inf")))
     finally:
         watcher.cancel()
-        # Prefect's queued logs and events, within the budget (deployments/shutdown.py).
+        # Prefect's queued logs and events, within the budget (deployments/service/stop_budget.py).
         await asyncio.to_thread(drain_prefect_services, clock.left(0.5))
 
 

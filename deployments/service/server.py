@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from deployments.history import vacuum_environment
+from deployments.service.history_vacuum import vacuum_environment
 
 __all__ = ["PrefectServer"]
 
@@ -56,7 +56,9 @@ class PrefectServer:
         env["PREFECT_SERVER_API_HOST"] = self.host
         env["PREFECT_SERVER_API_PORT"] = str(self.port)
         env.update(self.env)
-        env.update(vacuum_environment(env))  # run history retention (deployments/history.py)
+        env.update(
+            vacuum_environment(env)
+        )  # run history retention (deployments/service/history_vacuum.py)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(

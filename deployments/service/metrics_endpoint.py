@@ -31,6 +31,7 @@ from flows.metrics import (
     use_multiprocess_dir,
 )
 from tasks.casefolder import scan_outgoing
+from tasks.periodic import Periodic
 from tasks.tags import TOTAL_TAG
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MetricsEndpoint", "prepare_metrics_dir", "sample_forever"]
 
-LOGGER = logging.getLogger("dicom_dispatch.metrics")
+LOGGER = logging.getLogger(__name__)
 SAMPLE_SECONDS = 10.0
 METRICS_DIR = "metrics"
 
@@ -124,15 +125,21 @@ class MetricsEndpoint:
 
 async def sample_forever(stop: asyncio.Event) -> None:
     """Heartbeat, background jobs per state and limits in use, every ``SAMPLE_SECONDS``."""
+
+    async def step() -> None:
+        record_heartbeat()  # first: the API away for a moment must not stop the heartbeat
+        await _sample_prefect()
+
+    sampler = Periodic(
+        "metrics sampler",
+        step,
+        SAMPLE_SECONDS,
+        wait_first=False,
+        error_level=logging.WARNING,
+        logger=LOGGER,
+    )
     try:
-        while not stop.is_set():
-            record_heartbeat()
-            try:
-                await _sample_prefect()
-            except Exception as exc:  # the API is away for a moment: keep the heartbeat going
-                LOGGER.warning("could not sample Prefect for the metrics: %s", exc)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), SAMPLE_SECONDS)
+        await sampler.run(stop)
     finally:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # This process's live gauges leave the sums.

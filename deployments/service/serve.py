@@ -4,9 +4,9 @@ Without ``PREFECT_API_URL``: a local Prefect server with its UI (embedded Postgr
 lease storage) as a child process. Always: block types registered, tag limits set from the
 settings, the ``dispatch-case`` and ``sweep-outgoing`` deployments served, and the dispatcher
 loop running in this process. The embedded server runs with an auth string and is supervised
-(``deployments/supervisor.py``). SIGTERM/SIGINT: stop claiming, give in-flight sends their grace
-period, abort the rest (attempt recorded, claim released), stop the runner, the server and the
-database, all within the stop budget (``deployments/shutdown.py``).
+(``supervisor.py``). SIGTERM/SIGINT: stop claiming, give in-flight sends their grace period,
+abort the rest (attempt recorded, claim released), stop the runner, the server and the database,
+all within the stop budget (``stop_budget.py``).
 """
 
 from __future__ import annotations
@@ -19,25 +19,24 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deployments.api_auth import (
+from deployments.service.api import decide_api, remove_service_record, write_service_record
+from deployments.service.api_auth import (
     CLIENT_AUTH_ENV,
     ensure_auth_string,
     is_loopback,
     server_access_env,
 )
-from deployments.encryption_key import KEY_ENV
-from deployments.environment import (
-    _profile_api_url,
-    ensure_embedded_database,
-    remove_service_record,
-    stop_embedded_postgres,
-    write_service_record,
+from deployments.service.database import ensure_embedded_database, stop_embedded_postgres
+from deployments.service.dispatchers import (
+    SETTINGS_REFRESH_SECONDS,
+    DispatcherChildren,
+    run_dispatcher_loop,
 )
-from deployments.metrics import prepare_metrics_dir
-from deployments.server import PrefectServer
-from deployments.shutdown import ShutdownClock, at_last_resort, drain_prefect_services
-from deployments.supervisor import ServerSupervisor
-from deployments.workers import SETTINGS_REFRESH_SECONDS, DispatcherChildren, run_dispatcher_loop
+from deployments.service.encryption_key import KEY_ENV
+from deployments.service.metrics_endpoint import prepare_metrics_dir
+from deployments.service.server import PrefectServer
+from deployments.service.stop_budget import ShutdownClock, at_last_resort, drain_prefect_services
+from deployments.service.supervisor import ServerSupervisor
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -46,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SETTINGS_REFRESH_SECONDS", "is_loopback", "serve"]
 
-LOGGER = logging.getLogger("dicom_dispatch.serve")
+LOGGER = logging.getLogger(__name__)
 
 
 async def serve(
@@ -56,7 +55,7 @@ async def serve(
     supervisor: ServerSupervisor | None = None
     embedded_db = False
     clock = ShutdownClock(stop_flag)
-    if not os.environ.get("PREFECT_API_URL") and not _profile_api_url():
+    if decide_api(home, "serve").kind == "embedded":
         embedded_db = not (
             os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
             or os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
@@ -78,13 +77,15 @@ async def serve(
             at_last_resort(lambda: stop_embedded_postgres(pgdata, 0.1))
         supervisor = ServerSupervisor(server, home, pgdata)
         print(f"Prefect UI: {server.ui_url} (log in with {home / 'api-auth-string'})", flush=True)
-    prepare_metrics_dir(home)  # one metrics directory per host (deployments/metrics.py)
+    prepare_metrics_dir(
+        home
+    )  # one metrics directory per host (deployments/service/metrics_endpoint.py)
     try:
         await _run_service(stop_flag, clock, supervisor, workers)
     finally:
         remove_service_record(home)
         # Prefect's queued logs and events, shipped while the API still answers (within the
-        # budget: what is left is dropped at exit, deployments/shutdown.py).
+        # budget: what is left is dropped at exit, deployments/service/stop_budget.py).
         await asyncio.to_thread(drain_prefect_services, clock.left(1.5))
         if supervisor is not None:
             supervisor.stop()
@@ -109,9 +110,9 @@ async def _run_service(
     from blocks.host import data_dir, restrict_data_dir, zombie_window_seconds
     from blocks.registry import aload_settings, aregister_block_types
     from deployments.automations import ensure_zombie_automation
-    from deployments.background_service import run_background_executor
-    from deployments.query_service import add_query_deployments
-    from deployments.upkeep import run_upkeep
+    from deployments.service.background import run_background_executor
+    from deployments.service.periodic_services import run_periodic_services
+    from deployments.service.query import add_query_deployments
     from flows.dispatch import dispatch_case
     from flows.sweep import Dispatcher, sweep_outgoing
 
@@ -158,7 +159,8 @@ async def _run_service(
     LOGGER.info("dispatching from %s", settings.folders()[0])
     print(f"dispatching from {settings.folders()[0]}", flush=True)
 
-    upkeep = asyncio.create_task(run_upkeep(lambda: dispatcher.settings, stop))  # cleaner, metrics
+    # The cleaner, the metrics, the slot audit (architecture §2.4).
+    periodic = asyncio.create_task(run_periodic_services(lambda: dispatcher.settings, stop))
     if supervisor is not None:
         supervisor.start()  # on its own thread: see ServerSupervisor
     minding = asyncio.create_task(children.supervise(stop))
@@ -174,7 +176,7 @@ async def _run_service(
         # The children give their sends the same grace as this process, from the same moment.
         await asyncio.to_thread(children.stop, clock.left_before(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(upkeep, clock.left(2.0))
+            await asyncio.wait_for(periodic, clock.left(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(jobs_task, clock.left(2.0))
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -1,137 +1,32 @@
-"""Where dicom-dispatch keeps its data, and which Prefect API a command uses (architecture §4.6).
+"""The embedded PostgreSQL of the data directory: Prefect's database unless the site has its own.
 
-Everything here runs *before* Prefect is imported: Prefect reads its settings from the
-environment once, so the data directory, ``PREFECT_HOME``, the database and the API URL must be
-decided first.
-
-Which API: ``PREFECT_API_URL`` (environment or active profile) if set; else the URL a running
-``serve`` recorded in the data directory; else an ephemeral server on the same database.
+Started (or reused) on a Unix socket by the first command that needs it and left running for
+the next one; ``serve`` stops it on shutdown. A PostgreSQL that was killed leaves lock files
+naming a pid that may belong to another process after a restart: those are removed here, or the
+service would never start again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-from blocks.host import data_dir, restrict_data_dir
-from deployments.api_auth import use_auth_string
-from deployments.encryption_key import ensure_encryption_key
+from blocks.host import restrict_data_dir
+from deployments.service.encryption_key import ensure_encryption_key
 
 __all__ = [
-    "HEARTBEAT_SECONDS",
-    "QUIET_ENV",
+    "embedded_postgres_url",
     "ensure_embedded_database",
-    "prepare_environment",
-    "read_service_record",
-    "remove_service_record",
-    "write_service_record",
+    "remove_stale_postmaster_pid",
+    "stop_embedded_postgres",
 ]
 
-LOGGER = logging.getLogger("dicom_dispatch.serve")
-SERVICE_FILE = "service.json"
-#: Every flow run sends a heartbeat this often (Prefect's minimum), so a run whose process died
-#: is marked Crashed by the automation in ``deployments/automations.py``.
-HEARTBEAT_SECONDS = 30
-LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
-#: No traffic to outside hosts from Prefect or boto3 (this software runs inside hospitals).
-QUIET_ENV = {
-    # Our servers run without CSRF protection: asking for a token is a wasted call per run.
-    "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
-def prepare_environment() -> Path:
-    """Set the variables every command needs; returns the data directory."""
-    home = data_dir(create=True)
-    os.environ.setdefault("DICOM_DISPATCH_HOME", str(home))
-    if "PREFECT_HOME" not in os.environ:
-        os.environ["PREFECT_HOME"] = str(home / "prefect")
-        (home / "prefect").mkdir(mode=0o700, exist_ok=True)
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASE_STORAGE)
-    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
-    # The first ephemeral start on a fresh database runs every migration: give it time.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    return home
-
-
-def _profile_api_url() -> str | None:
-    """The API URL of the active Prefect profile, read without importing Prefect."""
-    profiles = Path(os.environ["PREFECT_HOME"]) / "profiles.toml"
-    if not profiles.exists():
-        return None
-    import tomllib
-
-    try:
-        data = tomllib.loads(profiles.read_text())
-    except (OSError, ValueError):
-        return None
-    active = os.environ.get("PREFECT_PROFILE") or data.get("active")
-    value = data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
-    return str(value) if value else None
-
-
-def read_service_record(home: Path) -> dict[str, Any] | None:
-    """The record of a running ``serve`` in this data directory, if its process is alive."""
-    try:
-        record = json.loads((home / SERVICE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or not psutil.pid_exists(int(record.get("pid", -1))):
-        return None
-    return record
-
-
-def write_service_record(home: Path, api_url: str, ui_url: str) -> None:
-    tmp = home / f".{SERVICE_FILE}.tmp"
-    tmp.write_text(json.dumps({"pid": os.getpid(), "api_url": api_url, "ui_url": ui_url}))
-    os.replace(tmp, home / SERVICE_FILE)
-
-
-def remove_service_record(home: Path) -> None:
-    record = read_service_record(home)
-    if record is None or record.get("pid") == os.getpid():
-        (home / SERVICE_FILE).unlink(missing_ok=True)
-
-
-def _healthy(api_url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as resp:  # noqa: S310 - our own loopback API
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
-def choose_api(home: Path, db: str = "postgres") -> str:
-    """Decide the API for a client command; returns a word for ``status`` to show.
-
-    The auth string of this data directory's server is used only for that server's URL.
-    """
-    configured = os.environ.get("PREFECT_API_URL") or _profile_api_url()
-    record = read_service_record(home)
-    if configured:
-        if record and configured.rstrip("/") == str(record["api_url"]).rstrip("/"):
-            use_auth_string(home)
-        return "configured"
-    if record and _healthy(str(record["api_url"])):
-        os.environ["PREFECT_API_URL"] = str(record["api_url"])
-        use_auth_string(home)
-        return "service"
-    os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "true"
-    ensure_embedded_database(home, db)
-    return "ephemeral"
+LOGGER = logging.getLogger(__name__)
 
 
 def ensure_embedded_database(home: Path, db: str = "postgres") -> None:
@@ -139,7 +34,7 @@ def ensure_embedded_database(home: Path, db: str = "postgres") -> None:
 
     A database the user configured (``PREFECT_API_DATABASE_CONNECTION_URL`` or
     ``PREFECT_SERVER_DATABASE_CONNECTION_URL``) always wins, and keeps its own encryption key;
-    ours has its key outside it (``deployments/encryption_key.py``).
+    ours has its key outside it (``deployments/service/encryption_key.py``).
     """
     if os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or os.environ.get(
         "PREFECT_SERVER_DATABASE_CONNECTION_URL"

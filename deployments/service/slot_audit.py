@@ -30,11 +30,12 @@ from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
 
+from tasks.periodic import Periodic
 from tasks.tags import is_send_tag
 
 __all__ = ["AUDIT_LOCK", "AUDIT_SECONDS", "SlotAudit", "run_slot_audit"]
 
-LOGGER = logging.getLogger("dicom_dispatch.slot_audit")
+LOGGER = logging.getLogger(__name__)
 AUDIT_SECONDS = 30.0
 AUDIT_LOCK = "dicom-dispatch-slot-audit"
 #: The shortest lease the server accepts; an audit takes well under a second.
@@ -165,13 +166,9 @@ async def run_slot_audit(stop: asyncio.Event, interval: float = AUDIT_SECONDS) -
     """Until ``stop``: an audit every ``interval`` (a failed one, the API down, is logged at
     debug level and the next one comes as usual)."""
     audit = SlotAudit(interval)
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
-        if stop.is_set():
-            return
-        try:
-            async with get_client() as client:
-                await audit.audit(client)
-        except Exception as exc:
-            LOGGER.debug("slot audit skipped: %s", exc)
+
+    async def step() -> None:
+        async with get_client() as client:
+            await audit.audit(client)
+
+    await Periodic("slot audit", step, interval, error_level=logging.DEBUG, logger=LOGGER).run(stop)

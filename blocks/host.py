@@ -219,6 +219,8 @@ class HostSettings(BaseSettings):
     @classmethod
     def _test_seconds(cls, value: Any, info: ValidationInfo) -> float | None:
         """A positive number of seconds (warned about once: it is for tests), else unset."""
+        if value is None:
+            return None
         name = ENV_PREFIX + str(info.field_name).upper()
         text = str(value).strip()
         try:
@@ -228,7 +230,6 @@ class HostSettings(BaseSettings):
         if not seconds > 0:
             _warn_once(name, f"{name}={text!r} is not a positive number of seconds; ignored")
             return None
-        _warn_once(name, f"{name}={seconds:g}: a test setting, not for production")
         return seconds
 
     @field_validator("history_retention", mode="before")
@@ -359,13 +360,26 @@ def deprecated_override(field: str, value: float) -> float:
 
 def claim_heartbeat_seconds(default: float) -> float:
     """Seconds between claim refreshes: ``default``, or the tests' shorter value."""
-    return host_settings().test_claim_heartbeat_seconds or default
+    return (
+        _for_tests(TEST_CLAIM_HEARTBEAT_ENV, host_settings().test_claim_heartbeat_seconds)
+        or default
+    )
 
 
 def takeover_window_seconds(configured: float) -> float:
     """The claim age after which a dead host's case is taken over: the settings' ``configured``
     window, or the tests' shorter one."""
-    return host_settings().test_takeover_window_seconds or configured
+    return (
+        _for_tests(TEST_TAKEOVER_WINDOW_ENV, host_settings().test_takeover_window_seconds)
+        or configured
+    )
+
+
+def _for_tests(name: str, seconds: float | None) -> float | None:
+    """``seconds`` of a test-only variable, warned about once where it is used."""
+    if seconds is not None:
+        _warn_once(name, f"{name}={seconds:g}: a test setting, not for production")
+    return seconds
 
 
 def zombie_window_seconds(configured: int) -> int:

@@ -20,7 +20,7 @@ from blocks.settings import DispatcherSettings
 
 __all__ = ["run_commitment_listener"]
 
-LOGGER = logging.getLogger("dicom_dispatch.storage_commitment")
+LOGGER = logging.getLogger(__name__)
 
 
 async def run_commitment_listener(

@@ -14,6 +14,9 @@ the free space of the folder's file system is checked, and receiving stops (ever
 refused, the retrieve aborted with the reason) rather than leave less than
 ``free_space_reserve_bytes``. The reasons of the first :data:`REJECTED_KEPT` refused objects
 are kept, the rest counted. Prefect-free.
+
+Over 400 lines on purpose: the spool, the size and free-space bounds and the files they leave
+behind are one mechanism, checked together (``tests/unit/test_receiver_limits.py``).
 """
 
 from __future__ import annotations

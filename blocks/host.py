@@ -20,6 +20,9 @@ Which functions this host's background jobs may run (``DICOM_DISPATCH_JOBS``) is
 a block: anyone with the API key can edit blocks.
 
 No Prefect here: the folder protocol and the blocks import it.
+
+Over 400 lines on purpose: it is the one place the environment is read, so every host
+variable, its parsing and its safe fallback live here together.
 """
 
 from __future__ import annotations

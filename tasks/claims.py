@@ -23,6 +23,10 @@ A claim may also be *queued*: the work-pool sweep claims a case for a flow run t
 not started yet (no process owns it); the run adopts the claim when it starts.
 
 No Prefect here: the folder protocol imports it.
+
+Over 400 lines on purpose: the claim's content, its atomic hand-over (rename + re-read), the
+owner's check and the heartbeat refer to each other and are tested together
+(``tests/unit/test_claims_takeover.py``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ runs Crashed.
 
 (Just over 400 lines: one class whose steps share the table of running jobs and the client; the
 server-side pieces are in ``queue``, the process in ``process``.)
+
+Over 400 lines on purpose: admission, the job processes and their leases are one state
+machine; split, each part would need the others' invariants restated.
 """
 
 from __future__ import annotations

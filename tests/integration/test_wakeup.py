@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from blocks.dummy import DummyTarget
-from tasks import casefolder as cf
 from tests.cases import make_case, task_json
 from tests.dispatch_env import DispatchEnv
 
@@ -32,11 +31,12 @@ def test_ready_case_is_claimed_on_the_event_not_the_interval(
 ) -> None:
     from blocks.settings import DispatcherSettings
     from flows import sweep
+    from tasks import attempt_claim
 
     env.save_settings(dispatcher_scan_interval=3600)
     env.save_target(DummyTarget(), "dummy")
     claimed: dict[str, float] = {}
-    real_claim = cf.claim_case
+    real_claim = attempt_claim.claim_case  # where the loop's claims are taken
 
     def spy(case_dir: Path, flow_run_id: str | None = None) -> bool:
         took = real_claim(case_dir, flow_run_id)
@@ -44,7 +44,7 @@ def test_ready_case_is_claimed_on_the_event_not_the_interval(
             claimed.setdefault(case_dir.name, time.monotonic())
         return took
 
-    monkeypatch.setattr(sweep.cf, "claim_case", spy)
+    monkeypatch.setattr(attempt_claim, "claim_case", spy)
     staging = tmp_path / "staging"
     staging.mkdir()
 

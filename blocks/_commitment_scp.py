@@ -160,14 +160,7 @@ class CommitmentListener:
         listening = cast(PeerOnlyServer, server)
         listening.allowed = allowed
         listening.role = "storage commitment listener"
-        thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"commitment-scp-{self.port}",
-            daemon=True,
-        )
-        thread.start()
-        ae._servers.append(server)  # as start_server does
+        listening.serve_in_thread(ae, f"commitment-scp-{self.port}", poll_interval=0.05)
         return server
 
     def _on_report(self, event: evt.Event, routes: list[ListenRoute]) -> tuple[int, Dataset | None]:

@@ -24,22 +24,14 @@ from datetime import datetime
 from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RLELossless
 
 from blocks._dcmsend_report import format_report
 from blocks._dimse_results import InstanceResult, StoreResult
 from blocks._transcode import (
     DECODERS,
+    JPEG_LS_SYNTAXES,
+    JPEG_SYNTAXES,
     Conversion,
     ConversionError,
     is_uncompressed,
@@ -60,16 +52,7 @@ __all__ = [
 
 #: What ``dcmsend +dly`` decodes itself (DCMTK 3.6.7 ``--list-decoders``, plus deflate).
 DCMTK_DECODES = frozenset(
-    {
-        JPEGBaseline8Bit,
-        JPEGExtended12Bit,
-        JPEGLossless,
-        JPEGLosslessSV1,
-        JPEGLSLossless,
-        JPEGLSNearLossless,
-        RLELossless,
-        DeflatedExplicitVRLittleEndian,
-    }
+    {*JPEG_SYNTAXES, *JPEG_LS_SYNTAXES, RLELossless, DeflatedExplicitVRLittleEndian}
 )
 _NO_CONTEXT = "<no acceptable presentation context>"
 #: What dcmsend prints for a file whose (only) presentation context the peer rejected.

@@ -34,7 +34,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import StoragePresentationContexts, evt
+from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from blocks._association import DicomPeer, make_ae, set_nodelay
@@ -124,6 +124,19 @@ class PeerOnlyServer(ThreadedAssociationServer):
         LOGGER.warning("%s: connection from %s refused (not the PACS)", self.role, address)
         return False
 
+    def serve_in_thread(self, ae: AE, name: str, poll_interval: float) -> None:
+        """Serve from our own daemon thread, registered with ``ae`` as ``start_server`` does
+        (so ``ae.shutdown()`` stops it too): pynetdicom's thread polls for shutdown only every
+        0.5 s, which a listener opened and closed per retrieve would wait out each time."""
+        thread = threading.Thread(
+            target=self.serve_forever,
+            kwargs={"poll_interval": poll_interval},
+            name=name,
+            daemon=True,
+        )
+        thread.start()
+        ae._servers.append(self)
+
 
 class MoveSCP:
     """Our Storage SCP for C-MOVE: ``aet`` on ``host:port`` while the ``with`` block runs.
@@ -186,16 +199,9 @@ class MoveSCP:
                     logged = True
                 time.sleep(0.5)
                 continue
-            cast(PeerOnlyServer, server).allowed = self.allowed
-            # Our own serving thread: pynetdicom's polls for shutdown every 0.5 s.
-            thread = threading.Thread(
-                target=server.serve_forever,
-                kwargs={"poll_interval": 0.02},
-                name=f"move-scp-{self.port}",
-                daemon=True,
-            )
-            thread.start()
-            ae._servers.append(server)  # as start_server does (shutdown() removes it)
+            listening = cast(PeerOnlyServer, server)
+            listening.allowed = self.allowed
+            listening.serve_in_thread(ae, f"move-scp-{self.port}", poll_interval=0.02)
             self._server = server
             return self
 

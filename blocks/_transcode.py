@@ -26,7 +26,8 @@ it implies (pixel data encoding; a YCbCr JPEG decoded to RGB). Prefect-free.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
 __all__ = [
     "DECODERS",
     "ENCODERS",
+    "JPEG_2000_SYNTAXES",
+    "JPEG_LS_SYNTAXES",
+    "JPEG_SYNTAXES",
     "MAX_DECODED_BYTES",
     "UNCOMPRESSED",
     "Conversion",
@@ -74,16 +78,21 @@ UNCOMPRESSED: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _LITTLE_ENDIAN_UNCOMPRESSED = frozenset(
     {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
 )
+#: The compressed syntaxes by family: named once here, for our decoders below and for what
+#: another program decodes (``blocks._dcmsend_convert.DCMTK_DECODES``).
+JPEG_SYNTAXES: tuple[str, ...] = (
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+)
+JPEG_LS_SYNTAXES: tuple[str, ...] = (JPEGLSLossless, JPEGLSNearLossless)
+JPEG_2000_SYNTAXES: tuple[str, ...] = (JPEG2000Lossless, JPEG2000)
 #: The pydicom decoding plugin per compressed syntax (module docstring: which library, why).
 DECODERS: dict[str, str] = {
-    JPEGBaseline8Bit: "gdcm",
-    JPEGExtended12Bit: "gdcm",
-    JPEGLossless: "gdcm",
-    JPEGLosslessSV1: "gdcm",
-    JPEGLSLossless: "pyjpegls",
-    JPEGLSNearLossless: "pyjpegls",
-    JPEG2000Lossless: "pylibjpeg",
-    JPEG2000: "pylibjpeg",
+    **dict.fromkeys(JPEG_SYNTAXES, "gdcm"),
+    **dict.fromkeys(JPEG_LS_SYNTAXES, "pyjpegls"),
+    **dict.fromkeys(JPEG_2000_SYNTAXES, "pylibjpeg"),
     RLELossless: "pylibjpeg",
 }
 #: The lossless compressed syntaxes ``preferred_transfer_syntax`` may name, and their encoder.
@@ -155,13 +164,9 @@ def decoded_size(ds: Dataset) -> int:
 
 def _read(source: BinaryIO, name: str, syntax: str, limit: int) -> Dataset:
     """The dataset in ``source``, its decoded size checked against ``limit``."""
-    try:
+    with _failing_as(f"cannot read {name} ({syntax_name(syntax)})"):
         ds = dcmread(source)
         size = decoded_size(ds)
-    except Exception as exc:
-        raise ConversionError(
-            f"cannot read {name} ({syntax_name(syntax)}): {_first(exc)}"
-        ) from None
     if size > limit:
         raise ConversionError(
             f"{name} ({syntax_name(syntax)}) would decode to {size} bytes, over the limit of "
@@ -179,12 +184,8 @@ def decode(source: BinaryIO, name: str, syntax: str, limit: int = MAX_DECODED_BY
     ds = _read(source, name, syntax, limit)
     if "PixelData" not in ds:
         raise ConversionError(f"{name} ({syntax_name(syntax)}) has no pixel data to decode")
-    try:
+    with _failing_as(f"cannot decode {name} ({syntax_name(syntax)}) with {plugin}"):
         ds.decompress(decoding_plugin=plugin, generate_instance_uid=False)
-    except Exception as exc:
-        raise ConversionError(
-            f"cannot decode {name} ({syntax_name(syntax)}) with {plugin}: {_first(exc)}"
-        ) from None
     return ds
 
 
@@ -197,12 +198,8 @@ def encode(
     if plugin is None:
         raise ConversionError(f"{name}: no encoder for {syntax_name(target)}")
     ds = _read(source, name, syntax, limit)
-    try:
+    with _failing_as(f"cannot encode {name} in {syntax_name(target)} with {plugin}"):
         ds.compress(target, encoding_plugin=plugin, generate_instance_uid=False)
-    except Exception as exc:
-        raise ConversionError(
-            f"cannot encode {name} in {syntax_name(target)} with {plugin}: {_first(exc)}"
-        ) from None
     return ds
 
 
@@ -212,6 +209,16 @@ def write_decoded(
     """:func:`decode` ``source`` and write it as a DICOM file (with file meta) to ``out``."""
     ds = decode(source, name, syntax, limit)
     ds.save_as(out, enforce_file_format=True)
+
+
+@contextmanager
+def _failing_as(what: str) -> Iterator[None]:
+    """Any error of pydicom or a codec plugin inside becomes a ``ConversionError`` ``what:
+    <first line of it>``: the case's error names the file and step, not a library's traceback."""
+    try:
+        yield
+    except Exception as exc:
+        raise ConversionError(f"{what}: {_first(exc)}") from None
 
 
 def _first(exc: BaseException) -> str:

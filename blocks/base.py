@@ -94,6 +94,10 @@ class DispatchTarget(Block, ABC):
 
     #: mercure's ``target_type`` discriminator (``"dicom"``, ``"folder"``, ...).
     target_type: ClassVar[str]
+    #: The document name the code example loads (``"pacs-main"``), and whether the example goes
+    #: on to probe the target (the types that reach another host).
+    _example_document: ClassVar[str] = "target"
+    _example_probes: ClassVar[bool] = True
 
     target_name: str = Field(
         default="",
@@ -108,6 +112,18 @@ class DispatchTarget(Block, ABC):
         default=None,
         description="At most this many sends to this target at once (0 or empty: no limit).",
     )
+
+    @classmethod
+    def get_code_example(cls) -> str:
+        """The example on the block type's page: import, load by document name, probe. Rendered
+        here rather than written in each docstring, so the types' examples cannot drift apart
+        (each still names its own module and class)."""
+        probe = "\n\ntarget.test_connection()" if cls._example_probes else ""
+        return (
+            f"```python\nfrom {cls.__module__} import {cls.__name__}\n\n"
+            f'target = {cls.__name__}.load("BLOCK_NAME")  # e.g. "{cls._example_document}"'
+            f"{probe}\n```"
+        )
 
     @property
     def logger(self) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:

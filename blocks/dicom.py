@@ -64,21 +64,13 @@ class DicomTarget(QueryTarget):
     """A DICOM node that receives cases by C-STORE and answers C-FIND / C-GET / C-MOVE.
 
     Field names are mercure's, so a mercure.json target imports one to one.
-
-    Example:
-        ```python
-        from blocks.dicom import DicomTarget
-
-        target = DicomTarget.load("BLOCK_NAME")  # e.g. "pacs-main"
-
-        target.test_connection()
-        ```
     """
 
     _block_type_name = "DICOM Target"
     _block_type_slug = "dicom-target"
     _description = "A DICOM node that receives cases by C-STORE (mercure's DICOM target)."
     target_type: ClassVar[str] = "dicom"
+    _example_document = "pacs-main"
 
     ip: str = Field(
         description='Host name or IP address; "sender" sends back to the case\'s sender address.'
@@ -443,21 +435,13 @@ class DicomTLSTarget(DicomTarget):
     The peer's certificate must chain to ``ca_cert``; our client certificate
     (``tls_cert``/``tls_key``, as DCMTK's ``storescu +tls`` takes them) is presented to the peer.
     Field names are mercure's, so a mercure.json target imports one to one.
-
-    Example:
-        ```python
-        from blocks.dicom import DicomTLSTarget
-
-        target = DicomTLSTarget.load("BLOCK_NAME")  # e.g. "pacs-tls"
-
-        target.test_connection()
-        ```
     """
 
     _block_type_name = "DICOM TLS Target"
     _block_type_slug = "dicom-tls-target"
     _description = "A DICOM node that receives cases by C-STORE over TLS (mercure's DICOM+TLS)."
     target_type: ClassVar[str] = "dicomtls"
+    _example_document = "pacs-tls"
 
     tls_key: str = Field(
         default="", description="Private key file (PEM, unencrypted) of our client certificate."

@@ -80,21 +80,13 @@ class DicomWebTarget(QueryTarget):
     Field names are mercure's, so a mercure.json target imports one to one. Authentication is
     HTTP basic when ``http_user`` and ``http_password`` are both set, else a bearer token when
     ``access_token`` is set, else none. A ``file://`` URL stores into a local folder.
-
-    Example:
-        ```python
-        from blocks.dicomweb import DicomWebTarget
-
-        target = DicomWebTarget.load("BLOCK_NAME")  # e.g. "dicomweb-pacs"
-
-        target.test_connection()
-        ```
     """
 
     _block_type_name = "DICOMweb Target"
     _block_type_slug = "dicomweb-target"
     _description = "A DICOMweb server that receives cases by STOW-RS (mercure's DICOMweb target)."
     target_type: ClassVar[str] = "dicomweb"
+    _example_document = "dicomweb-pacs"
 
     url: str = Field(
         description="Base URL (e.g. https://pacs/dicom-web), or file:///folder for a local folder."

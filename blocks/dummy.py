@@ -10,20 +10,14 @@ __all__ = ["DummyTarget"]
 
 
 class DummyTarget(DispatchTarget):
-    """A target that always succeeds without sending anything.
-
-    Example:
-        ```python
-        from blocks.dummy import DummyTarget
-
-        target = DummyTarget.load("BLOCK_NAME")  # e.g. "dummy"
-        ```
-    """
+    """A target that always succeeds without sending anything."""
 
     _block_type_name = "Dummy Target"
     _block_type_slug = "dummy-target"
     _description = "mercure's Dummy target: every send succeeds, nothing is sent."
     target_type: ClassVar[str] = "dummy"
+    _example_document = "dummy"
+    _example_probes = False
 
     def send(self, context: SendContext) -> SendResult:
         files = dicom_files(context.case_dir)

@@ -71,20 +71,14 @@ def case_files(case_dir: Path, file_filter: str | None) -> list[Path]:
 
 
 class FolderTarget(DispatchTarget):
-    """Copies each case into a new ``<folder>/<uuid4>/`` folder that contains ``.complete``.
-
-    Example:
-        ```python
-        from blocks.folder import FolderTarget
-
-        target = FolderTarget.load("BLOCK_NAME")  # e.g. "research-share"
-        ```
-    """
+    """Copies each case into a new ``<folder>/<uuid4>/`` folder that contains ``.complete``."""
 
     _block_type_name = "Folder Target"
     _block_type_slug = "folder-target"
     _description = "mercure's Folder target: copies each case into a new folder."
     target_type: ClassVar[str] = "folder"
+    _example_document = "research-share"
+    _example_probes = False
 
     folder: str = Field(description="Folder that receives one sub-folder per case.")
     file_filter: str | None = Field(

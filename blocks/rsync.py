@@ -74,21 +74,13 @@ class RsyncTarget(SshTarget):
     Needs ``rsync`` and ``ssh`` here and ``rsync`` on the server; a ``password`` also needs
     ``sshpass`` here. With ``run_on_complete``, ``<folder>/mercure_complete.sh <folder>/<case>
     <target name>`` runs on the server after ``.complete`` is written.
-
-    Example:
-        ```python
-        from blocks.rsync import RsyncTarget
-
-        target = RsyncTarget.load("BLOCK_NAME")  # e.g. "archive-rsync"
-
-        target.test_connection()
-        ```
     """
 
     _block_type_name = "rsync Target"
     _block_type_slug = "rsync-target"
     _description = "mercure's rsync target: copies each case folder with rsync over ssh."
     target_type: ClassVar[str] = "rsync"
+    _example_document = "archive-rsync"
 
     run_on_complete: bool = Field(
         default=False,

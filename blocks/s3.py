@@ -55,21 +55,13 @@ class S3Target(DispatchTarget):
 
     Objects are ``<prefix>/<task id>/<file name>`` for every ``*.dcm`` file of the case, as
     mercure writes them. Field names are mercure's, so a mercure.json target imports one to one.
-
-    Example:
-        ```python
-        from blocks.s3 import S3Target
-
-        target = S3Target.load("BLOCK_NAME")  # e.g. "archive"
-
-        target.test_connection()
-        ```
     """
 
     _block_type_name = "S3 Target"
     _block_type_slug = "s3-target"
     _description = "An S3 bucket that receives each case's DICOM files (mercure's S3 target)."
     target_type: ClassVar[str] = "s3"
+    _example_document = "archive"
 
     region: str = Field(default="", description="AWS region of the bucket (e.g. eu-central-1).")
     bucket: str = Field(description="Bucket name.")

@@ -178,21 +178,13 @@ class SftpTarget(SshTarget):
     Authenticates with a key (``key_file``, or the user's usual keys) or ``password``; the
     server's host key must be in ``known_hosts_file`` unless ``trust_on_first_use`` is set.
     Files are streamed, never read whole into memory.
-
-    Example:
-        ```python
-        from blocks.sftp import SftpTarget
-
-        target = SftpTarget.load("BLOCK_NAME")  # e.g. "research-sftp"
-
-        target.test_connection()
-        ```
     """
 
     _block_type_name = "SFTP Target"
     _block_type_slug = "sftp-target"
     _description = "mercure's SFTP target: uploads each case folder over SFTP (paramiko)."
     target_type: ClassVar[str] = "sftp"
+    _example_document = "research-sftp"
 
     def get_client(self) -> paramiko.SSHClient:
         """A connected, authenticated SSH client; the only place the password is unwrapped."""

@@ -84,21 +84,13 @@ class XnatTarget(DispatchTarget):
     """An XNAT project that receives each case as one imaging session (mercure's XNAT target).
 
     Field names are mercure's, so a mercure.json target imports one to one.
-
-    Example:
-        ```python
-        from blocks.xnat import XnatTarget
-
-        target = XnatTarget.load("BLOCK_NAME")  # e.g. "xnat-research"
-
-        target.test_connection()
-        ```
     """
 
     _block_type_name = "XNAT Target"
     _block_type_slug = "xnat-target"
     _description = "An XNAT project that receives each case as one session (mercure's XNAT)."
     target_type: ClassVar[str] = "xnat"
+    _example_document = "xnat-research"
 
     project_id: str = Field(description="XNAT project ID the sessions are imported into.")
     host: str = Field(description="Base URL of the XNAT server (e.g. https://xnat.example.org).")

@@ -28,7 +28,6 @@ import io
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -41,8 +40,6 @@ from blocks.errors import PermanentTargetError, public_url
 from blocks.qr import (
     Filters,
     Level,
-    Progress,
-    ReceiveLimits,
     RetrieveItem,
     RetrieveResult,
     check_query,
@@ -53,6 +50,7 @@ from blocks.qr import (
 )
 
 if TYPE_CHECKING:
+    from blocks.base import RetrieveRequest
     from blocks.dicomweb import DicomWebTarget
 
 __all__ = ["find", "iter_multipart", "retrieve"]
@@ -274,20 +272,13 @@ def _wado_files(target: DicomWebTarget, item: RetrieveItem, receiver: Receiver) 
             receiver.accept(buffer.getvalue())
 
 
-def retrieve(
-    target: DicomWebTarget,
-    accession: str,
-    filters: Mapping[str, Any] | None,
-    destination: Path,
-    progress: Progress | None,
-    limits: ReceiveLimits | None = None,
-) -> RetrieveResult:
+def retrieve(target: DicomWebTarget, request: RetrieveRequest) -> RetrieveResult:
     """``DicomWebTarget.retrieve``: QIDO-RS the series, then WADO-RS them into a folder."""
     begin = time.monotonic()
-    accession, wanted = check_query(accession, filters, "series")
+    accession, wanted = check_query(request.accession, request.filters, "series")
     client = None if target.is_file_url else target.get_client()
     try:
-        return _retrieve(target, client, accession, wanted, destination, progress, begin, limits)
+        return _retrieve(target, client, accession, wanted, request, begin)
     finally:
         if client is not None:
             client.close()
@@ -298,16 +289,14 @@ def _retrieve(
     client: httpx.Client | None,
     accession: str,
     wanted: Filters,
-    destination: Path,
-    progress: Progress | None,
+    request: RetrieveRequest,
     begin: float,
-    limits: ReceiveLimits | None,
 ) -> RetrieveResult:
     rows = _find(target, accession, wanted, "series", client)
     if not rows:
         raise not_found(accession, wanted)
     items = plan_retrieve(rows, wanted)
-    receiver = Receiver.for_items(destination, items, progress, limits)
+    receiver = Receiver.for_items(request.destination, items, request.progress, request.limits)
     base = target.service_url("wado")
     for item in items:
         if client is None:

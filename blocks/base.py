@@ -22,12 +22,13 @@ from tasks.safefiles import CaseFiles
 from tasks.taskjson import Task
 
 if TYPE_CHECKING:
-    from blocks.qr import Progress, ReceiveLimits, RetrieveResult
+    from blocks.qr import Level, Progress, ReceiveLimits, RetrieveResult
 
 __all__ = [
     "CaseOrigin",
     "DispatchTarget",
     "QueryTarget",
+    "RetrieveRequest",
     "SendContext",
     "SendResult",
     "ca_bundle_verify",
@@ -77,6 +78,17 @@ class SendContext:
         """How a sender opens the case's files: at send time, never through a link planted
         after the pre-send check (a link is an ``OSError`` naming the file)."""
         return CaseFiles(self.case_dir, self.links_inside)
+
+
+@dataclass(frozen=True)
+class RetrieveRequest:
+    """One :meth:`QueryTarget.retrieve` call, as the type's protocol gets it (``_retrieve``)."""
+
+    accession: str
+    filters: dict[str, Any] | None
+    destination: Path
+    progress: Progress | None = None
+    limits: ReceiveLimits | None = None
 
 
 @dataclass
@@ -172,18 +184,25 @@ class CaseOrigin:
 
 
 class QueryTarget(DispatchTarget):
-    """A target that can also be queried and retrieved from (DICOM and DICOMweb nodes)."""
+    """A target that can also be queried and retrieved from (DICOM and DICOMweb nodes).
 
-    @abstractmethod
+    ``find`` and ``retrieve`` are one contract for every type: the checks they share are made
+    here, once; a type implements only its protocol (``_find``, ``_retrieve``).
+    """
+
     def find(
         self,
         accession: str,
         filters: dict[str, Any] | None = None,
         level: Literal["study", "series"] = "series",
     ) -> list[dict[str, Any]]:
-        """Series (or studies) of ``accession`` matching ``filters``, keyed by DICOM keywords."""
+        """Series (or studies) of ``accession`` matching ``filters`` (keyword → value or list of
+        values), keyed by DICOM keywords. Needs ``direction`` pull or both."""
+        from blocks.qr import check_pull  # blocks.qr loads pydicom: only when a node is queried
 
-    @abstractmethod
+        check_pull(self)
+        return self._find(accession, filters, level)
+
     def retrieve(
         self,
         accession: str,
@@ -194,6 +213,20 @@ class QueryTarget(DispatchTarget):
     ) -> RetrieveResult:
         """Fetch what :meth:`find` finds into ``destination`` as ``<SOPInstanceUID>.dcm``,
         within ``limits`` (object size, free space; default ``ReceiveLimits()``)."""
+        from blocks.qr import check_pull
+
+        check_pull(self)
+        return self._retrieve(RetrieveRequest(accession, filters, destination, progress, limits))
+
+    @abstractmethod
+    def _find(
+        self, accession: str, filters: dict[str, Any] | None, level: Level
+    ) -> list[dict[str, Any]]:
+        """:meth:`find` in the type's protocol."""
+
+    @abstractmethod
+    def _retrieve(self, request: RetrieveRequest) -> RetrieveResult:
+        """:meth:`retrieve` in the type's protocol."""
 
     @abstractmethod
     def case_origin(self) -> CaseOrigin:

@@ -37,15 +37,19 @@ from blocks._dimse_results import store_failure_is_transient
 from blocks._dimse_tls import TLSOptions
 from blocks._net import tcp_reachable
 from blocks._peer_gate import peer_gate
-from blocks.base import CaseOrigin, QueryTarget, SendContext, SendResult, dicom_files
+from blocks.base import (
+    CaseOrigin,
+    QueryTarget,
+    RetrieveRequest,
+    SendContext,
+    SendResult,
+    dicom_files,
+)
 from blocks.errors import ConfigError, PermanentTargetError, TransientTargetError
 from blocks.qr import (
     Level,
-    Progress,
-    ReceiveLimits,
     RetrieveResult,
     check_accession,
-    check_pull,
     normalize_filters,
     not_found,
     plan_retrieve,
@@ -377,44 +381,29 @@ class DicomTarget(QueryTarget):
         extra |= self._commitment_probe(peer, reachable)
         return {"ping": reachable, "c-echo": bool(echo), "loopback_mode": False, **extra}
 
-    def find(
-        self,
-        accession: str,
-        filters: dict[str, Any] | None = None,
-        level: Level = "series",
+    def _find(
+        self, accession: str, filters: dict[str, Any] | None, level: Level
     ) -> list[dict[str, Any]]:
-        """C-FIND (study root) by accession number; rows keyed by DICOM keywords.
-
-        ``filters``: keyword → value or list of values. Needs ``direction`` pull or both.
-        """
-        check_pull(self)
+        """C-FIND (study root) by accession number."""
         return _dimse_qr.find(self.query_peer(), accession, filters, level)
 
-    def retrieve(
-        self,
-        accession: str,
-        filters: dict[str, Any] | None,
-        destination: Path,
-        progress: Progress | None = None,
-        limits: ReceiveLimits | None = None,
-    ) -> RetrieveResult:
-        """C-GET or C-MOVE (``retrieve_method``) what ``find`` finds into ``destination``."""
-        check_pull(self)
+    def _retrieve(self, request: RetrieveRequest) -> RetrieveResult:
+        """C-GET or C-MOVE (``retrieve_method``) what ``find`` finds."""
         peer = self.query_peer()
-        wanted = normalize_filters(filters)
-        rows = _dimse_qr.find(peer, accession, wanted, "series")
+        wanted = normalize_filters(request.filters)
+        rows = _dimse_qr.find(peer, request.accession, wanted, "series")
         if not rows:
-            raise not_found(check_accession(accession), wanted)
+            raise not_found(check_accession(request.accession), wanted)
         return _dimse_qr.retrieve(
             peer,
             plan_retrieve(rows, wanted),
-            destination,
+            request.destination,
             method=self.retrieve_method,
             move_aet=self.move_destination_aet or peer.calling_aet,
             listen=(self.move_listen_address, int(self.move_destination_port)),
             backend=self._retrieve_backend(),
-            progress=progress,
-            limits=limits,
+            progress=request.progress,
+            limits=request.limits,
         )
 
     def case_origin(self) -> CaseOrigin:

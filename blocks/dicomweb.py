@@ -41,6 +41,7 @@ from blocks import _stow
 from blocks.base import (
     CaseOrigin,
     QueryTarget,
+    RetrieveRequest,
     SendContext,
     SendResult,
     ca_bundle_verify,
@@ -55,12 +56,11 @@ from blocks.errors import (
     url_credentials,
     without_userinfo,
 )
-from blocks.qr import Progress, ReceiveLimits, check_pull
 
 if TYPE_CHECKING:
     from dicomweb_client import DICOMfileClient
 
-    from blocks.qr import RetrieveResult
+    from blocks.qr import Level, RetrieveResult
 
 __all__ = ["DicomWebTarget", "public_url"]
 
@@ -363,31 +363,19 @@ class DicomWebTarget(QueryTarget):
 
     # -- query / retrieve (QIDO-RS, WADO-RS: blocks._dicomweb_qr) ------------------------------
 
-    def find(
-        self,
-        accession: str,
-        filters: dict[str, Any] | None = None,
-        level: Literal["study", "series"] = "series",
+    def _find(
+        self, accession: str, filters: dict[str, Any] | None, level: Level
     ) -> list[dict[str, Any]]:
-        """QIDO-RS by accession number; rows keyed by DICOM keywords (direction pull/both)."""
+        """QIDO-RS by accession number."""
         from blocks import _dicomweb_qr
 
-        check_pull(self)
         return _dicomweb_qr.find(self, accession, filters, level)
 
-    def retrieve(
-        self,
-        accession: str,
-        filters: dict[str, Any] | None,
-        destination: Path,
-        progress: Progress | None = None,
-        limits: ReceiveLimits | None = None,
-    ) -> RetrieveResult:
-        """WADO-RS (streamed) what ``find`` finds into ``destination``."""
+    def _retrieve(self, request: RetrieveRequest) -> RetrieveResult:
+        """WADO-RS (streamed) what ``find`` finds."""
         from blocks import _dicomweb_qr
 
-        check_pull(self)
-        return _dicomweb_qr.retrieve(self, accession, filters, destination, progress, limits)
+        return _dicomweb_qr.retrieve(self, request)
 
     def case_origin(self) -> CaseOrigin:
         return CaseOrigin(

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def say(text: str = "") -> None:
@@ -47,6 +48,16 @@ def timed_tool(args: Sequence[str], *, timeout: float = 600) -> float:
         name = Path(args[0]).name
         raise RuntimeError(f"{name} exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
     return elapsed
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds: what a benchmark started gets its own clean
+    stop (as under systemd), yet one that hangs never hangs the benchmark."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def max_rss_mb() -> float:

@@ -31,7 +31,6 @@ import heapq
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench._common import median, work_dir
+from bench._common import median, stop_process, work_dir
 from blocks.host import JOBS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,11 +101,7 @@ def executor(api_url: str, base: Path) -> Iterator[None]:
             time.sleep(0.2)
         yield
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
 
 
 def run_api_bench(out: Path, jobs: int, limit: int, seconds: float) -> dict[str, Any]:

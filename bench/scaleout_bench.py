@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import say, work_dir
+from bench._common import say, stop_process, work_dir
 from bench.dispatch.dcmsend import dcmsend_binary, dcmsend_loop, storescp
 from bench.dispatch.meters import SERVER_PROCESSES, tree_cpu
 from bench.dispatch.prefect_setup import (
@@ -143,11 +142,7 @@ def one_run(
             name: tree_cpu(pid) - server_cpu[name] for name, pid in SERVER_PROCESSES.items()
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 120)
     per_case = {"dispatchers": tree.cpu_used() / cases}
     per_case.update({name: used / cases for name, used in server_used.items()})
     return {

@@ -47,6 +47,7 @@ from flows.case_events import (
     WEBHOOK_LABEL,
 )
 from tasks.notification_payload import COMPLETED, RuleNotification
+from tasks.paging import read_all
 
 __all__ = [
     "RULE_AUTOMATION_PREFIX",
@@ -61,7 +62,6 @@ LOGGER = logging.getLogger(__name__)
 
 RULE_AUTOMATION_PREFIX = "dicom-dispatch: rule "
 RULE_BLOCK_PREFIX = "mercure-rule-"
-_PAGE = 200
 #: channel → (resource label that says it has something to send, action templates).
 _CHANNELS: dict[str, tuple[str, str, str]] = {
     "webhook": (WEBHOOK_LABEL, "Rule {{ event.payload.rule }}", "{{ event.payload.webhook_body }}"),
@@ -146,14 +146,12 @@ async def _save_blocks(
 
 async def read_rule_automations(client: PrefectClient) -> list[Automation]:
     """Every automation an import made (by name), one page at a time."""
-    found: list[Automation] = []
-    while True:
-        page = await client.read_automations(
-            sort=AutomationSort.NAME_ASC, limit=_PAGE, offset=len(found)
+    found = await read_all(
+        lambda size, offset: client.read_automations(
+            sort=AutomationSort.NAME_ASC, limit=size, offset=offset
         )
-        found.extend(page)
-        if len(page) < _PAGE:
-            return [a for a in found if a.name.startswith(RULE_AUTOMATION_PREFIX)]
+    )
+    return [a for a in found if a.name.startswith(RULE_AUTOMATION_PREFIX)]
 
 
 async def sync_rule_notifications(

@@ -32,13 +32,13 @@ from blocks.prefect_internals import api_post
 from blocks.registry import aload_settings
 from flows._batch import AGAIN, BATCH_TAG, next_offpeak_start, now, progress_key, set_state
 from tasks import casefolder as cf
+from tasks.paging import read_all
 from tasks.retrieve import OUTGOING, accession_folder_name, parse_accessions
 from tasks.safefiles import ensure_marker
 
 LOGGER = logging.getLogger(__name__)
 #: Runs that have not been picked up yet (a Pending run is already starting: it may finish).
 _WAITING = (StateType.SCHEDULED,)
-_PAGE = 200
 
 
 @dataclass
@@ -73,17 +73,15 @@ class BatchStatus:
 
 
 async def _children(client: PrefectClient, batch_id: str) -> list[FlowRun]:
-    runs: list[FlowRun] = []
-    while True:
-        page = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"{BATCH_TAG}{batch_id}"])),
+    children = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"{BATCH_TAG}{batch_id}"]))
+    return await read_all(
+        lambda size, offset: client.read_flow_runs(
+            flow_run_filter=children,
             sort=FlowRunSort.EXPECTED_START_TIME_ASC,
-            limit=_PAGE,
-            offset=len(runs),
+            limit=size,
+            offset=offset,
         )
-        runs.extend(page)
-        if len(page) < _PAGE:
-            return runs
+    )
 
 
 async def _read_batch(client: PrefectClient, batch_id: str) -> FlowRun:

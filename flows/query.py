@@ -65,6 +65,7 @@ from flows._batch_admin import (
 from tasks.retrieve import (
     OUTGOING,
     PROGRESS_LISTENERS,
+    Retrieval,
     accession_folder_name,
     aload_source,
     artifact_key,
@@ -193,13 +194,12 @@ async def retrieve(
     accession = check_accession(accession)
     wanted = normalize_filters(filters)
     job_id = batch or run_id()
+    retrieval = Retrieval(settings, target, accession, wanted)
     if destination == OUTGOING:
-        outcome = await retrieve_to_outgoing(settings, target, accession, wanted, targets, job_id)
+        outcome = await retrieve_to_outgoing(retrieval, targets, job_id)
     elif Path(destination).expanduser().is_absolute():
         job_dir = Path(destination).expanduser() / job_id
-        outcome = await retrieve_to_folder(
-            settings, job_dir, target, accession, wanted, whole_job=batch is None
-        )
+        outcome = await retrieve_to_folder(retrieval, job_dir, whole_job=batch is None)
     else:
         raise ConfigError(f"destination must be an absolute folder or {OUTGOING!r}")
     outcome.update({"target": target, "accession": accession, "job_id": job_id})

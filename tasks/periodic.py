@@ -77,25 +77,25 @@ class Periodic:
 
     async def run(self, stop: asyncio.Event, wake: asyncio.Event | None = None) -> None:
         """Pass and pause until ``stop`` is set (checked before every pass)."""
-        failures = 0
-        pause = self.wait_first
+        passes = _Passes(self)
         while not stop.is_set():
-            if pause:
-                await self._pause(stop, wake, self.delay(failures))
+            seconds = passes.next_pause()
+            if seconds is not None:
+                await self._pause(stop, wake, seconds)
                 if stop.is_set():
                     return
-            pause = True
-            try:
-                result = self.step()
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:
-                failures += 1
-                self._failed(exc)
-                continue
-            failures = 0
-            if self.until_success:
+            if passes.ends_loop(await self._step_async()):
                 return
+
+    async def _step_async(self) -> Exception | None:
+        """One pass on the caller's event loop; what it raised, if anything."""
+        try:
+            result = self.step()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            return exc
+        return None
 
     @staticmethod
     async def _pause(stop: asyncio.Event, wake: asyncio.Event | None, seconds: float) -> None:
@@ -112,25 +112,25 @@ class Periodic:
 
     def run_blocking(self, stop: threading.Event) -> None:
         """:meth:`run` for a sync step, in the calling thread."""
-        failures = 0
-        pause = self.wait_first
+        passes = _Passes(self)
         while not stop.is_set():
-            if pause and stop.wait(self.delay(failures)):
+            seconds = passes.next_pause()
+            if seconds is not None and stop.wait(seconds):
                 return
-            pause = True
-            try:
-                result = self.step()
-                if inspect.isawaitable(result):
-                    if inspect.iscoroutine(result):
-                        result.close()
-                    raise TypeError(f"{self.name}: an async step needs Periodic.run")
-            except Exception as exc:
-                failures += 1
-                self._failed(exc)
-                continue
-            failures = 0
-            if self.until_success:
+            if passes.ends_loop(self._step_blocking()):
                 return
+
+    def _step_blocking(self) -> Exception | None:
+        """One pass of a sync step; what it raised, if anything (an async step is refused:
+        nothing would run it)."""
+        try:
+            if inspect.isawaitable(result := self.step()):
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise TypeError(f"{self.name}: an async step needs Periodic.run")
+        except Exception as exc:
+            return exc
+        return None
 
     def start_thread(self, stop: threading.Event | None = None) -> threading.Thread:
         """:meth:`run_blocking` in a daemon thread named after the service; never set,
@@ -140,3 +140,32 @@ class Periodic:
         )
         thread.start()
         return thread
+
+
+@dataclass
+class _Passes:
+    """The bookkeeping :meth:`Periodic.run` and :meth:`Periodic.run_blocking` share, so that the
+    two differ only in how they pause and call the step (one awaits, the other blocks): whether
+    to pause before the next pass and how long, and what a pass's outcome means for the loop."""
+
+    periodic: Periodic
+    failures: int = 0
+    started: bool = False
+
+    def next_pause(self) -> float | None:
+        """Seconds to pause before the next pass; ``None``: pass at once (the first pass, unless
+        ``wait_first``)."""
+        first, self.started = not self.started, True
+        if first and not self.periodic.wait_first:
+            return None
+        return self.periodic.delay(self.failures)
+
+    def ends_loop(self, raised: Exception | None) -> bool:
+        """Count a pass that raised ``raised`` (``None``: it did not) and log its failure; true
+        when the loop ends here (the first pass of an ``until_success`` loop that did not raise)."""
+        if raised is not None:
+            self.failures += 1
+            self.periodic._failed(raised)
+            return False
+        self.failures = 0
+        return self.periodic.until_success

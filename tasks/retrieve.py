@@ -51,6 +51,7 @@ from tasks.taskjson import new_task, parse_task, write_task
 __all__ = [
     "OUTGOING",
     "PROGRESS_LISTENERS",
+    "Retrieval",
     "accession_folder_name",
     "aload_source",
     "artifact_key",
@@ -227,24 +228,29 @@ async def check_accessions(
     return studies
 
 
-async def _fetch(
-    settings: DispatcherSettings,
-    target: str,
-    accession: str,
-    filters: dict[str, list[str]],
-    folder: Path,
-) -> dict[str, Any]:
-    """The retrieve task, with the quick retries of ``DispatcherSettings`` (transient only)."""
-    fetch = retrieve_accession.with_options(**quick_retries(settings.quick_retry_delays))
-    limits = settings.receive_limits()
-    return await fetch(
-        target,
-        accession,
-        filters,
-        str(folder),
-        limits.max_instance_bytes,
-        limits.free_space_reserve_bytes,
-    )
+@dataclass(frozen=True)
+class Retrieval:
+    """One accession number to fetch from one node, with the filters and the settings it is
+    fetched under: the request both destinations below pass on unchanged to the retrieve task."""
+
+    settings: DispatcherSettings
+    target: str
+    accession: str
+    filters: dict[str, list[str]]
+
+    async def fetch(self, folder: Path) -> dict[str, Any]:
+        """The retrieve task into ``folder``, with the quick retries of ``DispatcherSettings``
+        (transient only)."""
+        fetch = retrieve_accession.with_options(**quick_retries(self.settings.quick_retry_delays))
+        limits = self.settings.receive_limits()
+        return await fetch(
+            self.target,
+            self.accession,
+            self.filters,
+            str(folder),
+            limits.max_instance_bytes,
+            limits.free_space_reserve_bytes,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,24 +259,18 @@ async def _fetch(
 
 
 async def retrieve_to_folder(
-    settings: DispatcherSettings,
-    job_dir: Path,
-    target: str,
-    accession: str,
-    filters: dict[str, list[str]],
-    *,
-    whole_job: bool,
+    retrieval: Retrieval, job_dir: Path, *, whole_job: bool
 ) -> dict[str, Any]:
     """``<job_dir>/<accession>/`` in one rename; ``<job_dir>/.complete`` too when ``whole_job``
     (a lone retrieval; a batch marks its job once every accession is there)."""
-    final = job_dir / accession_folder_name(accession)
+    final = job_dir / accession_folder_name(retrieval.accession)
     if final.is_dir():
         return {"destination": str(final), "instances": _count(final), "already_there": True}
     staging = job_dir / f".{final.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     job_dir.mkdir(parents=True, exist_ok=True)
     try:
-        result = await _fetch(settings, target, accession, filters, staging)
+        result = await retrieval.fetch(staging)
         _fsync_folder(staging)
         os.replace(staging, final)
     except BaseException:
@@ -282,19 +282,15 @@ async def retrieve_to_folder(
 
 
 async def retrieve_to_outgoing(
-    settings: DispatcherSettings,
-    target: str,
-    accession: str,
-    filters: dict[str, list[str]],
-    targets: Sequence[str] | None,
-    job_id: str,
+    retrieval: Retrieval, targets: Sequence[str] | None, job_id: str
 ) -> dict[str, Any]:
     """A new case in the outgoing queue, sent by the dispatcher to ``targets``."""
     names = case_targets(targets)
     for name in names:
         await aload_target(name)  # ConfigError now, not a case in error/ later
-    source = await aload_source(target)
-    outgoing, success, error = settings.folders()
+    source = await aload_source(retrieval.target)
+    accession = retrieval.accession
+    outgoing, success, error = retrieval.settings.folders()
     outgoing.mkdir(parents=True, exist_ok=True)
     # The same job and accession always make the same case: a rerun after the case was
     # queued (a crash before the run could report) finds it instead of queueing it twice.
@@ -307,7 +303,7 @@ async def retrieve_to_outgoing(
     case_dir.mkdir()
     ensure_marker(case_dir / cf.LOCK)  # mercure's "being written": the dispatcher keeps away
     try:
-        result = await _fetch(settings, target, accession, filters, case_dir)
+        result = await retrieval.fetch(case_dir)
         write_task(case_dir, _case_task(case_id, case_dir, accession, source, names))
         _fsync_folder(case_dir)
     except BaseException:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench._common import say
+from bench._common import say, stop_process
 from bench.dispatch.config import HOST, SCP_AET
 
 CLI = [sys.executable, "-m", "deployments.cli"]
@@ -141,11 +141,7 @@ def running_service(base: Path, scp_port: int) -> Iterator[Service]:
             folders["staging"],
         )
     finally:
-        proc.terminate()
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 90)
         log.close()
 
 

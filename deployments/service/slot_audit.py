@@ -30,6 +30,7 @@ from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
 
+from tasks.paging import read_all
 from tasks.periodic import Periodic
 from tasks.tags import is_send_tag
 
@@ -43,7 +44,6 @@ LOCK_LEASE_SECONDS = 60.0
 #: A leaked slot served no one (the server wants a positive occupancy with a decrement).
 NO_OCCUPANCY = 1e-3
 _TAG_PREFIX = "tag:"
-_PAGE = 200
 
 
 @dataclass(frozen=True)
@@ -119,16 +119,13 @@ async def read_send_limits(client: PrefectClient) -> list[Reading]:
 async def _counted(client: PrefectClient) -> dict[str, int]:
     """The counted slots of every send tag's limit that counts any."""
     counted: dict[str, int] = {}
-    offset = 0
-    while True:
-        page = await client.read_global_concurrency_limits(limit=_PAGE, offset=offset)
-        for limit in page:
-            tag = limit.name.removeprefix(_TAG_PREFIX)
-            if limit.name.startswith(_TAG_PREFIX) and is_send_tag(tag) and limit.active_slots:
-                counted[limit.name] = limit.active_slots
-        if len(page) < _PAGE:
-            return counted
-        offset += len(page)
+    for limit in await read_all(
+        lambda size, offset: client.read_global_concurrency_limits(limit=size, offset=offset)
+    ):
+        tag = limit.name.removeprefix(_TAG_PREFIX)
+        if limit.name.startswith(_TAG_PREFIX) and is_send_tag(tag) and limit.active_slots:
+            counted[limit.name] = limit.active_slots
+    return counted
 
 
 @asynccontextmanager

@@ -50,6 +50,7 @@ from flows.background.flow import (
     background_job,
 )
 from flows.background.records import ACTIVE_STATES, JobLimits
+from tasks.paging import PAGE, read_all  # runs and limits are read in pages of PAGE
 
 __all__ = [
     "ADMISSION_LOCK",
@@ -82,8 +83,6 @@ TOTAL_COUNTER = f"{LIMIT_PREFIX}total"
 COUNTER_CAPACITY = 1_000_000
 #: The shortest lease the server accepts.
 MIN_LEASE_SECONDS = 60.0
-#: Runs and limits are read in pages of this many.
-PAGE = 200
 _TYPE_COUNTER_PREFIX = f"{LIMIT_PREFIX}type:"
 _LOCK_REQUEST: dict[str, Any] = {
     "names": [ADMISSION_LOCK],
@@ -300,17 +299,14 @@ async def active_counts(client: PrefectClient) -> tuple[int, dict[str, int]]:
     """Active jobs on every host: in total, and per type."""
     total = 0
     per_type: dict[str, int] = {}
-    offset = 0
-    while True:
-        page = await client.read_global_concurrency_limits(limit=PAGE, offset=offset)
-        for limit in page:
-            if limit.name == TOTAL_COUNTER:
-                total = limit.active_slots
-            elif limit.name.startswith(_TYPE_COUNTER_PREFIX):
-                per_type[limit.name.removeprefix(_TYPE_COUNTER_PREFIX)] = limit.active_slots
-        if len(page) < PAGE:
-            return total, per_type
-        offset += len(page)
+    for limit in await read_all(
+        lambda size, offset: client.read_global_concurrency_limits(limit=size, offset=offset)
+    ):
+        if limit.name == TOTAL_COUNTER:
+            total = limit.active_slots
+        elif limit.name.startswith(_TYPE_COUNTER_PREFIX):
+            per_type[limit.name.removeprefix(_TYPE_COUNTER_PREFIX)] = limit.active_slots
+    return total, per_type
 
 
 async def take_slots(

@@ -63,8 +63,15 @@ def test_metrics_count_a_known_run_of_cases(env: DispatchEnv, tmp_path: Path) ->
                 v for (name, _), v in scrape(port).items() if name.endswith("attempts_total")
             )
 
-        # The last attempt is counted just after its folder moved.
+        def slots_in_use() -> float:
+            return scrape(port).get(
+                ("dicom_dispatch_limit_in_use", (("tag", "dicom-dispatch"),)), -1.0
+            )
+
+        # The last attempt is counted just after its folder moved; the limits are sampled
+        # from Prefect periodically, so a sample taken during the last send may still show it.
         wait_for(lambda: counted() >= 3 + retries + 1, 10, "the last attempt to be counted")
+        wait_for(lambda: slots_in_use() == 0, 30, "a sample of the limits after the last send")
         m = scrape(port)
     finally:
         stop(proc, log)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,8 +27,10 @@ from blocks._dcmsend_report import (
     parse_report,
     write_report,
 )
-from blocks._dimse import InstanceResult, StoreResult, status_category
+from blocks._dimse import InstanceResult, status_category
 from blocks._transcode import Conversion
+
+from .store_results import store_result as result
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -97,18 +98,6 @@ def instance(
         error=None if status is not None else "why",
         no_context=no_context,
         request_sent=sent and not no_context,
-    )
-
-
-def result(*instances: InstanceResult, associations: int = 1, contexts: int = 1) -> StoreResult:
-    return StoreResult(
-        peer="127.0.0.1:11199",
-        calling_aet="DCMSEND",
-        called_aet="ANY",
-        started=datetime(2026, 11, 23, 8, 10, 23),
-        instances=list(instances),
-        associations=associations,
-        presentation_contexts=contexts,
     )
 
 

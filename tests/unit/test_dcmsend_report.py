@@ -30,10 +30,8 @@ from blocks._dcmsend_report import (
 from blocks._dimse import InstanceResult, status_category
 from blocks._transcode import Conversion
 
+from .store_results import EXPLICIT, instance_result
 from .store_results import store_result as result
-
-CT = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT = "1.2.840.10008.1.2.1"
 
 # The example of mercure-dispatcher.md §5.1 (DCMTK dcmsend 3.6.7), one instance shown in full.
 SPEC_REPORT = """\
@@ -85,14 +83,11 @@ def instance(
     no_context: bool = False,
     sent: bool = True,
 ) -> InstanceResult:
-    return InstanceResult(
-        path=Path("case") / name,
-        sop_class_uid=CT,
+    return instance_result(
+        Path("case") / name,
+        status,
         sop_instance_uid=sop,
-        transfer_syntax=EXPLICIT,
         size=144,
-        status=status,
-        association=1,
         context_id=None if no_context else 1,
         network_transfer_syntax=None if no_context else EXPLICIT,
         error=None if status is not None else "why",

@@ -34,7 +34,7 @@ from blocks._transcode import Conversion, ConversionError
 from tests.compressed import attributes
 from tests.dicomfiles import make_ct_instance
 
-from .store_results import store_result
+from .store_results import instance_result, store_result
 
 
 def original(tmp_path: Path) -> Path:
@@ -122,21 +122,15 @@ def test_preferred_syntax_names() -> None:
 def instance(
     name: str, syntax: str, network: str | None, status: int | None, **kw: object
 ) -> InstanceResult:
-    values: dict[str, object] = {
-        "path": Path("/cases/c1") / name,
-        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+    fields: dict[str, object] = {
         "sop_instance_uid": f"1.2.3.{len(name)}",
         "transfer_syntax": syntax,
         "size": 2048,
-        "status": status,
-        "association": 1,
         "context_id": 1 if network else None,
         "network_transfer_syntax": network,
-        "error": None,
         "request_sent": status is not None,
     }
-    values.update(kw)
-    return InstanceResult(**values)  # type: ignore[arg-type]
+    return instance_result(Path("/cases/c1") / name, status, **{**fields, **kw})
 
 
 EXPLICIT = str(ExplicitVRLittleEndian)

@@ -11,7 +11,7 @@ from typing import Any
 from tasks.taskjson import new_task
 from tests.dicomfiles import make_ct_series
 
-__all__ = ["make_case", "task_json", "write_case"]
+__all__ = ["make_case", "nest_first_file", "task_json", "write_case"]
 
 
 def task_json(
@@ -90,3 +90,11 @@ def make_case(
             folder, files, rows=rows, cols=cols, accession=accession
         ),
     )
+
+
+def nest_first_file(case: Path, subfolder: str = "series2") -> Path:
+    """Move the case's first DICOM file (by name) into ``subfolder``: a case not all of whose
+    files lie at its top level, for what a target does with sub-folders. Its new path."""
+    moved = sorted(case.glob("*.dcm"))[0]
+    (case / subfolder).mkdir()
+    return moved.rename(case / subfolder / moved.name)

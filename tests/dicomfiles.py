@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["make_ct_instance", "make_ct_series", "pixel_digest"]
+__all__ = [
+    "make_ct_instance",
+    "make_ct_series",
+    "pixel_digest",
+    "pixel_digests",
+    "received_digests",
+]
 
 
 def make_ct_instance(
@@ -112,3 +119,14 @@ def pixel_digest(path: Path) -> tuple[str, str]:
 
     ds = dcmread(path)
     return str(ds.SOPInstanceUID), hashlib.sha256(bytes(ds.PixelData)).hexdigest()
+
+
+def pixel_digests(folder: Path) -> dict[str, str]:
+    """SOP Instance UID -> pixel digest of every ``*.dcm`` below ``folder`` (what was sent)."""
+    return dict(pixel_digest(p) for p in folder.rglob("*.dcm"))
+
+
+def received_digests(files: Mapping[str, Path]) -> dict[str, str]:
+    """SOP Instance UID -> pixel digest of the file a peer stored for it (what arrived), to be
+    compared with :func:`pixel_digests` of what was sent."""
+    return {uid: pixel_digest(path)[1] for uid, path in files.items()}

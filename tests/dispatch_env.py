@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.cases import make_case
+from tests.dicomfiles import pixel_digests, received_digests
 
 __all__ = ["DispatchEnv"]
 
@@ -71,6 +73,38 @@ class DispatchEnv:
         status = dict(self.task(case)["dispatch"]["status"][name])
         assert status["state"] == "error"
         return status
+
+    def dispatch_rejected(self, block: Any, name: str) -> dict[str, Any]:
+        """Send a new case to ``block``, whose peer rejects the association: the case must stay
+        in outgoing/, unclaimed, with one retry counted and the next far off. Returns its task."""
+        self.save_settings(retry_max=5, retry_delay=600.0)
+        self.save_target(block, name)
+        case = make_case(self.outgoing, [name])
+        result = self.dispatch(case)
+        assert result["location"] == "outgoing"
+        assert not (case / ".processing").exists()
+        task = self.task(case)
+        assert task["dispatch"]["retries"] == 1
+        return task
+
+    def dispatch_delivered(
+        self, case: Path, target: str, received: Callable[[], Mapping[str, Path]], instances: int
+    ) -> None:
+        """Dispatch ``case`` to the DICOM ``target``: it must end in success/ with the target
+        complete, ``received()`` (SOP Instance UID -> the file the peer stored) must hold every
+        instance with its pixel data unchanged, and dcmsend's report (sent.txt) must count
+        ``instances``, all sent successfully."""
+        from blocks._dcmsend_report import parse_report
+
+        sent = pixel_digests(case)
+        result = self.dispatch(case)
+        assert result["location"] == "success", result
+        assert received_digests(received()) == sent
+        done = self.success / case.name
+        summary = parse_report((done / "sent.txt").read_text())["summary"]
+        assert summary["sop_instances"] == instances
+        assert summary["successful"] == instances
+        assert self.task(done)["dispatch"]["status"][target]["state"] == "complete"
 
     def import_mercure_targets(self, targets: dict[str, Any]) -> Any:
         """Run the mercure.json importer over ``{"targets": targets}``; its report."""

@@ -47,6 +47,34 @@ def assert_arrived(remote_case: Path, expected: dict[str, bytes]) -> None:
     assert arrived == {k: v for k, v in expected.items() if k != "task.json"}
 
 
+def deliver_nested_case(env: DispatchEnv, remote: Path, name: str) -> tuple[Path, dict[str, bytes]]:
+    """A case of four DICOM files and a subfolder's notes.txt to ``name``, a target writing into
+    ``remote``: it must end in success/ with the target complete, every file arrived byte for
+    byte, the subfolder's too. Returns the case (now in success/) and the files sent."""
+    case = make_case(env.outgoing, [name], files=4)
+    (case / "sub").mkdir()
+    (case / "sub" / "notes.txt").write_text("nested")
+    expected = sent_files(case)
+
+    result = env.dispatch(case)
+
+    assert result["location"] == "success", result
+    assert_arrived(remote / case.name, expected)
+    assert (remote / case.name / "sub" / "notes.txt").read_text() == "nested"
+    done = env.success / case.name
+    assert env.task(done)["dispatch"]["status"][name]["state"] == "complete"
+    return done, expected
+
+
+def case_with_tags(env: DispatchEnv, name: str) -> tuple[Path, dict[str, bytes]]:
+    """A case of two DICOM files to ``name``, with a series.tags beside its task.json: both for a
+    ``file_filter`` of "*.tags" and "task.json" to hold back. Returns the case and the files
+    that must arrive (the DICOM files only)."""
+    case = make_case(env.outgoing, [name], files=2)
+    (case / "series.tags").write_text("{}")
+    return case, {k: v for k, v in sent_files(case).items() if k.endswith(".dcm")}
+
+
 def connection_test_failures(
     sshd: SshServer, tmp_path: Path, kind: type[SshTarget]
 ) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -118,15 +118,9 @@ def test_rejected_association_is_permanent(tmp_path: Path) -> None:
 def test_rejected_association_through_the_flow_is_retried_later(
     env: DispatchEnv, tmp_path: Path
 ) -> None:
-    env.save_settings(retry_max=5, retry_delay=600.0)
     with StoreSCP(tmp_path / "pacs", refuse=True) as scp:
-        env.save_target(target(scp.port), "pacs")
-        case = make_case(env.outgoing, ["pacs"])
-        result = env.dispatch(case)
-    assert result["location"] == "outgoing"
-    task = env.task(case)
+        task = env.dispatch_rejected(target(scp.port), "pacs")
     assert "rejected" in task["dispatch"]["status"]["pacs"]["message"].lower()
-    assert task["dispatch"]["retries"] == 1
 
 
 def test_peer_down_is_transient_and_quick(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from blocks._dcmsend_report import parse_report
 from blocks.dicom import DicomTarget
 from blocks.folder import FolderTarget
 from tests.cases import make_case
-from tests.dicomfiles import pixel_digest
+from tests.dicomfiles import pixel_digests
 from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
 from tests.peers.net import free_port
@@ -21,26 +21,11 @@ def dicom_target(port: int, aet: str = "STORESCP", **fields: object) -> DicomTar
     return DicomTarget(ip="127.0.0.1", port=str(port), aet_target=aet, **fields)
 
 
-def digests(folder: Path) -> dict[str, str]:
-    return dict(pixel_digest(p) for p in folder.rglob("*.dcm"))
-
-
 def test_case_arrives_at_storescp_byte_identical(env: DispatchEnv, tmp_path: Path) -> None:
     with StoreSCP(tmp_path / "pacs") as scp:
         env.save_target(dicom_target(scp.port), "PACS_Main")
         case = make_case(env.outgoing, ["PACS_Main"], files=7, rows=64, cols=64)
-        sent = digests(case)
-
-        result = env.dispatch(case)
-
-        assert result["location"] == "success", result
-        received = {uid: pixel_digest(path)[1] for uid, path in scp.received().items()}
-    assert received == sent
-    done = env.success / case.name
-    report = parse_report((done / "sent.txt").read_text())
-    assert report["summary"]["sop_instances"] == 7
-    assert report["summary"]["successful"] == 7
-    assert env.task(done)["dispatch"]["status"]["PACS_Main"]["state"] == "complete"
+        env.dispatch_delivered(case, "PACS_Main", scp.received, instances=7)
 
 
 def test_two_dicom_targets_and_a_folder_get_separate_reports(
@@ -51,7 +36,7 @@ def test_two_dicom_targets_and_a_folder_get_separate_reports(
         env.save_target(dicom_target(b.port), "pacs_b")
         env.save_target(FolderTarget(folder=str(tmp_path / "share")), "share")
         case = make_case(env.outgoing, ["pacs_a", "pacs_b", "share"], files=3)
-        uids = set(digests(case))
+        uids = set(pixel_digests(case))
 
         assert env.dispatch(case)["location"] == "success"
         assert set(a.received()) == uids
@@ -63,18 +48,11 @@ def test_two_dicom_targets_and_a_folder_get_separate_reports(
 
 
 def test_rejected_association_is_retried_later(env: DispatchEnv, tmp_path: Path) -> None:
-    env.save_settings(retry_max=5, retry_delay=600.0)
     with StoreSCP(tmp_path / "pacs", refuse=True) as scp:
-        env.save_target(dicom_target(scp.port), "pacs")
-        case = make_case(env.outgoing, ["pacs"])
-        result = env.dispatch(case)
-    assert result["location"] == "outgoing"
-    task = env.task(case)
+        task = env.dispatch_rejected(dicom_target(scp.port), "pacs")
     status = task["dispatch"]["status"]["pacs"]
     assert status["state"] == "error"
     assert "reject" in status["message"].lower()
-    assert task["dispatch"]["retries"] == 1
-    assert not (case / ".processing").exists()
 
 
 def test_peer_down_fails_quickly_and_keeps_the_case(env: DispatchEnv) -> None:
@@ -108,7 +86,7 @@ def test_lost_response_is_retried_never_counted_as_sent(env: DispatchEnv) -> Non
     with parrot_scp(script, drop_hold=2.0) as scp:
         env.save_target(dicom_target(scp.port, scp.aet, dimse_timeout=1), "flaky")
         case = make_case(env.outgoing, ["flaky"], files=3)
-        uids = set(digests(case))
+        uids = set(pixel_digests(case))
         result = env.dispatch(case)
         arrivals = list(scp.received)
     assert result["location"] == "success", result

@@ -15,10 +15,10 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
-from prefect.exceptions import ObjectNotFound
 from prefect.states import Running
 
 from blocks.host import DEFAULT_HISTORY_RETENTION
+from tests.peers.prefect_server import server_has
 
 
 @flow(name="history_probe", persist_result=False)
@@ -47,13 +47,8 @@ async def _backdate(run_ids: list[UUID], days: float) -> None:
         await conn.close()
 
 
-async def _exists(run_id: UUID) -> bool:
-    async with get_client() as client:
-        try:
-            await client.read_flow_run(run_id)
-        except ObjectNotFound:
-            return False
-        return True
+def _exists(run_id: UUID) -> bool:
+    return server_has(lambda client: client.read_flow_run(run_id))
 
 
 async def _children(run_id: UUID) -> tuple[int, int]:
@@ -90,10 +85,10 @@ def test_runs_older_than_the_retention_are_vacuumed(prefect_server: str) -> None
     asyncio.run(_backdate([old, running], days))
 
     deadline = time.monotonic() + 60
-    while asyncio.run(_exists(old)):
+    while _exists(old):
         assert time.monotonic() < deadline, "the vacuum did not remove the old run in 60 s"
         time.sleep(1)
     assert asyncio.run(_children(old)) == (0, 0)
     # A run that finished within the period, and one still running, stay.
-    assert asyncio.run(_exists(young))
-    assert asyncio.run(_exists(running))
+    assert _exists(young)
+    assert _exists(running)

@@ -29,7 +29,7 @@ from blocks.errors import (
     QueryError,
     TransientTargetError,
 )
-from tests.dicomfiles import pixel_digest
+from tests.dicomfiles import pixel_digests, received_digests
 from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
 from tests.peers.net import free_port
@@ -43,6 +43,7 @@ from tests.peers.orthanc_qr import (
     stop,
     take_away,
 )
+from tests.peers.prefect_server import server_has
 from tests.service import wait_for
 
 OUR_AET = "DISPATCH"
@@ -123,22 +124,7 @@ def runner(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def _deployment_exists(name: str) -> bool:
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    async def check() -> bool:
-        async with get_client() as client:
-            try:
-                await client.read_deployment_by_name(name)
-            except ObjectNotFound:
-                return False
-            return True
-
-    return asyncio.run(check())
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return dict(pixel_digest(p) for p in folder.rglob("*.dcm"))
+    return server_has(lambda client: client.read_deployment_by_name(name))
 
 
 def expected(study: LoadedStudy, *descriptions: str) -> dict[str, str]:
@@ -268,7 +254,7 @@ def test_retrieve_gets_exactly_the_expected_instances(
     seen: list[tuple[int, int | None]] = []
 
     whole = target.retrieve("QR-A", None, tmp_path / "all", lambda n, t: seen.append((n, t)))
-    assert digests(tmp_path / "all") == expected(study)
+    assert pixel_digests(tmp_path / "all") == expected(study)
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(
         f"{uid}.dcm" for uid in study.digests
     )
@@ -277,7 +263,7 @@ def test_retrieve_gets_exactly_the_expected_instances(
     assert seen[-1][0] == 7
 
     target.retrieve("QR-A", {"SeriesDescription": ["knee", "neck"]}, tmp_path / "some")
-    assert digests(tmp_path / "some") == expected(study, "knee", "neck")
+    assert pixel_digests(tmp_path / "some") == expected(study, "knee", "neck")
 
 
 def test_wado_rs_streams_exactly_the_expected_instances(peer: Peer, tmp_path: Path) -> None:
@@ -286,11 +272,11 @@ def test_wado_rs_streams_exactly_the_expected_instances(peer: Peer, tmp_path: Pa
     seen: list[tuple[int, int | None]] = []
 
     result = target.retrieve("QR-A", None, tmp_path / "all", lambda n, t: seen.append((n, t)))
-    assert digests(tmp_path / "all") == expected(study)
+    assert pixel_digests(tmp_path / "all") == expected(study)
     assert (result.method, result.expected, seen[0], seen[-1]) == ("WADO-RS", 7, (0, 7), (7, 7))
 
     target.retrieve("QR-A", {"Modality": "MR"}, tmp_path / "mr")
-    assert digests(tmp_path / "mr") == expected(study, "knee")
+    assert pixel_digests(tmp_path / "mr") == expected(study, "knee")
     with pytest.raises(AccessionNotFound):
         target.retrieve("QR-NOPE", None, tmp_path / "none")
 
@@ -335,7 +321,7 @@ def test_query_and_retrieve_flows_through_the_cli(
     accession_dir = Path(result["destination"])
     assert accession_dir == tmp_path / result["job_id"] / "QR-B"
     assert (tmp_path / result["job_id"] / ".complete").exists()
-    assert digests(accession_dir) == expected(peer.studies["QR-B"])
+    assert pixel_digests(accession_dir) == expected(peer.studies["QR-B"])
     assert not [p for p in (tmp_path / result["job_id"]).iterdir() if p.name.endswith(".partial")]
 
     assert cli("retrieve", SOURCE, "--accession", "QR-B", "--to-outgoing") == 2
@@ -365,7 +351,7 @@ def test_retrieve_into_outgoing_is_then_dispatched_to_a_storescp(
         outcome = env.dispatch(case)
 
         assert outcome["location"] == "success", outcome
-        received = {uid: pixel_digest(path)[1] for uid, path in scp.received().items()}
+        received = received_digests(scp.received())
     assert received == expected(peer.studies["QR-A"], "head", "neck")
 
 
@@ -455,7 +441,7 @@ def test_batch_of_three_with_one_failure_then_retry(
     assert (job / ".complete").exists()
     assert batch_run_state(batch_id).is_completed()
     for accession in ("QR-B", "QR-C", "QR-D"):
-        assert digests(job / accession) == expected(peer.studies[accession])
+        assert pixel_digests(job / accession) == expected(peer.studies[accession])
     assert asyncio.run(retry_batch(batch_id)) == 0  # nothing left to retry
 
 
@@ -475,7 +461,7 @@ def test_orthanc_stopped_mid_batch_then_retried(
         allow_modality(peer.orthanc, OUR_AET, peer.move_port)
     assert cli("batch", "retry", batch_id) == 0
     wait_batch(batch_id, "Completed", 120)
-    assert digests(tmp_path / batch_id / "QR-A") == expected(peer.studies["QR-A"])
+    assert pixel_digests(tmp_path / batch_id / "QR-A") == expected(peer.studies["QR-A"])
     assert (tmp_path / batch_id / ".complete").exists()
 
 

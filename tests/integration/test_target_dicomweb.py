@@ -16,7 +16,7 @@ from blocks.base import SendContext
 from blocks.dicomweb import DicomWebTarget
 from blocks.errors import PermanentTargetError, TransientTargetError
 from tests.cases import make_case
-from tests.dicomfiles import pixel_digest
+from tests.dicomfiles import pixel_digest, pixel_digests, received_digests
 from tests.dispatch_env import DispatchEnv
 from tests.peers.net import free_port
 from tests.peers.orthanc import Orthanc, StowRecorder
@@ -38,12 +38,8 @@ def orthanc_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         yield peer
 
 
-def digests(folder: Path) -> dict[str, str]:
-    return dict(pixel_digest(p) for p in folder.rglob("*.dcm"))
-
-
 def stored_digests(peer: Orthanc, folder: Path) -> dict[str, str]:
-    return {uid: pixel_digest(path)[1] for uid, path in peer.download(folder).items()}
+    return received_digests(peer.download(folder))
 
 
 def test_case_arrives_at_orthanc_byte_identical_in_batches(
@@ -51,7 +47,7 @@ def test_case_arrives_at_orthanc_byte_identical_in_batches(
 ) -> None:
     env.save_target(DicomWebTarget(url=orthanc.dicomweb_url, stow_batch_files=4), "web_pacs")
     case = make_case(env.outgoing, ["web_pacs"], files=10, rows=64, cols=64)
-    sent = digests(case)
+    sent = pixel_digests(case)
 
     result = env.dispatch(case)
 
@@ -74,7 +70,7 @@ def test_basic_auth_accepted_and_bad_credentials_reported(
     good = DicomWebTarget(url=url, http_user=USER, http_password=PASSWORD)
     env.save_target(good, "secure_pacs")
     case = make_case(env.outgoing, ["secure_pacs"], files=3)
-    uids = set(digests(case))
+    uids = set(pixel_digests(case))
     assert env.dispatch(case)["location"] == "success"
     assert uids <= set(orthanc_auth.instances())
     assert good.test_connection() == {"Authentication": True, "QIDO query": True}
@@ -106,7 +102,7 @@ def test_bearer_token_sent_and_batches_bounded_by_bytes(env: DispatchEnv) -> Non
         )
         env.save_target(target, "token_pacs")
         case = make_case(env.outgoing, ["token_pacs"], files=5, rows=64, cols=64)  # ≈ 9 KB each
-        uids = set(digests(case))
+        uids = set(pixel_digests(case))
         assert env.dispatch(case)["location"] == "success"
         assert peer.received() == uids
         assert len(peer.requests) == 3  # 2 + 2 + 1 files of ≈ 9 KB under 20 000 bytes
@@ -168,7 +164,7 @@ def test_retry_after_partial_delivery_sends_only_to_the_failed_target(
         env.save_target(DicomWebTarget(url=first.url), "first")
         env.save_target(DicomWebTarget(url=f"http://127.0.0.1:{free_port()}"), "second")
         case = make_case(env.outgoing, ["first", "second"], files=3)
-        uids = set(digests(case))
+        uids = set(pixel_digests(case))
 
         assert env.dispatch(case)["location"] == "outgoing"
         status = env.task(case)["dispatch"]["status"]
@@ -188,7 +184,7 @@ def test_file_url_stores_into_the_folder(env: DispatchEnv, tmp_path: Path) -> No
     target = DicomWebTarget(url=f"file://{archive}", stow_batch_files=2)
     env.save_target(target, "local_web")
     case = make_case(env.outgoing, ["local_web"], files=3, rows=64, cols=64)
-    sent = digests(case)
+    sent = pixel_digests(case)
 
     assert env.dispatch(case)["location"] == "success"
 

@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 
 from blocks.rsync import RsyncTarget
-from tests.cases import make_case
 from tests.dispatch_env import DispatchEnv
 from tests.integration.ssh_targets import (
     WRONG_PASSWORD,
     assert_arrived,
+    case_with_tags,
     connection_test_failures,
+    deliver_nested_case,
     deliver_partially,
     fail_fast_when_down,
     log_in_with_password,
     refuse_wrong_key_and_unknown_host,
-    sent_files,
     ssh_target,
 )
 from tests.peers.base import require_program
@@ -58,20 +58,11 @@ def test_case_arrives_and_completion_script_gets_the_target_name(
     remote, log = tmp_path / "remote", tmp_path / "script.log"
     env.save_target(rsync_target(sshd, remote, run_on_complete=True), "Archive_Rsync")
     completion_script(remote, log)
-    case = make_case(env.outgoing, ["Archive_Rsync"], files=4)
-    (case / "sub").mkdir()
-    (case / "sub" / "notes.txt").write_text("nested")
-    expected = sent_files(case)
 
-    result = env.dispatch(case)
+    case, _ = deliver_nested_case(env, remote, "Archive_Rsync")
 
-    assert result["location"] == "success", result
-    assert_arrived(remote / case.name, expected)
-    assert (remote / case.name / "sub" / "notes.txt").read_text() == "nested"
     assert not (remote / case.name / ".processing").exists()
     assert log.read_text().splitlines() == ["complete", str(remote / case.name), "Archive_Rsync"]
-    done = env.success / case.name
-    assert env.task(done)["dispatch"]["status"]["Archive_Rsync"]["state"] == "complete"
 
 
 def test_file_filter_and_missing_script(env: DispatchEnv, sshd: SshServer, tmp_path: Path) -> None:
@@ -79,9 +70,7 @@ def test_file_filter_and_missing_script(env: DispatchEnv, sshd: SshServer, tmp_p
     remote = tmp_path / "remote"
     target = rsync_target(sshd, remote, file_filter="*.tags,task.json", run_on_complete=True)
     env.save_target(target, "rsync_filtered")
-    case = make_case(env.outgoing, ["rsync_filtered"], files=2)
-    (case / "series.tags").write_text("{}")
-    expected = {k: v for k, v in sent_files(case).items() if k.endswith(".dcm")}
+    case, expected = case_with_tags(env, "rsync_filtered")
 
     assert env.dispatch(case)["location"] == "outgoing"
     message = env.task(case)["dispatch"]["status"]["rsync_filtered"]["message"]

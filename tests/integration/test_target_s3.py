@@ -14,7 +14,7 @@ from blocks.base import SendContext
 from blocks.errors import PermanentTargetError
 from blocks.s3 import S3Target, object_key
 from tasks.taskjson import read_task
-from tests.cases import make_case
+from tests.cases import make_case, nest_first_file
 from tests.dispatch_env import DispatchEnv
 from tests.peers.net import free_port
 from tests.peers.s3 import REGION, MotoS3
@@ -54,10 +54,7 @@ def test_every_dcm_arrives_under_prefix_task_id_file_name(env: DispatchEnv, moto
     }
     env.save_target(target, "archive")
     case = make_case(env.outgoing, ["archive"], files=4, rows=64, cols=64)
-    nested = case / "series2"
-    nested.mkdir()
-    moved = sorted(case.glob("*.dcm"))[0]
-    moved.rename(nested / moved.name)  # sub-folders are flattened, as mercure does
+    nest_first_file(case)  # sub-folders are flattened, as mercure does
     (case / "extra.tags").write_text("not DICOM")
     expected = {f"mercure/in/{case.name}/{p.name}": p.read_bytes() for p in case.rglob("*.dcm")}
 

@@ -9,16 +9,16 @@ import pytest
 
 from blocks.rsync import RsyncTarget
 from blocks.sftp import PART_SUFFIX, SftpTarget
-from tests.cases import make_case
 from tests.dispatch_env import DispatchEnv
 from tests.integration.ssh_targets import (
     assert_arrived,
+    case_with_tags,
     connection_test_failures,
+    deliver_nested_case,
     deliver_partially,
     fail_fast_when_down,
     log_in_with_password,
     refuse_wrong_key_and_unknown_host,
-    sent_files,
     ssh_target,
 )
 from tests.peers.sshd import SshServer
@@ -35,32 +35,21 @@ def test_case_arrives_with_complete_marker_last(
 ) -> None:
     remote = tmp_path / "remote"
     env.save_target(sftp_target(sshd, remote), "Research_SFTP")
-    case = make_case(env.outgoing, ["Research_SFTP"], files=4)
-    (case / "sub").mkdir()
-    (case / "sub" / "notes.txt").write_text("nested")
-    expected = sent_files(case)
 
-    result = env.dispatch(case)
+    case, expected = deliver_nested_case(env, remote, "Research_SFTP")
 
-    assert result["location"] == "success", result
-    assert_arrived(remote / case.name, expected)
-    assert (remote / case.name / "sub" / "notes.txt").read_text() == "nested"
     assert "task.json" in expected
     assert len(expected) == 5
     written = sshd.written(remote / case.name)
     assert written[-1] == str(remote / case.name / ".complete"), ".complete is written last"
     assert not any(p.endswith(".processing") for p in written), "the claim marker is never sent"
     assert not list((remote / case.name).glob(f"*{PART_SUFFIX}"))
-    done = env.success / case.name
-    assert env.task(done)["dispatch"]["status"]["Research_SFTP"]["state"] == "complete"
 
 
 def test_file_filter_is_honoured(env: DispatchEnv, sshd: SshServer, tmp_path: Path) -> None:
     remote = tmp_path / "remote"
     env.save_target(sftp_target(sshd, remote, file_filter="*.tags, task.json"), "sftp_filtered")
-    case = make_case(env.outgoing, ["sftp_filtered"], files=2)
-    (case / "series.tags").write_text("{}")
-    expected = {k: v for k, v in sent_files(case).items() if k.endswith(".dcm")}
+    case, expected = case_with_tags(env, "sftp_filtered")
 
     assert env.dispatch(case)["location"] == "success"
     assert_arrived(remote / case.name, expected)

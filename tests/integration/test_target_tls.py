@@ -8,6 +8,8 @@ import ipaddress
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from blocks._dcmsend_report import parse_report
 from blocks.dicom import DicomTLSTarget
-from tests.cases import make_case
-from tests.dicomfiles import pixel_digest
+from tests.cases import make_case, nest_first_file
+from tests.dicomfiles import pixel_digests
 from tests.dispatch_env import DispatchEnv
 from tests.peers.dcmtk import StoreSCP
 from tests.peers.net import free_port
@@ -171,8 +172,15 @@ def tls_target(pki: PKI, port: int, **fields: object) -> DicomTLSTarget:
     return DicomTLSTarget.model_validate(values)
 
 
-def digests(folder: Path) -> dict[str, str]:
-    return dict(pixel_digest(p) for p in folder.rglob("*.dcm"))
+@contextmanager
+def tls_scps(pki: PKI, folder: Path, *servers: Pair) -> Iterator[tuple[StoreSCP, ...]]:
+    """One ``storescp +tls`` per server certificate, each storing into its own folder below
+    ``folder``; all stopped when the ``with`` block ends."""
+    with ExitStack() as stack:
+        yield tuple(
+            stack.enter_context(StoreSCP(folder / f"scp{i}", tls=pki.scp(server)))
+            for i, server in enumerate(servers)
+        )
 
 
 def test_case_arrives_over_tls_recursively_with_report(
@@ -188,32 +196,15 @@ def test_case_arrives_over_tls_recursively_with_report(
         }
         env.save_target(target, "PACS_TLS")
         case = make_case(env.outgoing, ["PACS_TLS"], files=5, rows=64, cols=64)
-        nested = case / "series2"
-        nested.mkdir()
-        moved = sorted(case.glob("*.dcm"))[0]
-        moved.rename(nested / moved.name)  # mercure's storescu call was not recursive
-        sent = digests(case)
-
-        result = env.dispatch(case)
-
-        assert result["location"] == "success", result
-        received = {uid: pixel_digest(path)[1] for uid, path in scp.received().items()}
-    assert received == sent
-    done = env.success / case.name
-    report = parse_report((done / "sent.txt").read_text())
-    assert report["summary"]["sop_instances"] == 5
-    assert report["summary"]["successful"] == 5
-    assert env.task(done)["dispatch"]["status"]["PACS_TLS"]["state"] == "complete"
+        nest_first_file(case)  # mercure's storescu call was not recursive
+        env.dispatch_delivered(case, "PACS_TLS", scp.received, instances=5)
 
 
 def test_wrong_ca_and_expired_certificate_fail_with_clear_reasons(
     env: DispatchEnv, pki: PKI, tmp_path: Path
 ) -> None:
     env.save_settings(retry_max=3, retry_delay=600.0)
-    with (
-        StoreSCP(tmp_path / "good", tls=pki.scp()) as good,
-        StoreSCP(tmp_path / "stale", tls=pki.scp(pki.expired_server)) as stale,
-    ):
+    with tls_scps(pki, tmp_path, pki.server, pki.expired_server) as (good, stale):
         wrong_ca = tls_target(pki, good.port, ca_cert=str(pki.other_ca))
         expired = tls_target(pki, stale.port)
         env.save_target(wrong_ca, "wrong_ca")
@@ -245,10 +236,7 @@ def test_a_certificate_for_another_host_is_refused(
     """With the system CA store (here: SSL_CERT_FILE naming our CA, as a public CA would be
     trusted) the host name is always checked; with ca_cert only when tls_check_hostname."""
     monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
-    with (
-        StoreSCP(tmp_path / "right", tls=pki.scp()) as right,
-        StoreSCP(tmp_path / "wrong", tls=pki.scp(pki.elsewhere_server)) as wrong,
-    ):
+    with tls_scps(pki, tmp_path, pki.server, pki.elsewhere_server) as (right, wrong):
         system_store = tls_target(pki, wrong.port, ca_cert="")
         refused = system_store.test_connection()
         assert refused["c-echo"] is False
@@ -316,14 +304,11 @@ def test_retry_after_partial_delivery_sends_only_to_the_failed_target(
     env: DispatchEnv, pki: PKI, tmp_path: Path
 ) -> None:
     env.save_settings(retry_max=3, retry_delay=0.0)
-    with (
-        StoreSCP(tmp_path / "first", tls=pki.scp()) as first,
-        StoreSCP(tmp_path / "second", tls=pki.scp()) as second,
-    ):
+    with tls_scps(pki, tmp_path, pki.server, pki.server) as (first, second):
         env.save_target(tls_target(pki, first.port), "tls_ok")
         env.save_target(tls_target(pki, second.port, ca_cert=str(pki.other_ca)), "tls_later")
         case = make_case(env.outgoing, ["tls_ok", "tls_later"])
-        uids = set(digests(case))
+        uids = set(pixel_digests(case))
 
         assert env.dispatch(case)["location"] == "outgoing"
         assert set(first.received()) == uids

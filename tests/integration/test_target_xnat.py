@@ -14,7 +14,7 @@ from blocks.base import SendContext, dicom_files
 from blocks.errors import PermanentTargetError
 from blocks.xnat import XnatTarget
 from tasks.taskjson import read_task
-from tests.cases import make_case
+from tests.cases import make_case, nest_first_file
 from tests.dispatch_env import DispatchEnv
 from tests.peers.net import free_port
 from tests.peers.xnat_fake import XnatFake
@@ -42,10 +42,7 @@ def test_case_arrives_as_one_zip_with_mercures_parameters(env: DispatchEnv, xnat
     assert target.test_connection() == {"ping": True, "loggedin": True, "err": ""}
     env.save_target(target, "xnat")
     case = make_case(env.outgoing, ["xnat"], files=4)
-    nested = case / "series2"
-    nested.mkdir()
-    moved = sorted(case.glob("*.dcm"))[0]
-    moved.rename(nested / moved.name)  # zipped too: mercure zips recursively
+    nest_first_file(case)  # zipped too: mercure zips recursively
     files = dicom_files(case)
     expected = {f"{n}.dcm": path.read_bytes() for n, path in enumerate(files)}
     xnat.requests.clear()

@@ -25,11 +25,13 @@ from typing import Any
 
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
     StorageCommitmentPushModelInstance,
 )
+
+from .base import ListeningSCP, serving_scp, storage_scp_ae
 
 __all__ = ["CommitmentSCP", "commitment_scp"]
 
@@ -37,11 +39,9 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 
 @dataclass
-class CommitmentSCP:
+class CommitmentSCP(ListeningSCP):
     """Handle on a running SCP: where it listens, what it received, how it answers."""
 
-    port: int
-    aet: str
     answer: str
     reply_to: tuple[str, int, str] | None = None
     fail_once: set[str] = field(default_factory=set)
@@ -54,27 +54,27 @@ class CommitmentSCP:
     failed_reported: set[str] = field(default_factory=set)
 
 
+def _referenced(sop_class: str, uid: str, **more: Any) -> Dataset:
+    """One item of a report's Referenced or Failed SOP Sequence."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = uid
+    for keyword, value in more.items():
+        setattr(item, keyword, value)
+    return item
+
+
 def _report(
     transaction: str, committed: list[tuple[str, str]], failed: list[tuple[str, str]]
 ) -> Dataset:
+    """The Event Information of an N-EVENT-REPORT, written here without the product's code, so
+    that the product's reading of it is checked against an independent writer."""
     info = Dataset()
     info.TransactionUID = transaction
-    ok = []
-    for sop_class, uid in committed:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = uid
-        ok.append(item)
-    info.ReferencedSOPSequence = ok
+    info.ReferencedSOPSequence = [_referenced(*one) for one in committed]
     if failed:
-        bad = []
-        for sop_class, uid in failed:
-            item = Dataset()
-            item.ReferencedSOPClassUID = sop_class
-            item.ReferencedSOPInstanceUID = uid
-            item.FailureReason = 0x0110
-            bad.append(item)
-        info.FailedSOPSequence = bad
+        # 0x0110: processing failure
+        info.FailedSOPSequence = [_referenced(*one, FailureReason=0x0110) for one in failed]
     return info
 
 
@@ -88,12 +88,8 @@ def commitment_scp(
     unknown_first: bool = False,
 ) -> Iterator[CommitmentSCP]:
     """Run the SCP on 127.0.0.1 (free port) until the ``with`` block ends."""
-    ae = AE(ae_title=aet)
+    ae = storage_scp_ae(aet, VERIFICATION, StorageCommitmentPushModel)
     ae.maximum_pdu_size = 0
-    for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(str(cx.abstract_syntax))
-    ae.add_supported_context(VERIFICATION)
-    ae.add_supported_context(StorageCommitmentPushModel)
     lock = threading.Lock()
     holder: dict[str, CommitmentSCP] = {}
     threads: list[threading.Thread] = []
@@ -161,25 +157,20 @@ def commitment_scp(
             scp.report_statuses.append(int(status.Status) if status else None)
         assoc.release()
 
-    server: Any = ae.start_server(
-        ("127.0.0.1", 0),
-        block=False,
-        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_N_ACTION, on_action)],
-    )
-    holder["scp"] = CommitmentSCP(
-        port=int(server.server_address[1]),
-        aet=aet,
-        answer=answer,
-        reply_to=reply_to,
-        fail_once=set(fail_once or ()),
-        unknown_first=unknown_first,
-    )
-    try:
-        yield holder["scp"]
-    finally:
-        for worker in threads:
-            worker.join(5)
-        server.shutdown()
+    with serving_scp(ae, [(evt.EVT_C_STORE, on_store), (evt.EVT_N_ACTION, on_action)]) as port:
+        holder["scp"] = CommitmentSCP(
+            port=port,
+            aet=aet,
+            answer=answer,
+            reply_to=reply_to,
+            fail_once=set(fail_once or ()),
+            unknown_first=unknown_first,
+        )
+        try:
+            yield holder["scp"]
+        finally:
+            for worker in threads:  # reports still on their way, before the server stops
+                worker.join(5)
 
 
 def build_role(uid: str) -> Any:

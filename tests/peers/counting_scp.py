@@ -13,15 +13,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import evt
+
+from .base import ListeningSCP, serving_scp, storage_scp_ae
 
 __all__ = ["CountingSCP", "counting_scp"]
 
 
 @dataclass
-class CountingSCP:
-    port: int
-    aet: str
+class CountingSCP(ListeningSCP):
     uids: list[str] = field(default_factory=list)
     open_now: int = 0
     max_open: int = 0
@@ -32,12 +32,8 @@ class CountingSCP:
 def counting_scp(
     aet: str = "COUNTER", gate: threading.Event | None = None, port: int = 0
 ) -> Iterator[CountingSCP]:
-    ae = AE(ae_title=aet)
+    ae = storage_scp_ae(aet, timeout=120)
     ae.maximum_associations = 64
-    ae.dimse_timeout = 120
-    ae.network_timeout = 120
-    for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(str(cx.abstract_syntax))
     lock = threading.Lock()
     holder: dict[str, CountingSCP] = {}
 
@@ -59,20 +55,16 @@ def counting_scp(
             holder["scp"].uids.append(str(request.AffectedSOPInstanceUID))
         return 0x0000
 
-    server: Any = ae.start_server(
-        ("127.0.0.1", port),
-        block=False,
-        evt_handlers=[
-            (evt.EVT_ACCEPTED, opened),
-            (evt.EVT_RELEASED, closed),
-            (evt.EVT_ABORTED, closed),
-            (evt.EVT_C_STORE, store),
-        ],
-    )
-    holder["scp"] = CountingSCP(port=int(server.server_address[1]), aet=aet, gate=gate)
-    try:
-        yield holder["scp"]
-    finally:
-        if gate is not None:
-            gate.set()
-        server.shutdown()
+    handlers = [
+        (evt.EVT_ACCEPTED, opened),
+        (evt.EVT_RELEASED, closed),
+        (evt.EVT_ABORTED, closed),
+        (evt.EVT_C_STORE, store),
+    ]
+    with serving_scp(ae, handlers, port) as bound:
+        holder["scp"] = CountingSCP(port=bound, aet=aet, gate=gate)
+        try:
+            yield holder["scp"]
+        finally:
+            if gate is not None:
+                gate.set()  # before the server stops: no C-STORE is left waiting on it

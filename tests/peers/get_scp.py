@@ -19,15 +19,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
 )
 
+from .base import ListeningSCP, serving_scp
+
 __all__ = ["GetSCP", "get_scp"]
 
 
 @dataclass
-class GetSCP:
+class GetSCP(ListeningSCP):
     """Where the SCP listens, and the store statuses its peer answered."""
 
-    port: int
-    aet: str
     statuses: list[int] = field(default_factory=list)
 
 
@@ -58,13 +58,6 @@ def get_scp(folder: Path, *, aet: str = "GETSCP") -> Iterator[GetSCP]:
             if value is not None and status.command_set.CommandField == 0x8001:
                 holder["scp"].statuses.append(int(value))
 
-    server: Any = ae.start_server(
-        ("127.0.0.1", 0),
-        block=False,
-        evt_handlers=[(evt.EVT_C_GET, on_get), (evt.EVT_DIMSE_RECV, on_store_answer)],
-    )
-    holder["scp"] = GetSCP(port=int(server.server_address[1]), aet=aet)
-    try:
+    with serving_scp(ae, [(evt.EVT_C_GET, on_get), (evt.EVT_DIMSE_RECV, on_store_answer)]) as port:
+        holder["scp"] = GetSCP(port=port, aet=aet)
         yield holder["scp"]
-    finally:
-        server.shutdown()

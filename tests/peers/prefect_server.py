@@ -8,17 +8,22 @@ exercise what users run: scheduler, repossessor and filesystem lease storage inc
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deployments.service.api import LEASE_STORAGE, QUIET_ENV
 from deployments.service.database import embedded_postgres_url, stop_embedded_postgres
 from deployments.service.server import PrefectServer
 from tests.peers.net import free_port
 
-__all__ = ["running_prefect_server"]
+if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+
+__all__ = ["running_prefect_server", "server_has"]
 
 
 @contextmanager
@@ -54,3 +59,20 @@ def running_prefect_server(
         os.environ.update(saved)
         if db == "postgres":
             stop_embedded_postgres(pgdata)
+
+
+def server_has(read: Callable[[PrefectClient], Awaitable[object]]) -> bool:
+    """Whether the Prefect server of this process's settings has what ``read`` reads with a
+    client (a flow run, a deployment, ...): ``ObjectNotFound`` means it has not."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async def check() -> bool:
+        async with get_client() as client:
+            try:
+                await read(client)
+            except ObjectNotFound:
+                return False
+            return True
+
+    return asyncio.run(check())

@@ -18,7 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import evt
+
+from .base import ListeningSCP, serving_scp, storage_scp_ae
 
 __all__ = ["DROP", "Action", "ParrotSCP", "Received", "parrot_scp"]
 
@@ -41,11 +43,9 @@ class Received:
 
 
 @dataclass
-class ParrotSCP:
+class ParrotSCP(ListeningSCP):
     """Handle on a running parrot SCP: where it listens and what it has received."""
 
-    port: int
-    aet: str
     received: list[Received] = field(default_factory=list)
     nodelay_set: list[bool] = field(default_factory=list)
 
@@ -71,13 +71,8 @@ def parrot_scp(
     keep_bytes: bool = False,
 ) -> Iterator[ParrotSCP]:
     """Run a Storage SCP on 127.0.0.1 (free port) answering C-STOREs as ``script`` says."""
-    ae = AE(ae_title=aet)
+    ae = storage_scp_ae(aet, VERIFICATION, timeout=30)
     ae.maximum_pdu_size = 0
-    ae.dimse_timeout = 30
-    ae.network_timeout = 30
-    for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(str(cx.abstract_syntax))
-    ae.add_supported_context(VERIFICATION)
     lock = threading.Lock()
     stopping = threading.Event()
     holder: dict[str, ParrotSCP] = {}
@@ -112,15 +107,9 @@ def parrot_scp(
             return 0x0000
         return int(action)
 
-    server: Any = ae.start_server(
-        ("127.0.0.1", 0),
-        block=False,
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, on_store)],
-    )
-    port = int(server.server_address[1])
-    holder["scp"] = ParrotSCP(port=port, aet=aet)
-    try:
-        yield holder["scp"]
-    finally:
-        stopping.set()
-        server.shutdown()
+    with serving_scp(ae, [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, on_store)]) as port:
+        holder["scp"] = ParrotSCP(port=port, aet=aet)
+        try:
+            yield holder["scp"]
+        finally:
+            stopping.set()  # a dropped request answers now, before the server stops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -14,6 +15,20 @@ from tests.dispatch_env import DispatchEnv
 from tests.integration.test_layout_refused import our_lines
 from tests.integration.test_retention import make_sent
 from tests.service import free_port, run_cli, start_serve, stop, wait_for
+
+
+def start_embedded_serve(
+    folder: Path, home: Path, port: int
+) -> tuple[subprocess.Popen[bytes], Path, dict[str, str]]:
+    """``serve`` of the default stack, as a user starts it: no PREFECT_API_URL, so it starts its
+    own PostgreSQL and Prefect server (API on ``port``), all its data in ``home``. The process,
+    its log (in ``folder``) and the environment a CLI command needs to find this service."""
+    proc_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    proc_env.update({"DICOM_DISPATCH_HOME": str(home), "PREFECT_HOME": str(home / "prefect")})
+    proc, log = start_serve(
+        folder, "--port", str(port), environ=proc_env, DICOM_DISPATCH_HOME=str(home)
+    )
+    return proc, log, proc_env
 
 
 def test_serve_dispatches_and_serves_deployments(env: DispatchEnv, tmp_path: Path) -> None:
@@ -49,11 +64,7 @@ def test_serve_embedded_default_stack(tmp_path: Path) -> None:
     """No PREFECT_API_URL: serve starts PostgreSQL and a Prefect server with a working UI."""
     home = tmp_path / "home"
     port = free_port()
-    proc_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    proc_env.update({"DICOM_DISPATCH_HOME": str(home), "PREFECT_HOME": str(home / "prefect")})
-    proc, log = start_serve(
-        tmp_path, "--port", str(port), environ=proc_env, DICOM_DISPATCH_HOME=str(home)
-    )
+    proc, log, proc_env = start_embedded_serve(tmp_path, home, port)
     try:
         record_file = home / "service.json"
         wait_for(record_file.exists, 240, "service.json")

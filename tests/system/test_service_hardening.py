@@ -30,6 +30,7 @@ from tests.cases import make_case
 from tests.dispatch_env import DispatchEnv
 from tests.peers.tmpfs import small_tmpfs
 from tests.service import CLI, free_port, run_cli, silent_peer, start_serve, stop, wait_for
+from tests.system.test_serve import start_embedded_serve
 
 EVIL_ORIGIN = "http://evil.example"
 
@@ -114,11 +115,7 @@ def test_embedded_service_locked_down_and_survives_its_server(tmp_path: Path) ->
     15 s."""
     home = tmp_path / "home"
     port = free_port()
-    proc_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    proc_env.update({"DICOM_DISPATCH_HOME": str(home), "PREFECT_HOME": str(home / "prefect")})
-    proc, log = start_serve(
-        tmp_path, "--port", str(port), environ=proc_env, DICOM_DISPATCH_HOME=str(home)
-    )
+    proc, log, proc_env = start_embedded_serve(tmp_path, home, port)
     api = f"http://127.0.0.1:{port}/api"
     try:
         wait_for((home / "service.json").exists, 240, "service.json")

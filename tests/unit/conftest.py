@@ -12,7 +12,11 @@ import pytest
 
 from tests.cases import write_case
 
+from .entry_helpers import shared_root
 from .mercure_task import CASE_ID, MERCURE_TASK, SERIES_UID
+
+#: ``shared_root`` is a fixture: imported here, every unit test that names it gets it.
+__all__ = ["shared_root"]
 
 _EXAMPLE = object()
 

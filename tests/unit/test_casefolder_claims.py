@@ -1,4 +1,5 @@
-"""tasks/casefolder.py, claims: the .processing marker, who owns it, and when it is stale."""
+"""tasks/claims.py, as the case-folder protocol uses it: the .processing marker, who owns it, and
+when it is stale."""
 
 from __future__ import annotations
 
@@ -16,15 +17,8 @@ from typing import Any
 import psutil
 import pytest
 
-from tasks.casefolder import (
-    PROCESSING,
-    ClaimOwner,
-    claim_case,
-    claim_is_stale,
-    read_claim,
-    record_claim_run,
-    release_claim,
-)
+from tasks import claims
+from tasks.claims import PROCESSING, ClaimOwner
 
 # --------------------------------------------------------------------------------------------
 # claims
@@ -33,14 +27,14 @@ from tasks.casefolder import (
 def test_claim_is_exclusive(make_case):
     case = make_case()
 
-    assert claim_case(case) is True
-    assert claim_case(case) is False
+    assert claims.claim_case(case) is True
+    assert claims.claim_case(case) is False
 
 
 def test_claim_records_the_owner(make_case):
     case = make_case()
 
-    claim_case(case, flow_run_id="run-1")
+    claims.claim_case(case, flow_run_id="run-1")
 
     data = json.loads((case / PROCESSING).read_text())
     assert data["host"] == socket.gethostname()
@@ -54,18 +48,18 @@ def test_claim_records_the_owner(make_case):
 
 def test_second_claim_keeps_the_first_owner(make_case):
     case = make_case()
-    claim_case(case, flow_run_id="first")
+    claims.claim_case(case, flow_run_id="first")
 
-    claim_case(case, flow_run_id="second")
+    claims.claim_case(case, flow_run_id="second")
 
-    assert read_claim(case).flow_run_id == "first"
+    assert claims.read_claim(case).flow_run_id == "first"
 
 
 def test_read_claim_returns_the_owner(make_case):
     case = make_case()
-    claim_case(case)
+    claims.claim_case(case)
 
-    owner = read_claim(case)
+    owner = claims.read_claim(case)
 
     assert owner == ClaimOwner(**json.loads((case / PROCESSING).read_text()))
     assert owner.is_this_process()
@@ -76,7 +70,7 @@ def test_read_claim_of_empty_marker_is_none(make_case):
     case = make_case()
     (case / PROCESSING).touch()
 
-    assert read_claim(case) is None
+    assert claims.read_claim(case) is None
 
 
 @pytest.mark.parametrize("content", ["garbage", "[1, 2]", '{"host": "h"}', '{"who": "else"}'])
@@ -84,11 +78,11 @@ def test_read_claim_of_foreign_marker_is_none(make_case, content):
     case = make_case()
     (case / PROCESSING).write_text(content)
 
-    assert read_claim(case) is None
+    assert claims.read_claim(case) is None
 
 
 def test_read_claim_without_marker_is_none(make_case):
-    assert read_claim(make_case()) is None
+    assert claims.read_claim(make_case()) is None
 
 
 def write_claim(case: Path, **fields: Any) -> None:
@@ -112,16 +106,16 @@ def dead_pid() -> int:
 
 def test_own_live_claim_is_not_stale(make_case):
     case = make_case()
-    claim_case(case)
+    claims.claim_case(case)
 
-    assert claim_is_stale(case) is False
+    assert claims.claim_is_stale(case) is False
 
 
 def test_claim_of_dead_process_on_this_host_is_stale(make_case, dead_pid):
     case = make_case()
     write_claim(case, pid=dead_pid, process_started=time.time() - 1)
 
-    assert claim_is_stale(case) is True
+    assert claims.claim_is_stale(case) is True
 
 
 def test_claim_of_reused_pid_is_stale(make_case):
@@ -129,35 +123,35 @@ def test_claim_of_reused_pid_is_stale(make_case):
     case = make_case()
     write_claim(case, process_started=psutil.Process().create_time() - 3600)
 
-    assert claim_is_stale(case) is True
+    assert claims.claim_is_stale(case) is True
 
 
 def test_claim_from_another_host_is_not_stale(make_case, dead_pid):
     case = make_case()
     write_claim(case, host=socket.gethostname() + "-elsewhere", pid=dead_pid)
 
-    assert claim_is_stale(case) is False
+    assert claims.claim_is_stale(case) is False
 
 
 def test_empty_claim_is_not_stale(make_case):
     case = make_case()
     (case / PROCESSING).touch()
 
-    assert claim_is_stale(case) is False
+    assert claims.claim_is_stale(case) is False
 
 
 def test_missing_claim_is_not_stale(make_case):
-    assert claim_is_stale(make_case()) is False
+    assert claims.claim_is_stale(make_case()) is False
 
 
 def test_record_claim_run_adds_the_flow_run(make_case):
     case = make_case()
-    claim_case(case)
-    before = read_claim(case)
+    claims.claim_case(case)
+    before = claims.read_claim(case)
 
-    record_claim_run(case, "run-42")
+    claims.record_claim_run(case, "run-42")
 
-    after = read_claim(case)
+    after = claims.read_claim(case)
     assert after.flow_run_id == "run-42"
     assert asdict(after) == {**asdict(before), "flow_run_id": "run-42"}
     assert sorted(p.name for p in case.iterdir() if p.name.startswith(PROCESSING)) == [PROCESSING]
@@ -168,7 +162,7 @@ def test_record_claim_run_leaves_foreign_claims_alone(make_case):
     write_claim(case, host="other-host")
     before = (case / PROCESSING).read_text()
 
-    record_claim_run(case, "run-42")
+    claims.record_claim_run(case, "run-42")
 
     assert (case / PROCESSING).read_text() == before
 
@@ -177,17 +171,17 @@ def test_record_claim_run_leaves_empty_marker_empty(make_case):
     case = make_case()
     (case / PROCESSING).touch()
 
-    record_claim_run(case, "run-42")
+    claims.record_claim_run(case, "run-42")
 
     assert (case / PROCESSING).read_text() == ""
 
 
 def test_release_claim(make_case):
     case = make_case()
-    claim_case(case)
+    claims.claim_case(case)
 
-    release_claim(case)
-    release_claim(case)  # idempotent
+    claims.release_claim(case)
+    claims.release_claim(case)  # idempotent
 
     assert not (case / PROCESSING).exists()
-    assert claim_case(case) is True
+    assert claims.claim_case(case) is True

@@ -31,12 +31,9 @@ from .entry_helpers import (
     fifo_at,
     finishes,
     give_to_service_user,
-    shared_root,
     unblock,
 )
 from .mercure_task import MERCURE_TASK
-
-__all__ = ["shared_root"]  # the fixture, imported for the tests below
 
 
 def stale(path: Path) -> None:

@@ -128,61 +128,61 @@ def names(cands: list[Candidate]) -> list[str]:
     return [c.path.name for c in cands]
 
 
-def test_order_interleaves_two_urgent_then_one_normal_oldest_first():
-    cands = [
-        cand("N2", "normal", 20),
-        cand("U3", "urgent", 3),
-        cand("U1", "urgent", 1),
-        cand("N3", "normal", 30),
-        cand("U5", "urgent", 5),
-        cand("N1", "normal", 10),
-        cand("U2", "urgent", 2),
-        cand("U4", "urgent", 4),
-    ]
-
-    ordered = order_cases(cands, offpeak_now=False)
-
-    assert names(ordered) == ["U1", "U2", "N1", "U3", "U4", "N2", "U5", "N3"]
+def urgent(*mtimes: float) -> list[Candidate]:
+    return [cand(f"U{int(t)}", "urgent", t) for t in mtimes]
 
 
-def test_order_only_urgent_continues_past_the_normal_slot():
+def normal(*mtimes: float) -> list[Candidate]:
+    return [cand(f"N{int(t)}", "normal", t) for t in mtimes]
+
+
+# (candidates, offpeak_now, the order they are dispatched in); a case's name says its priority
+# and, within its priority, its age: N2 is the second-oldest normal case.
+ORDERS = [
+    pytest.param(
+        [
+            cand("N2", "normal", 20),
+            *urgent(3, 1),
+            cand("N3", "normal", 30),
+            *urgent(5),
+            cand("N1", "normal", 10),
+            *urgent(2, 4),
+        ],
+        False,
+        ["U1", "U2", "N1", "U3", "U4", "N2", "U5", "N3"],
+        id="interleaves_two_urgent_then_one_normal_oldest_first",
+    ),
     # mercure aborted the cycle after two urgent cases when no normal one was left.
-    cands = [cand(f"U{i}", "urgent", i) for i in (4, 2, 3, 1)]
+    pytest.param(urgent(4, 2, 3, 1), False, ["U1", "U2", "U3", "U4"], id="only_urgent_continues"),
+    pytest.param(normal(3, 1, 2), False, ["N1", "N2", "N3"], id="only_normal"),
+    pytest.param(
+        [*urgent(1), *normal(1, 2, 3)],
+        False,
+        ["U1", "N1", "N2", "N3"],
+        id="normal_continue_when_urgent_run_out",
+    ),
+    pytest.param([], True, [], id="empty"),
+    pytest.param(
+        [cand("N1", "normal", 1), cand("O1", "offpeak", 2), cand("U1", "urgent", 3)],
+        False,
+        ["U1", "N1"],
+        id="offpeak_cases_wait_outside_the_window",
+    ),
+    pytest.param(
+        [
+            cand("N2", "normal", 3),
+            cand("O1", "offpeak", 2),
+            cand("N1", "normal", 1),
+            cand("U1", "urgent", 9),
+            cand("U2", "urgent", 10),
+        ],
+        True,
+        ["U1", "U2", "N1", "O1", "N2"],
+        id="offpeak_cases_are_normal_inside_the_window",
+    ),
+]
 
-    assert names(order_cases(cands, offpeak_now=False)) == ["U1", "U2", "U3", "U4"]
 
-
-def test_order_only_normal():
-    cands = [cand(f"N{i}", "normal", i) for i in (3, 1, 2)]
-
-    assert names(order_cases(cands, offpeak_now=False)) == ["N1", "N2", "N3"]
-
-
-def test_order_normal_continue_when_urgent_run_out():
-    cands = [cand("U1", "urgent", 1), *(cand(f"N{i}", "normal", i) for i in (1, 2, 3))]
-
-    assert names(order_cases(cands, offpeak_now=False)) == ["U1", "N1", "N2", "N3"]
-
-
-def test_order_empty():
-    assert order_cases([], offpeak_now=True) == []
-
-
-def test_offpeak_cases_wait_outside_the_window():
-    cands = [cand("N1", "normal", 1), cand("O1", "offpeak", 2), cand("U1", "urgent", 3)]
-
-    assert names(order_cases(cands, offpeak_now=False)) == ["U1", "N1"]
-
-
-def test_offpeak_cases_are_normal_inside_the_window():
-    cands = [
-        cand("N2", "normal", 3),
-        cand("O1", "offpeak", 2),
-        cand("N1", "normal", 1),
-        cand("U1", "urgent", 9),
-        cand("U2", "urgent", 10),
-    ]
-
-    ordered = order_cases(cands, offpeak_now=True)
-
-    assert names(ordered) == ["U1", "U2", "N1", "O1", "N2"]
+@pytest.mark.parametrize(("cands", "offpeak_now", "expected"), ORDERS)
+def test_order(cands: list[Candidate], offpeak_now: bool, expected: list[str]) -> None:
+    assert names(order_cases(cands, offpeak_now=offpeak_now)) == expected

@@ -5,22 +5,21 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tasks.cleaner import DiskUsage, SentCase, clean_success, emergency_plan, regular_plan
-
-from .entry_helpers import (
-    as_service_user,
-    fifo_at,
-    finishes,
-    give_to_service_user,
-    shared_root,
-    unblock,
+from tasks.cleaner import (
+    CleanReport,
+    DiskUsage,
+    SentCase,
+    clean_success,
+    emergency_plan,
+    regular_plan,
 )
 
-__all__ = ["shared_root"]  # the fixture, imported for the tests below
+from .entry_helpers import as_service_user, fifo_at, finishes, give_to_service_user, unblock
 
 DAY = 86400.0
 NOW = 1_800_000_000.0
@@ -43,31 +42,38 @@ def roomy(_path: Path) -> DiskUsage:
     return DiskUsage(total=100, used=10)
 
 
+def clean(
+    success: Path,
+    *,
+    offpeak_now: bool = True,
+    retention: float = 3 * DAY,
+    emergency_percentage: float = 90,
+    now: float = NOW,
+    usage: Callable[[Path], DiskUsage] = roomy,
+) -> CleanReport:
+    """One pass with the settings most tests share (three days, 90 %, a roomy disk), so that each
+    test spells out only the setting it is about."""
+    return clean_success(
+        success,
+        retention=retention,
+        emergency_percentage=emergency_percentage,
+        offpeak_now=offpeak_now,
+        now=now,
+        usage=usage,
+    )
+
+
 def test_only_cases_older_than_the_retention_go_and_only_off_peak(tmp_path: Path) -> None:
     success = tmp_path / "success"
     sent_case(success, "old", 4 * DAY)
     sent_case(success, "edge", 3 * DAY)  # exactly the retention: kept (mercure: strictly older)
     sent_case(success, "young", 1 * DAY)
 
-    peak = clean_success(
-        success,
-        retention=3 * DAY,
-        emergency_percentage=90,
-        offpeak_now=False,
-        now=NOW,
-        usage=roomy,
-    )
+    peak = clean(success, offpeak_now=False)
     assert peak.removed == []
     assert names(success) == {"old", "edge", "young"}
 
-    offpeak = clean_success(
-        success,
-        retention=3 * DAY,
-        emergency_percentage=90,
-        offpeak_now=True,
-        now=NOW,
-        usage=roomy,
-    )
+    offpeak = clean(success, offpeak_now=True)
     assert offpeak.removed == ["id-old"]
     assert not offpeak.emergency
     assert names(success) == {"edge", "young"}
@@ -80,9 +86,7 @@ def test_claimed_locked_and_symlinked_folders_are_left_alone(tmp_path: Path) -> 
     elsewhere = sent_case(tmp_path / "elsewhere", "precious", 9 * DAY)
     (success / "link").symlink_to(elsewhere)
     (success / "stray.txt").write_text("not a case")
-    clean_success(
-        success, retention=0, emergency_percentage=90, offpeak_now=True, now=NOW, usage=roomy
-    )
+    clean(success, retention=0)
     assert names(success) == {"claimed", "locked", "link", "stray.txt"}
     assert (elsewhere / "a.dcm").exists()
 
@@ -104,14 +108,7 @@ def test_emergency_clean_runs_outside_the_window_and_leaves_young_cases(tmp_path
     def usage(_path: Path) -> DiskUsage:
         return DiskUsage(total=100, used=95)  # 5 units over 90 %
 
-    report = clean_success(
-        success,
-        retention=DAY,
-        emergency_percentage=90,
-        offpeak_now=False,
-        now=time.time(),
-        usage=usage,
-    )
+    report = clean(success, retention=DAY, offpeak_now=False, now=time.time(), usage=usage)
     assert report.emergency
     assert report.removed == ["id-c1"]  # one case's blocks (4096) clear the 5 units
     assert names(success) == {"c2", "c3"}
@@ -122,9 +119,7 @@ def test_a_missing_or_empty_success_folder_is_no_error(tmp_path: Path, missing: 
     success = tmp_path / "success"
     if not missing:
         success.mkdir()
-    report = clean_success(
-        success, retention=0, emergency_percentage=1, offpeak_now=True, now=NOW, usage=roomy
-    )
+    report = clean(success, retention=0, emergency_percentage=1)
     assert report.removed == []
 
 
@@ -139,18 +134,7 @@ def test_pass_survives_a_folder_it_cannot_read(shared_root: Path) -> None:
     locked = sent_case(success, "locked", 5 * DAY)  # root's, mode 000
     locked.chmod(0o000)
 
-    def clean() -> list[str]:
-        report = clean_success(
-            success,
-            retention=3 * DAY,
-            emergency_percentage=90,
-            offpeak_now=True,
-            now=NOW,
-            usage=roomy,
-        )
-        return report.removed
-
-    assert as_service_user(clean) == ["id-old"]
+    assert as_service_user(lambda: clean(success).removed) == ["id-old"]
     assert names(success) == {"locked"}
 
 
@@ -162,16 +146,7 @@ def test_pass_never_blocks_on_a_fifo_task_json(tmp_path: Path) -> None:
     fifo_at(odd / "task.json")
     os.utime(odd, (NOW - 5 * DAY, NOW - 5 * DAY))
     try:
-        report = finishes(
-            lambda: clean_success(
-                success,
-                retention=3 * DAY,
-                emergency_percentage=90,
-                offpeak_now=True,
-                now=NOW,
-                usage=roomy,
-            )
-        )
+        report = finishes(lambda: clean(success))
     finally:
         unblock(odd / "task.json")
     assert sorted(report.removed) == ["id-old", "odd"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,11 +27,11 @@ from blocks._dcmsend_report import (
     parse_report,
     write_report,
 )
-from blocks._dimse import InstanceResult, StoreResult, status_category
+from blocks._dimse import InstanceResult, status_category
 from blocks._transcode import Conversion
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT = "1.2.840.10008.1.2.1"
+from .store_results import EXPLICIT, instance_result
+from .store_results import store_result as result
 
 # The example of mercure-dispatcher.md §5.1 (DCMTK dcmsend 3.6.7), one instance shown in full.
 SPEC_REPORT = """\
@@ -84,31 +83,16 @@ def instance(
     no_context: bool = False,
     sent: bool = True,
 ) -> InstanceResult:
-    return InstanceResult(
-        path=Path("case") / name,
-        sop_class_uid=CT,
+    return instance_result(
+        Path("case") / name,
+        status,
         sop_instance_uid=sop,
-        transfer_syntax=EXPLICIT,
         size=144,
-        status=status,
-        association=1,
         context_id=None if no_context else 1,
         network_transfer_syntax=None if no_context else EXPLICIT,
         error=None if status is not None else "why",
         no_context=no_context,
         request_sent=sent and not no_context,
-    )
-
-
-def result(*instances: InstanceResult, associations: int = 1, contexts: int = 1) -> StoreResult:
-    return StoreResult(
-        peer="127.0.0.1:11199",
-        calling_aet="DCMSEND",
-        called_aet="ANY",
-        started=datetime(2026, 11, 23, 8, 10, 23),
-        instances=list(instances),
-        associations=associations,
-        presentation_contexts=contexts,
     )
 
 

@@ -22,6 +22,8 @@ from blocks._dimse_results import (
 )
 from blocks.errors import PermanentTargetError, TransientTargetError
 
+from .store_results import instance_result
+
 
 @pytest.mark.parametrize(
     ("code", "category"),
@@ -78,19 +80,7 @@ def test_stored_counts_warnings_only_when_allowed() -> None:
 
 
 def instance(status: int | None, *, no_context: bool = False) -> InstanceResult:
-    return InstanceResult(
-        path=Path("x.dcm"),
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        sop_instance_uid="1.2.3",
-        transfer_syntax="1.2.840.10008.1.2.1",
-        size=1,
-        status=status,
-        association=1,
-        context_id=1,
-        network_transfer_syntax=None,
-        error=None,
-        no_context=no_context,
-    )
+    return instance_result(Path("x.dcm"), status, no_context=no_context)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -30,10 +29,12 @@ from pydicom.uid import (
 from blocks import _transcode
 from blocks._dcmsend_convert import _merge, parse_instances, refusal_error
 from blocks._dcmsend_report import format_report
-from blocks._dimse_results import InstanceResult, StoreResult
+from blocks._dimse_results import InstanceResult
 from blocks._transcode import Conversion, ConversionError
 from tests.compressed import attributes
 from tests.dicomfiles import make_ct_instance
+
+from .store_results import instance_result, store_result
 
 
 def original(tmp_path: Path) -> Path:
@@ -121,33 +122,15 @@ def test_preferred_syntax_names() -> None:
 def instance(
     name: str, syntax: str, network: str | None, status: int | None, **kw: object
 ) -> InstanceResult:
-    values: dict[str, object] = {
-        "path": Path("/cases/c1") / name,
-        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+    fields: dict[str, object] = {
         "sop_instance_uid": f"1.2.3.{len(name)}",
         "transfer_syntax": syntax,
         "size": 2048,
-        "status": status,
-        "association": 1,
         "context_id": 1 if network else None,
         "network_transfer_syntax": network,
-        "error": None,
         "request_sent": status is not None,
     }
-    values.update(kw)
-    return InstanceResult(**values)  # type: ignore[arg-type]
-
-
-def store_result(*instances: InstanceResult, associations: int = 1) -> StoreResult:
-    return StoreResult(
-        peer="127.0.0.1:104",
-        calling_aet="DCMSEND",
-        called_aet="PACS",
-        started=datetime(2026, 1, 2, 3, 4, 5),
-        instances=list(instances),
-        associations=associations,
-        presentation_contexts=3,
-    )
+    return instance_result(Path("/cases/c1") / name, status, **{**fields, **kw})
 
 
 EXPLICIT = str(ExplicitVRLittleEndian)
@@ -161,6 +144,7 @@ def test_a_dcmsend_report_is_parsed_back_to_the_same_text() -> None:
             instance("b.dcm", J2K, J2K, None, no_context=True, error="x"),
             instance("c.dcm", str(JPEGLSLossless), EXPLICIT, 0xB000),
             instance("d.dcm", EXPLICIT, EXPLICIT, None, error="<not sent>"),
+            contexts=3,
         )
     )
     assert format_report(parse_instances(text)) == text
@@ -170,9 +154,11 @@ def test_second_pass_replaces_the_refused_instances() -> None:
     first = store_result(
         instance("a.dcm", EXPLICIT, EXPLICIT, 0x0000),
         instance("b.dcm", J2K, J2K, None, no_context=True, error="x"),
+        contexts=3,
     )
     second = replace(
-        store_result(instance("b.dcm", EXPLICIT, EXPLICIT, 0x0000, size=4096)), associations=1
+        store_result(instance("b.dcm", EXPLICIT, EXPLICIT, 0x0000, size=4096), contexts=3),
+        associations=1,
     )
     merged = _merge(first, second)
     assert [i.status for i in merged.instances] == [0, 0]
@@ -192,6 +178,7 @@ def test_refusal_names_the_file_and_syntax() -> None:
         store_result(
             instance("a.dcm", EXPLICIT, EXPLICIT, 0x0000),
             instance("b.dcm", J2K, J2K, None, error="<not sent>"),
+            contexts=3,
         )
     ).encode()
     never = Conversion(convert=False)
@@ -203,7 +190,9 @@ def test_refusal_names_the_file_and_syntax() -> None:
         "Storage in JPEG 2000 Image Compression (Lossless Only) (convert: never)"
     )
     mpeg = format_report(
-        store_result(instance("m.dcm", str(MPEG2MPML), None, None, no_context=True, error="x"))
+        store_result(
+            instance("m.dcm", str(MPEG2MPML), None, None, no_context=True, error="x"), contexts=3
+        )
     ).encode()
     error = refusal_error(mpeg, Conversion(), "t")
     assert error is not None

@@ -93,6 +93,19 @@ def _drain_prefect_workers() -> None:
     EventsWorker.drain_all(timeout=10)
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """What a test leaves in ``os.environ`` goes with it. ``monkeypatch.delenv`` of a variable
+    that is not set records nothing, so a value the code under test sets afterwards (the
+    encryption key ``ensure_encryption_key`` exports, say) would otherwise reach every later
+    test of the process, and every server it starts."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def env(prefect_server: str, tmp_path: Path) -> DispatchEnv:
     e = DispatchEnv(tmp_path / "outgoing", tmp_path / "success", tmp_path / "error")

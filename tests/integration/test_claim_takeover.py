@@ -7,6 +7,7 @@ Real Prefect runs and a real Storage SCP that counts SOP Instance UIDs from its 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import json
 import threading
@@ -42,7 +43,12 @@ def test_a_send_after_the_claim_was_taken_over_never_happens(
     env.save_target(pacs, "pacs")
     case = make_case(env.outgoing, ["pacs"], files=2)
     result: dict[str, Any] = {}
-    attempt = threading.Thread(target=lambda: result.update(env.dispatch(case)), daemon=True)
+    # The attempt's thread runs in this test's context: Prefect's settings (the session server)
+    # live in a context variable, and a bare thread would get Prefect's import-time settings.
+    context = contextvars.copy_context()
+    attempt = threading.Thread(
+        target=context.run, args=(lambda: result.update(env.dispatch(case)),), daemon=True
+    )
     attempt.start()
     wait_for(lambda: read_claim(case) is not None, 60, "the attempt's claim")
     mine = read_claim(case)

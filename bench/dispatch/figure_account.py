@@ -229,6 +229,8 @@ def figure_f(
     out.put("f.ready_to_success_s", _p(walls))
     out.put("f.empty_flow_s", _p(empties))
     out.put("f.dcmsend_s", _p(sends))
+    if not sum(busy.requests.values()):
+        say("    !! the server's access log has no request in the window: requests not counted")
     out.put(
         "f.requests",
         _print_counts("API requests by route (server access log)", case, empty, "requests"),

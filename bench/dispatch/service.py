@@ -102,7 +102,11 @@ def running_service(base: Path, scp_port: int, access_log: bool = False) -> Iter
 
     ``access_log``: the Prefect server logs at INFO, which includes uvicorn's line per request
     (in ``<home>/logs/prefect-server.log``): the only record of every request that reaches the
-    server, whichever process sent it. It costs the server a log line per request."""
+    server, whichever process sent it. It costs the server a log line per request. The console
+    level this benchmark sets for itself is dropped too (Prefect's default, as a site runs it):
+    the first automation action in the server re-applies Prefect's logging configuration, after
+    which uvicorn's access lines go through Prefect's console handler, and a WARNING level
+    there would silence them for the rest of the run."""
     from deployments.service.api import read_service_record
     from tests.peers.net import free_port
 
@@ -128,6 +132,7 @@ def running_service(base: Path, scp_port: int, access_log: bool = False) -> Iter
     env = service_env(home)
     if access_log:
         env["PREFECT_SERVER_LOGGING_LEVEL"] = "INFO"
+        env.pop("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", None)
     started = time.perf_counter()
     _cli(["import-config", str(base / "mercure.json")], env)
     say(f"    [import-config in {time.perf_counter() - started:.0f} s]")

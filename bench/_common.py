@@ -30,6 +30,15 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (0..1), NaN for no values: with 10-25 runs an interpolated
+    p95 would be a value nobody measured."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def fmt_runs(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
     """Every run, so a reader sees the spread behind a median."""
     return "[" + ", ".join(f"{v * scale:.{digits}f}" for v in values) + "]"

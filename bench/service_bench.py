@@ -22,6 +22,12 @@ folders moved into outgoing/; the benchmark watches success/.
 (d) Readiness (``.lock`` removed) → claim (``.processing`` created): median and p95, ≤ 100 ms.
 (e) Retrieve of one 200 × 0.5 MB study from Orthanc with ``retrieve_backend`` auto ÷ ``getscu``.
     Target ≤ 1.2.
+(f) What one small case costs, cases one at a time, beside an empty async flow run against the
+    same server: API requests by route (the server's access log), events by name (its events
+    table), CPU per process group (dispatchers, dcmsend, Prefect server, PostgreSQL, the empty
+    runs' client); ready → success/ p50/p95 beside the empty run's wall and dcmsend alone.
+(g) A model of mercure 0.4.1's dispatcher loop, "tuned" (TCP_NODELAY=1) and "as shipped", on
+    the workloads of (a), (b) and (f), with its CPU per small case; serve ÷ each. Runs (f) too.
 """
 
 from __future__ import annotations
@@ -35,17 +41,21 @@ from pathlib import Path
 
 from bench._common import say, work_dir
 
+FIGURES = "abcdefg"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer and smaller cases")
-    parser.add_argument("--only", default="abcde", help="figures to measure (default: abcde)")
+    parser.add_argument("--only", default=FIGURES, help=f"figures to measure (default: {FIGURES})")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     only = set(args.only)
-    if not only or only - set("abcde"):
-        parser.error("--only takes letters from 'abcde'")
+    if not only or only - set(FIGURES):
+        parser.error(f"--only takes letters from '{FIGURES}'")
+    if "g" in only:
+        only.add("f")  # (g) compares with (f)'s per-case figures
     from bench.dispatch.prefect_setup import prepare_environment
 
     with work_dir("service-bench-", keep=args.keep) as work:
@@ -57,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(work: Path, only: set[str], quick: bool, json_path: Path | None) -> None:
     from bench.dispatch import service_figures as fig
     from bench.dispatch.dcmsend import dcmsend_binary, storescp
+    from bench.dispatch.figure_account import figure_f
+    from bench.dispatch.figure_mercure import figure_g, sizes
     from bench.dispatch.report import Report
     from bench.dispatch.service import running_service
 
@@ -64,16 +76,26 @@ def run(work: Path, only: set[str], quick: bool, json_path: Path | None) -> None
     started = time.perf_counter()
     binary = dcmsend_binary()
     say(f"service benchmark ({'quick' if quick else 'full'}); {os.cpu_count()} CPUs")
+    size = sizes(quick)  # (g) reuses the serve numbers of (a), (b) and (f): the same sizes
     with storescp(work / "scp", fork=False) as scp:
-        if only & set("abcd"):
-            with running_service(work / "service", scp.port) as service:
-                say("    `dicom-dispatch serve` (no --workers on this version: one process)")
+        port = scp.port
+        if only & set("abcdfg"):
+            access_log = "f" in only
+            with running_service(work / "service", port, access_log) as service:
+                say(
+                    "    `dicom-dispatch serve`, defaults (--workers: the CPUs, at most 4)"
+                    + ("; server at log level INFO for its access log" if access_log else "")
+                )
                 if "d" in only or "c" in only:
                     fig.figure_cd(service, out, 10 if quick else 25)
                 if "a" in only:
-                    fig.figure_a(service, out, binary, scp.port, 5, 100 if quick else 200)
+                    fig.figure_a(service, out, binary, port, size["big_cases"], size["big_files"])
                 if "b" in only:
-                    fig.figure_b(service, out, binary, scp.port, 40 if quick else 100)
+                    fig.figure_b(service, out, binary, port, size["small_cases"])
+                if "f" in only:
+                    figure_f(service, out, binary, port, size["one_cases"], 10 if quick else 20)
+                if "g" in only:
+                    figure_g(service, out, binary, port, size)
     if "e" in only:
         fig.figure_e(work / "e", out, 100 if quick else 200, 2 if quick else 3)
     say(f"total {time.perf_counter() - started:.0f} s")

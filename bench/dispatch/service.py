@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from bench._common import say, stop_process
 from bench.dispatch.config import HOST, SCP_AET
@@ -28,6 +30,14 @@ CLI = [sys.executable, "-m", "deployments.cli"]
 #: Target names in the imported mercure.json.
 PACS = "pacs"
 DUMMY = "dummy"
+
+
+class CaseFolders(Protocol):
+    """Where cases are dropped and where they end: the service's folders or mercure's."""
+
+    outgoing: Path
+    success: Path
+    error: Path
 
 
 @dataclass
@@ -64,6 +74,8 @@ class Service:
             key = "PostgreSQL" if "postgres" in name else "Prefect server"
             if "multiprocessing" in line and "forkserver" in line:
                 key = "dispatcher"  # the DIMSE sender pool is the dispatcher's
+            if "dispatcher_child" in line or name == "dcmsend":
+                key = "dispatcher"  # serve --workers N (N = the CPUs by default) and its sends
             out[key].append(child.pid)
         return out
 
@@ -85,8 +97,16 @@ def service_env(home: Path) -> dict[str, str]:
 
 
 @contextmanager
-def running_service(base: Path, scp_port: int) -> Iterator[Service]:
-    """``import-config`` of a mercure.json with a DICOM and a dummy target, then ``serve``."""
+def running_service(base: Path, scp_port: int, access_log: bool = False) -> Iterator[Service]:
+    """``import-config`` of a mercure.json with a DICOM and a dummy target, then ``serve``.
+
+    ``access_log``: the Prefect server logs at INFO, which includes uvicorn's line per request
+    (in ``<home>/logs/prefect-server.log``): the only record of every request that reaches the
+    server, whichever process sent it. It costs the server a log line per request. The console
+    level this benchmark sets for itself is dropped too (Prefect's default, as a site runs it):
+    the first automation action in the server re-applies Prefect's logging configuration, after
+    which uvicorn's access lines go through Prefect's console handler, and a WARNING level
+    there would silence them for the rest of the run."""
     from deployments.service.api import read_service_record
     from tests.peers.net import free_port
 
@@ -110,6 +130,9 @@ def running_service(base: Path, scp_port: int) -> Iterator[Service]:
     }
     (base / "mercure.json").write_text(json.dumps(mercure))
     env = service_env(home)
+    if access_log:
+        env["PREFECT_SERVER_LOGGING_LEVEL"] = "INFO"
+        env.pop("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", None)
     started = time.perf_counter()
     _cli(["import-config", str(base / "mercure.json")], env)
     say(f"    [import-config in {time.perf_counter() - started:.0f} s]")
@@ -206,7 +229,7 @@ def drop(case: Path, outgoing: Path) -> Path:
     return case.rename(outgoing / case.name)
 
 
-def wait_done(service: Service, names: list[str], timeout: float) -> float:
+def wait_done(service: CaseFolders, names: list[str], timeout: float) -> float:
     """Wait until every case is in success/ or error/; the time it happened (perf_counter)."""
     pending = set(names)
     deadline = time.perf_counter() + timeout
@@ -220,3 +243,19 @@ def wait_done(service: Service, names: list[str], timeout: float) -> float:
             raise RuntimeError(f"{len(pending)} case(s) not done after {timeout:.0f} s")
         time.sleep(0.005)
     return time.perf_counter()
+
+
+def one_at_a_time(folders: CaseFolders, cases: list[Path], seed: int = 20) -> list[float]:
+    """Ready (moved into outgoing/) → success/ seconds of each case, dropped alone: the next one
+    only after the last has arrived and a random pause of 0.3-1.3 s, so that the drops fall
+    anywhere in a 1 s scan cycle (as real arrivals do) and no run's tail overlaps the next."""
+    rng = random.Random(seed)  # the same pauses for every side measured
+    walls = []
+    for case in cases:
+        started = time.perf_counter()
+        drop(case, folders.outgoing)
+        walls.append(wait_done(folders, [case.name], 120) - started)
+        if (folders.error / case.name).is_dir():
+            raise RuntimeError(f"case {case.name} ended in error/")
+        time.sleep(rng.uniform(0.3, 1.3))
+    return walls

@@ -12,7 +12,15 @@ from typing import Any
 from bench._common import fmt_runs, median, say
 from bench.dispatch.dcmsend import dcmsend_loop
 from bench.dispatch.report import Report, mark
-from bench.dispatch.service import DUMMY, PACS, ProcessSampler, Service, drop, wait_done
+from bench.dispatch.service import (
+    DUMMY,
+    PACS,
+    CaseFolders,
+    ProcessSampler,
+    Service,
+    drop,
+    wait_done,
+)
 
 TARGET_A = 1.2
 TARGET_B_EMPTY = 0.8
@@ -23,18 +31,18 @@ TARGET_E = 1.2
 TARGET_RSS_MB = 500.0
 
 
-def _staged(service: Service, count: int, target: str, **kwargs: Any) -> list[Path]:
+def staged_cases(service: Service, count: int, target: str, **kwargs: Any) -> list[Path]:
     from bench.dispatch.data import make_cases
 
     return make_cases(service.staging, count, [target], **kwargs)
 
 
-def _mercure_copies(cases: list[Path], base: Path) -> list[Path]:
+def mercure_copies(cases: list[Path], base: Path) -> list[Path]:
     base.mkdir(parents=True, exist_ok=True)
     return [Path(shutil.copytree(c, base / c.name)) for c in cases]
 
 
-def drop_at_once(service: Service, cases: list[Path], timeout: float) -> float:
+def drop_at_once(service: CaseFolders, cases: list[Path], timeout: float) -> float:
     """Move every case into outgoing/ at once; seconds until the last reached success/."""
     started = time.perf_counter()
     for case in cases:
@@ -47,8 +55,8 @@ def drop_at_once(service: Service, cases: list[Path], timeout: float) -> float:
 
 
 def figure_a(service: Service, out: Report, binary: str, port: int, cases: int, files: int) -> None:
-    staged = _staged(service, cases, PACS, files=files, rows=512, cols=512)
-    copies = _mercure_copies(staged, service.staging.parent / "a-mercure")
+    staged = staged_cases(service, cases, PACS, files=files, rows=512, cols=512)
+    copies = mercure_copies(staged, service.staging.parent / "a-mercure")
     size = sum(p.stat().st_size for c in staged for p in c.glob("*.dcm")) / 1e6
     loop_s = dcmsend_loop(binary, copies, port)
     ours_s = drop_at_once(service, staged, 600)
@@ -64,7 +72,7 @@ def figure_a(service: Service, out: Report, binary: str, port: int, cases: int, 
     out.put("a.ratio", round(ratio, 3))
 
 
-def _service_api(service: Service) -> Any:
+def service_api(service: Service) -> Any:
     """This process's client settings for the service's API: its URL and its auth string."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
@@ -82,7 +90,7 @@ async def _empty_rate(service: Service, runs: int, concurrency: int) -> tuple[fl
     async def bench_empty() -> None:
         return None
 
-    with _service_api(service):
+    with service_api(service):
         await bench_empty()  # warm-up
         slots = asyncio.Semaphore(concurrency)
 
@@ -106,8 +114,8 @@ def empty_rate(service: Service, runs: int, concurrency: int) -> tuple[float, li
 
 
 def figure_b(service: Service, out: Report, binary: str, port: int, cases: int) -> None:
-    staged = _staged(service, cases, PACS, files=5, rows=64, cols=64)
-    copies = _mercure_copies(staged, service.staging.parent / "b-mercure")
+    staged = staged_cases(service, cases, PACS, files=5, rows=64, cols=64)
+    copies = mercure_copies(staged, service.staging.parent / "b-mercure")
     loop_s = dcmsend_loop(binary, copies, port)
     with ProcessSampler(service) as sampler:
         ours_s = drop_at_once(service, staged, 1200)
@@ -134,6 +142,7 @@ def figure_b(service: Service, out: Report, binary: str, port: int, cases: int) 
     )
     cpu = ", ".join(f"{k} {v / cases * 1e3:.0f}" for k, v in sampler.cpu_s.items())
     say(f"    CPU ms per case: {cpu}")
+    out.put("b.serve.s", round(ours_s, 3))
     out.put("b.cases_per_s", round(ours, 2))
     out.put("b.dcmsend_loop.cases_per_s", round(theirs, 2))
     out.put("b.empty_flows_per_s", round(empty, 2))
@@ -150,7 +159,7 @@ async def _run_end(service: Service, case: str) -> float:
     from prefect.client.schemas.sorting import FlowRunSort
 
     wanted = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"case:{case}"]))
-    with _service_api(service):
+    with service_api(service):
         async with get_client() as client:
             for _ in range(600):
                 runs = await client.read_flow_runs(
@@ -185,7 +194,7 @@ def _one_case(service: Service, case: Path) -> tuple[float, float]:
 
 def figure_cd(service: Service, out: Report, runs: int) -> None:
     """(c) per case ÷ per empty flow, interleaved; (d) readiness → claim."""
-    staged = _staged(service, runs + 2, DUMMY, files=1, rows=32, cols=32)
+    staged = staged_cases(service, runs + 2, DUMMY, files=1, rows=32, cols=32)
     for case in staged[:2]:  # warm-up: the target's block, the first run of the flow
         _one_case(service, case)
     claims, walls, empties = [], [], []

@@ -12,6 +12,7 @@ from prefect.exceptions import ObjectNotFound
 
 from blocks.registry import TARGET_TYPES
 from blocks.settings import DispatcherSettings
+from tasks.paging import read_all
 from tasks.tags import TOTAL_TAG, target_tag, type_tag
 
 __all__ = ["apply_limits", "wanted_limits"]
@@ -31,15 +32,28 @@ def wanted_limits(
 
 
 async def apply_limits(client: PrefectClient, wanted: dict[str, int]) -> dict[str, int]:
-    """Create, update or delete tag limits so the server matches ``wanted``; returns what is set."""
+    """Create, update or delete tag limits so the server matches ``wanted``; returns what is set.
+
+    Only what differs from the server is written: ``serve`` applies the limits at every
+    settings refresh, and with the limits unchanged that is one read instead of a write (or a
+    404 for a limit that is not there) per managed tag. A limit removed or changed behind the
+    service's back is put back at the next refresh all the same.
+    """
+    current = {
+        limit.tag: limit.concurrency_limit
+        for limit in await read_all(
+            lambda limit, offset: client.read_concurrency_limits(limit=limit, offset=offset)
+        )
+    }
     applied: dict[str, int] = {}
     for tag, limit in wanted.items():
         if limit and limit > 0:
-            await client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+            if current.get(tag) != limit:
+                await client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
             applied[tag] = limit
-        else:
+        elif tag in current:
             try:
                 await client.delete_concurrency_limit_by_tag(tag)
             except ObjectNotFound:
-                pass
+                pass  # removed meanwhile: what was wanted
     return applied

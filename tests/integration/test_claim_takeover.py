@@ -10,6 +10,7 @@ import asyncio
 import contextvars
 import dataclasses
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from tasks.safefiles import create_new
 from tests.cases import make_case
 from tests.dispatch_env import DispatchEnv
 from tests.peers.counting_scp import counting_scp
-from tests.service import free_port, wait_for
+from tests.service import free_port
 
 #: A takeover window the settings allow (45–150 s); the judge is given claims older or younger.
 TAKEOVER_WINDOW = 45
@@ -49,8 +50,13 @@ def test_a_send_after_the_claim_was_taken_over_never_happens(
     attempt = threading.Thread(
         target=context.run, args=(lambda: result.update(env.dispatch(case)),), daemon=True
     )
-    attempt.start()
-    wait_for(lambda: read_claim(case) is not None, 60, "the attempt's claim")
+    # The peer's port answers and hangs up at once: the first send fails there, and from then on
+    # the attempt waits for its quick retry (the takeover below must not race the first send).
+    with socket.create_server(("127.0.0.1", port)) as hang_up:
+        hang_up.settimeout(60)
+        attempt.start()
+        first_try, _ = hang_up.accept()
+        first_try.close()
     mine = read_claim(case)
     assert mine is not None
     # The takeover: the claim taken aside, the case claimed anew by another host.

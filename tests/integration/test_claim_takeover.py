@@ -34,7 +34,7 @@ TAKEOVER_WINDOW = 45
 def test_a_send_after_the_claim_was_taken_over_never_happens(
     env: DispatchEnv, tmp_path: Path
 ) -> None:
-    """The peer is down at first, so the send waits for its quick retry; meanwhile another host
+    """The peer hangs up at first, so the send waits for its quick retry; meanwhile another host
     takes the claim over and the peer comes up. The retry must not send: the claim is no longer
     this attempt's. The case stays in outgoing/ under the new owner's claim, its task.json
     untouched by the old attempt."""

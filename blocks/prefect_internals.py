@@ -15,6 +15,18 @@ as relied on here, so a Prefect upgrade fails loudly there and not in a case's a
   a flow run created beforehand (from the ``dispatch-case`` deployment) in this process, without
   its deployment id, so the engine starts no suspension observer for it.
 
+* :func:`defer_first_lease_renewal`: ``prefect.concurrency._leases._lease_renewal_loop``, the
+  loop that keeps a task's tag-limit lease alive, renews the lease the moment it was granted
+  (a request, a server lease write, an API client of its own, for every send); ours waits
+  until Prefect's own renewal point (¾ of the lease) first, so a send shorter than that never
+  renews, and a longer one renews as before.
+
+* :func:`share_api_tls_contexts`: ``prefect.client.orchestration``'s use of :mod:`ssl`: every
+  Prefect client (and Prefect makes one for nearly every conversation: the log and event
+  shippers, a slot service, each ``get_client()`` outside a client context) builds a new SSL
+  context from the CA bundle, ≈ 17 ms of CPU here, even for a plain-HTTP API. Ours are shared
+  per CA file (and its size and modification time, so a renewed bundle is read again).
+
 The background job process (``flows/background/process.py``) uses the engine's entry points
 for a forked process (``load_flow_run``, ``run_flow``, ``handle_engine_signals``, the log and
 event workers' ``drain_all``) and preloads ``prefect._internal.observers``; they are checked by
@@ -26,9 +38,12 @@ Here, at the bottom of the layers that use Prefect, so blocks, flows and deploym
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import ssl
 import sys
+import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prefect.blocks.core import Block
 from prefect.client.orchestration import PrefectClient
@@ -44,11 +59,13 @@ __all__ = [
     "api_post",
     "block_from_document",
     "block_name",
+    "defer_first_lease_renewal",
     "engine_view",
     "ephemeral_api_urls",
     "queued_items",
     "start_drain",
     "run_created_run",
+    "share_api_tls_contexts",
 ]
 
 B = TypeVar("B", bound=Block)
@@ -135,6 +152,77 @@ def start_drain(service: Any) -> concurrent.futures.Future[bool]:
 def queued_items(service: Any) -> int:
     """What ``service`` still holds, at least 1 (its queue ends in an end mark)."""
     return max(1, int(service._queue.qsize()) - 1)
+
+
+def defer_first_lease_renewal() -> None:
+    """Make Prefect's lease renewal loop wait ¾ of the lease before its first renewal.
+
+    Idempotent; installed by the module that declares the send task, so every process that
+    runs sends (``serve``, its dispatcher children, a work pool's worker) has it.
+    """
+    from prefect.concurrency import _leases
+
+    loop = _leases._lease_renewal_loop
+    if getattr(loop, "deferred_first_renewal", False):
+        return
+
+    def deferred(lease_id: Any, lease_duration: float, stop_event: threading.Event) -> None:
+        if stop_event.wait(lease_duration * _leases._RENEWAL_FRACTION):
+            return  # released before the first renewal was due: nothing to renew
+        loop(lease_id, lease_duration, stop_event)
+
+    deferred.deferred_first_renewal = True  # type: ignore[attr-defined]
+    _leases._lease_renewal_loop = deferred
+
+
+class _SharedTlsContexts:
+    """:mod:`ssl` as Prefect's client module sees it once shared: a verified context per CA
+    file. Any other call (the insecure setting's, which changes the context it gets) is
+    passed through unchanged."""
+
+    def __init__(self, module: Any) -> None:
+        self._ssl = module
+        self._lock = threading.Lock()
+        self._contexts: dict[tuple[object, ...], ssl.SSLContext] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ssl, name)
+
+    def create_default_context(
+        self,
+        purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH,
+        *,
+        cafile: str | None = None,
+        capath: str | None = None,
+        cadata: str | bytes | None = None,
+    ) -> ssl.SSLContext:
+        create = self._ssl.create_default_context
+        if cafile is None or capath is not None or cadata is not None:
+            return cast(
+                ssl.SSLContext, create(purpose, cafile=cafile, capath=capath, cadata=cadata)
+            )
+        try:
+            stat = os.stat(cafile)
+        except OSError:  # let ssl say what is wrong with it
+            return cast(ssl.SSLContext, create(purpose, cafile=cafile))
+        key = (purpose, cafile, stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            context = self._contexts.get(key)
+            if context is None:
+                context = self._contexts[key] = create(purpose, cafile=cafile)
+            return context
+
+
+def share_api_tls_contexts() -> None:
+    """Prefect clients made from now on in this process share their verified SSL context.
+
+    Idempotent; installed where a service process starts its dispatcher loop.
+    """
+    from prefect.client import orchestration
+
+    module = cast(Any, orchestration)
+    if not isinstance(module.ssl, _SharedTlsContexts):
+        module.ssl = _SharedTlsContexts(module.ssl)
 
 
 def ephemeral_api_urls() -> list[str]:

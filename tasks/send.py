@@ -15,6 +15,7 @@ import anyio
 from prefect.logging import get_run_logger
 
 from blocks.base import SendContext
+from blocks.prefect_internals import defer_first_lease_renewal
 from blocks.registry import aload_target
 from tasks.claims import ensure_claim_held
 from tasks.retry import peer_task
@@ -22,6 +23,10 @@ from tasks.tags import TOTAL_TAG, send_tags, target_tag, type_tag
 from tasks.taskjson import read_task
 
 __all__ = ["TOTAL_TAG", "send_tags", "send_to_target", "target_tag", "type_tag"]
+
+# Every send holds tag-limit slots under a lease; Prefect renews it at once, then every 45 s:
+# the first renewal comes when it is due instead (blocks/prefect_internals.py).
+defer_first_lease_renewal()
 
 
 @peer_task("send_to_target")

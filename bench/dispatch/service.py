@@ -138,7 +138,13 @@ def running_service(base: Path, scp_port: int, access_log: bool = False) -> Iter
     say(f"    [import-config in {time.perf_counter() - started:.0f} s]")
     log = open(base / "serve.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [*CLI, "serve", "--port", str(free_port())],
+        [
+            *CLI,
+            "serve",
+            "--port",
+            str(free_port()),
+            *os.environ.get("BENCH_SERVE_ARGS", "").split(),
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

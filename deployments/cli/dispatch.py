@@ -320,7 +320,7 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
     outcome: list[int] = []
 
     def service() -> None:
-        workers = args.workers or default_workers()
+        workers = args.workers or default_workers(own_server=external is None)
         try:
             outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop, workers)))
         except Exception as exc:  # one line, as every command's error (deployments/cli/core.py)
@@ -404,7 +404,8 @@ def add_serve_parser(sub: Any) -> None:
         type=_worker_count,
         default=None,
         metavar="N",
-        help="dispatcher processes on this host (default: the CPUs it may use, at most 4)",
+        help="dispatcher processes on this host (default: one per 2 CPUs it may use with the "
+        "embedded server, one per CPU with an external one; at most 4)",
     )
     p.set_defaults(handler=cmd_serve, needs_api=False)
 

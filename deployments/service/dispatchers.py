@@ -64,8 +64,16 @@ def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return max(1, cpus)
 
 
-def default_workers() -> int:
-    return min(available_cpus(), MAX_DEFAULT_WORKERS)
+def default_workers(own_server: bool = True) -> int:
+    """Dispatcher processes when ``--workers`` is not given.
+
+    Beside a Prefect server of its own on the same host, one per two CPUs: a case costs its
+    dispatcher about a third of its CPU and the server and PostgreSQL the rest, and on a
+    2-core host a second dispatcher process made 60 small cases 25–35 % slower and dearer
+    (``bench/service_bench.py``). Against a server elsewhere, one per CPU. At most 4 either way.
+    """
+    cpus = available_cpus()
+    return max(1, min(cpus // 2 if own_server else cpus, MAX_DEFAULT_WORKERS))
 
 
 async def run_dispatcher_loop(
@@ -77,7 +85,10 @@ async def run_dispatcher_loop(
     """The dispatcher loop, its settings reloaded every ``SETTINGS_REFRESH_SECONDS``; on stop,
     runs in flight get the shutdown grace period (at most ``max_grace``)."""
     from blocks.errors import ConfigError
+    from blocks.prefect_internals import share_api_tls_contexts
     from blocks.registry import aload_settings
+
+    share_api_tls_contexts()  # a Prefect client costs ≈ 17 ms of CPU without it
 
     async def refresh() -> None:
         try:

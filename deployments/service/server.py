@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from deployments.service.history_vacuum import vacuum_environment
+from deployments.service.server_tuning import tuning_environment
 
 __all__ = ["PrefectServer"]
 
@@ -59,6 +60,7 @@ class PrefectServer:
         env.update(
             vacuum_environment(env)
         )  # run history retention (deployments/service/history_vacuum.py)
+        env.update(tuning_environment(env))  # measured: deployments/service/server_tuning.py
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(

@@ -11,6 +11,7 @@ import asyncio
 import importlib
 import inspect
 import re
+import time
 from uuid import uuid4
 
 import httpx
@@ -149,3 +150,88 @@ def test_ephemeral_servers_are_listed_with_their_url() -> None:
     assert isinstance(SubprocessASGIServer._instances, dict)
     assert isinstance(inspect.getattr_static(SubprocessASGIServer, "api_url"), property)
     assert all(url.startswith("http") for url in internals.ephemeral_api_urls())
+
+
+class _NoClient:
+    """Stands for the renewal loop's sync client: entering it must not reach any API."""
+
+    def __enter__(self) -> _NoClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_the_first_lease_renewal_waits_until_prefects_renewal_point(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lease released before ¾ of its duration is never renewed (no client, no request); a
+    longer one is renewed from then on, by Prefect's own loop, from the thread Prefect starts."""
+    from prefect.concurrency import _leases
+
+    clients: list[float] = []
+    renewals: list[float] = []
+
+    def no_client(**_: object) -> _NoClient:
+        clients.append(time.monotonic())
+        return _NoClient()
+
+    def renew(*_: object) -> bool:
+        renewals.append(time.monotonic())
+        return True
+
+    monkeypatch.setattr(_leases, "_lease_renewal_loop", _leases._lease_renewal_loop)
+    monkeypatch.setattr(_leases, "get_client", no_client)
+    monkeypatch.setattr(_leases, "_renew_concurrency_lease_with_retries", renew)
+    internals.defer_first_lease_renewal()
+    internals.defer_first_lease_renewal()  # idempotent: not wrapped twice
+
+    def hold(duration: float, seconds: float) -> float:
+        started = time.monotonic()
+        stop, thread = _leases._start_lease_renewal_thread(uuid4(), duration, False, True, None)  # type: ignore[arg-type]
+        time.sleep(seconds)
+        stop.set()
+        thread.join(5)
+        assert not thread.is_alive()
+        return started
+
+    hold(0.8, 0.3)  # released before its renewal point (0.6 s)
+    assert clients == []
+    assert renewals == []
+    started = hold(0.4, 0.5)  # renewal point 0.3 s
+    assert len(clients) == 1
+    assert len(renewals) == 1
+    assert renewals[0] - started >= 0.75 * 0.4 - 0.01
+
+
+def test_prefect_clients_share_one_verified_tls_context(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory
+) -> None:
+    """Prefect's client builds its context with ``ssl.create_default_context(cafile=...)``
+    through its module's ``ssl``: shared, it is built once per CA file; the insecure setting's
+    context (changed after it is made) is never shared."""
+    import ssl
+
+    from prefect.client import orchestration
+    from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, temporary_settings
+
+    assert "ssl.create_default_context(cafile=cert_file)" in inspect.getsource(orchestration)
+    made: list[object] = []
+    real = ssl.create_default_context
+
+    def counted(*args: object, **kwargs: object) -> ssl.SSLContext:
+        made.append(kwargs.get("cafile"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(orchestration, "ssl", ssl)
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    internals.share_api_tls_contexts()
+    internals.share_api_tls_contexts()  # idempotent
+    for _ in range(3):
+        PrefectClient("http://127.0.0.1:9/api")
+    assert len(made) == 1  # the CA file of the settings (certifi's by default)
+    assert made[0]
+    with temporary_settings({PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True}):
+        insecure = [PrefectClient("http://127.0.0.1:9/api") for _ in range(2)]
+    assert made[1:] == [None, None]
+    assert len(insecure) == 2

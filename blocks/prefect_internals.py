@@ -15,6 +15,10 @@ as relied on here, so a Prefect upgrade fails loudly there and not in a case's a
   a flow run created beforehand (from the ``dispatch-case`` deployment) in this process, without
   its deployment id, so the engine starts no suspension observer for it.
 
+* :func:`prepare_server_database`: what ``create_app``'s start-up does before a server serves
+  (``create_db``, ``run_block_auto_registration``), done once for ``serve --api-processes N``,
+  whose API processes would otherwise all do it at once and collide.
+
 The background job process (``flows/background/process.py``) uses the engine's entry points
 for a forked process (``load_flow_run``, ``run_flow``, ``handle_engine_signals``, the log and
 event workers' ``drain_all``) and preloads ``prefect._internal.observers``; they are checked by
@@ -46,6 +50,7 @@ __all__ = [
     "block_name",
     "engine_view",
     "ephemeral_api_urls",
+    "prepare_server_database",
     "queued_items",
     "start_drain",
     "run_created_run",
@@ -143,3 +148,16 @@ def ephemeral_api_urls() -> list[str]:
     server = sys.modules.get("prefect.server.api.server")
     instances = server.SubprocessASGIServer._instances.values() if server else ()
     return [str(s.api_url) for s in instances if s.port is not None]
+
+
+async def prepare_server_database() -> None:
+    """Migrate the server's database and register Prefect's block types, as a server's start
+    does (``create_app``'s ``run_migrations`` and ``add_block_types``), without serving."""
+    from prefect.server.database import provide_database_interface
+    from prefect.server.models.block_registration import run_block_auto_registration
+
+    db = provide_database_interface()
+    await db.create_db()
+    session = await db.session()
+    async with session:
+        await run_block_auto_registration(session=session)

@@ -149,3 +149,16 @@ def test_ephemeral_servers_are_listed_with_their_url() -> None:
     assert isinstance(SubprocessASGIServer._instances, dict)
     assert isinstance(inspect.getattr_static(SubprocessASGIServer, "api_url"), property)
     assert all(url.startswith("http") for url in internals.ephemeral_api_urls())
+
+
+def test_the_server_database_is_prepared_as_a_server_start_does() -> None:
+    """``serve --api-processes N`` migrates and registers block types once, as ``create_app``'s
+    start-up would in each API process."""
+    from prefect.server.api import server
+    from prefect.server.models.block_registration import run_block_auto_registration
+
+    start_up = inspect.getsource(server.create_app)
+    assert "await db.create_db()" in start_up
+    assert "run_block_auto_registration(session=session)" in start_up
+    assert list(inspect.signature(run_block_auto_registration).parameters) == ["session"]
+    assert inspect.iscoroutinefunction(internals.prepare_server_database)

@@ -14,18 +14,19 @@ as relied on here, so a Prefect upgrade fails loudly there and not in a case's a
 * :func:`engine_view` and :func:`run_created_run`: ``prefect.flow_engine.run_flow_async`` runs
   a flow run created beforehand (from the ``dispatch-case`` deployment) in this process, without
   its deployment id, so the engine starts no suspension observer for it.
-
 * :func:`defer_first_lease_renewal`: ``prefect.concurrency._leases._lease_renewal_loop``, the
   loop that keeps a task's tag-limit lease alive, renews the lease the moment it was granted
   (a request, a server lease write, an API client of its own, for every send); ours waits
   until Prefect's own renewal point (¾ of the lease) first, so a send shorter than that never
   renews, and a longer one renews as before.
-
 * :func:`share_api_tls_contexts`: ``prefect.client.orchestration``'s use of :mod:`ssl`: every
   Prefect client (and Prefect makes one for nearly every conversation: the log and event
   shippers, a slot service, each ``get_client()`` outside a client context) builds a new SSL
   context from the CA bundle, ≈ 17 ms of CPU here, even for a plain-HTTP API. Ours are shared
   per CA file (and its size and modification time, so a renewed bundle is read again).
+* :func:`prepare_server_database`: what ``create_app``'s start-up does before a server serves
+  (``create_db``, ``run_block_auto_registration``), done once for ``serve --api-processes N``,
+  whose API processes would otherwise all do it at once and collide.
 
 The background job process (``flows/background/process.py``) uses the engine's entry points
 for a forked process (``load_flow_run``, ``run_flow``, ``handle_engine_signals``, the log and
@@ -62,6 +63,7 @@ __all__ = [
     "defer_first_lease_renewal",
     "engine_view",
     "ephemeral_api_urls",
+    "prepare_server_database",
     "queued_items",
     "start_drain",
     "run_created_run",
@@ -231,3 +233,16 @@ def ephemeral_api_urls() -> list[str]:
     server = sys.modules.get("prefect.server.api.server")
     instances = server.SubprocessASGIServer._instances.values() if server else ()
     return [str(s.api_url) for s in instances if s.port is not None]
+
+
+async def prepare_server_database() -> None:
+    """Migrate the server's database and register Prefect's block types, as a server's start
+    does (``create_app``'s ``run_migrations`` and ``add_block_types``), without serving."""
+    from prefect.server.database import provide_database_interface
+    from prefect.server.models.block_registration import run_block_auto_registration
+
+    db = provide_database_interface()
+    await db.create_db()
+    session = await db.session()
+    async with session:
+        await run_block_auto_registration(session=session)

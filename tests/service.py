@@ -26,6 +26,7 @@ __all__ = [
     "CLI",
     "REPO",
     "free_port",
+    "run_as_client",
     "run_cli",
     "serve_env",
     "silent_peer",
@@ -129,6 +130,22 @@ def run_cli(
         env=dict(os.environ if env is None else env),
         **kwargs,
     )
+
+
+def run_as_client(code: str, api: str, auth: str, home: Path) -> None:
+    """Python ``code`` in a process of its own, as a client of a ``serve`` that started its own
+    server (``api``, its auth string ``auth``, its data directory ``home``): how a test saves
+    settings and targets there, away from the session server this process uses."""
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "PREFECT_API_AUTH_STRING": auth,
+        "DICOM_DISPATCH_HOME": str(home),
+    }
+    done = subprocess.run(
+        [CLI[0], "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
 
 
 @contextmanager

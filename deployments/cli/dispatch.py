@@ -262,6 +262,12 @@ async def cmd_status(args: argparse.Namespace, home: Path) -> int:
     print(f"service:     {record['ui_url'] if record else 'not running'}")
     if server:
         print(f"server:      {server['state']}, {server['restarts']} restart(s) {server['detail']}")
+        processes = server.get("processes") or {}
+        if processes:
+            shown = (
+                f"{key} {' '.join(map(str, pids)) or 'down'}" for key, pids in processes.items()
+            )
+            print(f"processes:   {', '.join(shown)}")
     if status["backends"]:
         chosen = ", ".join(f"{name} {how}" for name, how in status["backends"].items())
         print(f"backends:    {chosen}")
@@ -313,6 +319,13 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
         warning = external_api_warning(external) if external else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.api_processes > 1 and external:
+        raise UsageError(
+            "--api-processes sets up the server serve starts; with PREFECT_API_URL set, "
+            "serve uses that server (set its processes up there: see the README)"
+        )
+    if args.api_processes > 1 and args.db == "sqlite":
+        raise UsageError("--api-processes needs PostgreSQL: several processes on SQLite stall")
     if warning:
         print(warning, file=sys.stderr, flush=True)
     log_to_stderr()  # the cleaner's removals, started processes: INFO lines in the journal
@@ -322,7 +335,11 @@ def cmd_serve(args: argparse.Namespace, home: Path) -> int:
     def service() -> None:
         workers = args.workers or default_workers(own_server=external is None)
         try:
-            outcome.append(asyncio.run(serve(home, args.host, args.port, args.db, stop, workers)))
+            outcome.append(
+                asyncio.run(
+                    serve(home, args.host, args.port, args.db, stop, workers, args.api_processes)
+                )
+            )
         except Exception as exc:  # one line, as every command's error (deployments/cli/core.py)
             outcome.append(report_failure(exc))
 
@@ -407,7 +424,33 @@ def add_serve_parser(sub: Any) -> None:
         help="dispatcher processes on this host (default: one per 2 CPUs it may use with the "
         "embedded server, one per CPU with an external one; at most 4)",
     )
+    p.add_argument(
+        "--api-processes",
+        type=_api_process_count,
+        default=1,
+        metavar="N",
+        help="API processes of the embedded Prefect server; 2 or more add a services process "
+        "and Redis (default 1: one server process)",
+    )
     p.set_defaults(handler=cmd_serve, needs_api=False)
+
+
+#: Their database connections share the embedded PostgreSQL's 100
+#: (``deployments/service/server_tuning.py``).
+MAX_API_PROCESSES = 12
+
+
+def _api_process_count(text: str) -> int:
+    """0 or 1 both mean one server process, as Prefect's own ``--workers`` default does."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_API_PROCESSES:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of processes from 0 to {MAX_API_PROCESSES}, got {text!r}"
+        )
+    return max(1, value)
 
 
 def _worker_count(text: str) -> int:

@@ -1,7 +1,8 @@
 """``dicom-dispatch serve``: the whole service in one command (architecture §4.6).
 
 Without ``PREFECT_API_URL``: a local Prefect server with its UI (embedded PostgreSQL, filesystem
-lease storage) as a child process. Always: block types registered, tag limits set from the
+lease storage) as a child process, or with ``api_processes`` ≥ 2 Prefect's multi-process server
+on Redis (``server_stack.py``). Always: block types registered, tag limits set from the
 settings, the ``dispatch-case`` and ``sweep-outgoing`` deployments served, and the dispatcher
 loop running in this process. The embedded server runs with an auth string and is supervised
 (``supervisor.py``). SIGTERM/SIGINT: stop claiming, give in-flight sends their grace period,
@@ -34,7 +35,7 @@ from deployments.service.dispatchers import (
 )
 from deployments.service.encryption_key import KEY_ENV
 from deployments.service.metrics_endpoint import prepare_metrics_dir
-from deployments.service.server import PrefectServer
+from deployments.service.server_stack import ServerStack
 from deployments.service.stop_budget import ShutdownClock, at_last_resort, drain_prefect_services
 from deployments.service.supervisor import ServerSupervisor
 
@@ -49,9 +50,15 @@ LOGGER = logging.getLogger(__name__)
 
 
 async def serve(
-    home: Path, host: str, port: int, db: str, stop_flag: threading.Event, workers: int = 1
+    home: Path,
+    host: str,
+    port: int,
+    db: str,
+    stop_flag: threading.Event,
+    workers: int = 1,
+    api_processes: int = 1,
 ) -> int:
-    server: PrefectServer | None = None
+    server: ServerStack | None = None
     supervisor: ServerSupervisor | None = None
     embedded_db = False
     clock = ShutdownClock(stop_flag)
@@ -65,18 +72,20 @@ async def serve(
         child_env = server_access_env(host, port, auth)
         if KEY_ENV in os.environ:  # the server's alone, not every job process's
             child_env[KEY_ENV] = os.environ.pop(KEY_ENV)
-        server = PrefectServer(host, port, home / "logs" / "prefect-server.log", child_env)
-        at_last_resort(lambda: server.stop(0.1) if server else None)
-        LOGGER.info("starting the Prefect server on %s", server.ui_url)
-        await asyncio.to_thread(server.start)
-        os.environ["PREFECT_API_URL"] = server.api_url
-        os.environ[CLIENT_AUTH_ENV] = auth  # before Prefect is imported: it reads it once
-        write_service_record(home, server.api_url, server.ui_url)
         pgdata = home / "postgres" if embedded_db and db != "sqlite" else None
+        server = ServerStack(home, host, port, child_env, pgdata, api_processes)
+        at_last_resort(lambda: server.stop(0.1) if server else None)
+        LOGGER.info("starting the Prefect server on %s", server.api.ui_url)
+        await asyncio.to_thread(server.start)
+        os.environ["PREFECT_API_URL"] = server.api.api_url
+        os.environ[CLIENT_AUTH_ENV] = auth  # before Prefect is imported: it reads it once
+        write_service_record(home, server.api.api_url, server.api.ui_url)
         if pgdata is not None:
             at_last_resort(lambda: stop_embedded_postgres(pgdata, 0.1))
-        supervisor = ServerSupervisor(server, home, pgdata)
-        print(f"Prefect UI: {server.ui_url} (log in with {home / 'api-auth-string'})", flush=True)
+        supervisor = ServerSupervisor(server.parts(), home)
+        print(
+            f"Prefect UI: {server.api.ui_url} (log in with {home / 'api-auth-string'})", flush=True
+        )
     prepare_metrics_dir(
         home
     )  # one metrics directory per host (deployments/service/metrics_endpoint.py)

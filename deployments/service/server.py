@@ -4,38 +4,83 @@ A child process (``prefect server start``) on the embedded PostgreSQL, with file
 storage (memory leases leak concurrency slots on restart) and the UI told its real API address
 (the UI does not follow ``--port`` by itself). ``env`` adds the child's own variables (its auth
 string, CORS origin, encryption key) without putting them in this process's environment.
+
+With ``processes`` > 1 (``serve --api-processes N``) the same command runs Prefect's
+multi-process server: ``--workers N`` gives N API processes behind the one port (uvicorn's
+parent restarts a worker that dies), webserver only, and :class:`PrefectServices` runs the
+scheduler, the event consumers, the repossessor and the rest in a process of their own. They
+need Redis between them (``deployments/service/redis.py``) and a database migrated once before
+they start (:func:`prepare_database`): N processes migrating or registering Prefect's block
+types at once collide on the same rows, and uvicorn's parent then stops them all.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
+from deployments.service.api import _healthy
+from deployments.service.child_process import ChildProcess
 from deployments.service.history_vacuum import vacuum_environment
 from deployments.service.server_tuning import tuning_environment
 
-__all__ = ["PrefectServer"]
+__all__ = [
+    "HEALTH_TIMEOUT",
+    "SETUP_DONE_ENV",
+    "PrefectServer",
+    "PrefectServices",
+    "prepare_database",
+]
 
 HEALTH_TIMEOUT = 180.0
+#: Health checks that may fail in a row before a running server counts as hung.
+UNHEALTHY_CHECKS = 10
+#: For processes that start on a database :func:`prepare_database` has set up.
+SETUP_DONE_ENV = {
+    "PREFECT_SERVER_DATABASE_MIGRATE_ON_START": "false",
+    "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false",
+}
+PREFECT = [sys.executable, "-m", "prefect"]
 
 
-class PrefectServer:
+class _PrefectProcess(ChildProcess):
+    """A process of Prefect's server: ours is the only API it may know of (a restart must not
+    make it a client of itself), and it keeps the run history the host asks for."""
+
+    #: Server processes that share the database's connections with this one's pool.
+    processes = 1
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        env.pop("PREFECT_API_URL", None)
+        # run history retention (deployments/service/history_vacuum.py)
+        env.update(vacuum_environment(env))
+        # measured settings (deployments/service/server_tuning.py)
+        env.update(tuning_environment(env, self.processes))
+        return env
+
+
+class PrefectServer(_PrefectProcess):
     """``prefect server start`` as a child process, stopped with the service."""
 
+    name = "the Prefect server"
+    key = "api"
+
     def __init__(
-        self, host: str, port: int, log_file: Path, env: Mapping[str, str] | None = None
+        self,
+        host: str,
+        port: int,
+        log_file: Path,
+        env: Mapping[str, str] | None = None,
+        processes: int = 1,
     ) -> None:
+        super().__init__(log_file, env)
         self.host = host
         self.port = port
-        self.log_file = log_file
-        self.env = dict(env or {})
-        self.process: subprocess.Popen[bytes] | None = None
+        self.processes = processes
+        self._unhealthy = 0
 
     @property
     def api_url(self) -> str:
@@ -45,67 +90,67 @@ class PrefectServer:
     def ui_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> None:
-        self.launch()
-        self.wait_healthy()
+    def command(self) -> list[str]:
+        argv = [*PREFECT, "server", "start", "--host", self.host, "--port", str(self.port)]
+        if self.processes > 1:
+            argv += ["--workers", str(self.processes), "--no-services"]
+        return argv
 
-    def launch(self) -> None:
-        """Start the child without waiting for it to answer."""
-        env = dict(os.environ)
-        env.pop("PREFECT_API_URL", None)
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
         env["PREFECT_UI_API_URL"] = self.api_url
         env["PREFECT_SERVER_API_HOST"] = self.host
         env["PREFECT_SERVER_API_PORT"] = str(self.port)
-        env.update(self.env)
-        env.update(
-            vacuum_environment(env)
-        )  # run history retention (deployments/service/history_vacuum.py)
-        env.update(tuning_environment(env))  # measured: deployments/service/server_tuning.py
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "prefect",
-                    "server",
-                    "start",
-                    "--host",
-                    self.host,
-                    "--port",
-                    str(self.port),
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        return env
 
-    def wait_healthy(self, timeout: float = HEALTH_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the Prefect server exited with code {self.process.returncode}; "
-                    f"see {self.log_file}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as resp:  # noqa: S310 - loopback
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"the Prefect server did not become healthy in {timeout:.0f} s")
+    def launch(self) -> None:
+        self._unhealthy = 0
+        super().launch()
 
-    def stop(self, timeout: float = 20.0) -> None:
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+    def ready(self) -> bool:
+        return _healthy(self.api_url)
+
+    def wait_ready(self, timeout: float = HEALTH_TIMEOUT) -> None:
+        super().wait_ready(timeout)
+
+    def why_down(self) -> str | None:
+        exited = super().why_down()
+        if exited is not None:
+            return exited
+        self._unhealthy = 0 if self.ready() else self._unhealthy + 1
+        if self._unhealthy >= UNHEALTHY_CHECKS:
+            return f"{self.name} did not answer {self._unhealthy} health checks"
+        return None
+
+
+class PrefectServices(_PrefectProcess):
+    """``prefect server services start``: the loop services the API processes leave out."""
+
+    name = "the Prefect services"
+    key = "services"
+
+    def command(self) -> list[str]:
+        return [*PREFECT, "server", "services", "start"]
+
+
+def prepare_database(
+    log_file: Path, env: Mapping[str, str], timeout: float = HEALTH_TIMEOUT
+) -> None:
+    """Migrate the database and register Prefect's block types, once, in a process with the
+    servers' environment ``env`` (their database, their ``PREFECT_HOME``)."""
+    setup = _PrefectProcess(log_file, env)
+    argv = [sys.executable, "-m", "deployments.service.server_database"]
+    with open(log_file, "ab") as log:
+        done = subprocess.run(
+            argv,
+            env=setup.environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            check=False,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"setting up the Prefect database failed (code {done.returncode}); see {log_file}"
+        )

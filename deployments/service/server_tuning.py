@@ -8,7 +8,7 @@ at once, CPU per process group) on a 2-core host; README's capacity table has th
   recorder, the triggers): the extra connections were opened and closed for every case or
   two — a PostgreSQL backend started each time and every statement prepared again. With 20
   kept, PostgreSQL's CPU per case halved and new sessions fell from ≈ 1.6 per case to none.
-  Costs a few MB of PostgreSQL memory per idle connection.
+  Costs a few MB of PostgreSQL memory per idle connection. ``--api-processes N`` divide it.
 * **The task-run recorder writes in batches.** Prefect's default writes each task-run state
   change in its own transaction as it arrives. Batches of up to 50, flushed at least every
   second, cut the server's CPU per case by ≈ 20 %. Costs: a task run's latest state reaches
@@ -24,16 +24,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["SERVER_TUNING", "tuning_environment"]
+__all__ = ["POOL_CONNECTIONS", "SERVER_TUNING", "tuning_environment"]
 
+POOL_SIZE = "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE"
+MAX_OVERFLOW = "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW"
+#: Connections kept and opened on demand by one server process; ``--api-processes N`` share
+#: them, so N processes and the services process stay within PostgreSQL's 100 connections.
+POOL_CONNECTIONS = (20, 10)
 SERVER_TUNING: dict[str, str] = {
-    "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
-    "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "10",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "50",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
 }
 
 
-def tuning_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables to add to the server's environment: those the site has not set."""
-    return {name: value for name, value in SERVER_TUNING.items() if not environ.get(name)}
+def tuning_environment(environ: Mapping[str, str], processes: int = 1) -> dict[str, str]:
+    """The variables to add to the environment of one of ``processes`` server processes that
+    share the pool's connections: those the site has not set."""
+    kept, extra = POOL_CONNECTIONS
+    share = max(1, processes)
+    wanted = {
+        POOL_SIZE: str(max(3, kept // share)),
+        MAX_OVERFLOW: str(max(2, extra // share)),
+        **SERVER_TUNING,
+    }
+    return {name: value for name, value in wanted.items() if not environ.get(name)}

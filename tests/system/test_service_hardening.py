@@ -29,7 +29,15 @@ from tasks.taskjson import read_task_raw
 from tests.cases import make_case
 from tests.dispatch_env import DispatchEnv
 from tests.peers.tmpfs import small_tmpfs
-from tests.service import CLI, free_port, run_cli, silent_peer, start_serve, stop, wait_for
+from tests.service import (
+    free_port,
+    run_as_client,
+    run_cli,
+    silent_peer,
+    start_serve,
+    stop,
+    wait_for,
+)
 from tests.system.test_serve import start_embedded_serve
 
 EVIL_ORIGIN = "http://evil.example"
@@ -202,16 +210,7 @@ def save_fast_retries(api: str, auth: str, home: Path) -> None:
         "S(retry_delay=0, retry_max=10, dispatcher_scan_interval=0.2)"
         ".save('default', overwrite=True)"
     )
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": api,
-        "PREFECT_API_AUTH_STRING": auth,
-        "DICOM_DISPATCH_HOME": str(home),
-    }
-    done = subprocess.run(
-        [CLI[0], "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
+    run_as_client(code, api, auth, home)
 
 
 def test_sigterm_with_a_hung_send_exits_in_time(env: DispatchEnv, tmp_path: Path) -> None:

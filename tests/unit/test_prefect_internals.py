@@ -235,3 +235,16 @@ def test_prefect_clients_share_one_verified_tls_context(
         insecure = [PrefectClient("http://127.0.0.1:9/api") for _ in range(2)]
     assert made[1:] == [None, None]
     assert len(insecure) == 2
+
+
+def test_the_server_database_is_prepared_as_a_server_start_does() -> None:
+    """``serve --api-processes N`` migrates and registers block types once, as ``create_app``'s
+    start-up would in each API process."""
+    from prefect.server.api import server
+    from prefect.server.models.block_registration import run_block_auto_registration
+
+    start_up = inspect.getsource(server.create_app)
+    assert "await db.create_db()" in start_up
+    assert "run_block_auto_registration(session=session)" in start_up
+    assert list(inspect.signature(run_block_auto_registration).parameters) == ["session"]
+    assert inspect.iscoroutinefunction(internals.prepare_server_database)

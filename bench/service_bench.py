@@ -28,6 +28,10 @@ folders moved into outgoing/; the benchmark watches success/.
     runs' client); ready → success/ p50/p95 beside the empty run's wall and dcmsend alone.
 (g) A model of mercure 0.4.1's dispatcher loop, "tuned" (TCP_NODELAY=1) and "as shipped", on
     the workloads of (a), (b) and (f), with its CPU per small case; serve ÷ each. Runs (f) too.
+(h) 200 small cases (quick: 40) dropped at once into ``serve`` with its defaults and then into
+    ``serve --api-processes 2 --workers 2``, each with a receiver that keeps every copy: wall
+    time, duplicates and missing instances, the tag limits held (most sends at once ÷ limit),
+    CPU per case by process kind (README's capacity table).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pathlib import Path
 
 from bench._common import say, work_dir
 
-FIGURES = "abcdefg"
+FIGURES = "abcdefgh"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +73,7 @@ def run(work: Path, only: set[str], quick: bool, json_path: Path | None) -> None
     from bench.dispatch.dcmsend import dcmsend_binary, storescp
     from bench.dispatch.figure_account import figure_f
     from bench.dispatch.figure_mercure import figure_g, sizes
+    from bench.dispatch.figure_multi import figure_h
     from bench.dispatch.report import Report
     from bench.dispatch.service import running_service
 
@@ -96,6 +101,8 @@ def run(work: Path, only: set[str], quick: bool, json_path: Path | None) -> None
                     figure_f(service, out, binary, port, size["one_cases"], 10 if quick else 20)
                 if "g" in only:
                     figure_g(service, out, binary, port, size)
+    if "h" in only:
+        figure_h(work / "h", out, 40 if quick else 200)
     if "e" in only:
         fig.figure_e(work / "e", out, 100 if quick else 200, 2 if quick else 3)
     say(f"total {time.perf_counter() - started:.0f} s")

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +97,9 @@ def service_env(home: Path) -> dict[str, str]:
 
 
 @contextmanager
-def running_service(base: Path, scp_port: int, access_log: bool = False) -> Iterator[Service]:
+def running_service(
+    base: Path, scp_port: int, access_log: bool = False, serve_args: Sequence[str] = ()
+) -> Iterator[Service]:
     """``import-config`` of a mercure.json with a DICOM and a dummy target, then ``serve``.
 
     ``access_log``: the Prefect server logs at INFO, which includes uvicorn's line per request
@@ -143,7 +145,7 @@ def running_service(base: Path, scp_port: int, access_log: bool = False) -> Iter
             "serve",
             "--port",
             str(free_port()),
-            *os.environ.get("BENCH_SERVE_ARGS", "").split(),
+            *serve_args,
         ],
         env=env,
         stdout=log,

@@ -2,8 +2,10 @@
 
 ``serve`` is a tree: the serve process (dispatcher 1, also the Runner, the background executor
 and the periodic services), ``--workers``-1 dispatcher children, the ``dcmsend`` runs they start,
-``prefect server start`` (API and its loop services in one uvicorn process) and the embedded
-PostgreSQL (a detached postmaster with its backends). A figure takes a snapshot before and after
+``prefect server start`` (API and its loop services in one uvicorn process; with
+``--api-processes N`` N API processes under a uvicorn parent, ``prefect server services start``
+and ``redis-server`` beside them) and the embedded PostgreSQL (a detached postmaster with its
+backends). A figure takes a snapshot before and after
 a window and divides the difference by the cases in it.
 
 Exited processes are counted through their parent's ``children_*`` times (what the kernel adds
@@ -24,10 +26,14 @@ SERVE = "dispatcher (serve process)"
 CHILDREN = "dispatcher children"
 DCMSEND = "dcmsend"
 SERVER = "Prefect server (API + services)"
+SERVICES = "Prefect services process"
+REDIS = "Redis"
 POSTGRES = "PostgreSQL (all backends)"
 CLIENT = "client (this process)"
 #: Print order; ``CLIENT`` only where this process is the Prefect client measured.
 GROUPS = (SERVE, CHILDREN, DCMSEND, SERVER, POSTGRES)
+#: With ``--api-processes N``: ``SERVER`` is the API processes alone.
+MULTI_GROUPS = (SERVE, CHILDREN, DCMSEND, SERVER, SERVICES, REDIS, POSTGRES)
 
 
 def _own(proc: Any) -> tuple[float, float]:
@@ -56,8 +62,10 @@ def _group_of(proc: Any, inherited: str) -> str:
         return POSTGRES
     if "dispatcher_child" in line:
         return CHILDREN
+    if name == "redis-server":
+        return REDIS
     if "prefect" in line and "server" in line:
-        return SERVER
+        return SERVICES if "services start" in line else SERVER
     return inherited
 
 
@@ -98,5 +106,6 @@ def cpu_snapshot(service: Service, client: bool = False) -> dict[str, float]:
 
 def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """CPU seconds per group between two snapshots (groups in print order, zeros kept)."""
-    keys = [*GROUPS, *(k for k in after if k not in GROUPS)]
+    keys = [*GROUPS, *(k for k in MULTI_GROUPS if k in after and k not in GROUPS)]
+    keys += [k for k in after if k not in keys]
     return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in keys}

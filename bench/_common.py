@@ -39,6 +39,17 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def max_overlap(spans: Sequence[tuple[float, float]]) -> int:
+    """The most (start, end) spans open at one instant (an end before a start at the same
+    instant): the concurrency a limit allowed, read back from what ran."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
 def fmt_runs(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
     """Every run, so a reader sees the spread behind a median."""
     return "[" + ", ".join(f"{v * scale:.{digits}f}" for v in values) + "]"

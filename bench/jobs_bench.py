@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench._common import median, stop_process, work_dir
+from bench._common import max_overlap, median, stop_process, work_dir
 from blocks.host import JOBS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,19 +151,10 @@ def run_api_bench(out: Path, jobs: int, limit: int, seconds: float) -> dict[str,
         "submit_per_s": jobs / submitted,
         "jobs_per_s": jobs / (last_end - t0),
         "wall_s": last_end - t0,
-        "max_concurrency": _max_overlap(spans),
+        "max_concurrency": max_overlap(spans),
         "handover_function": handovers(spans, limit),
         "handover_run": handovers(run_spans, limit),
     }
-
-
-def _max_overlap(spans: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    best = current = 0
-    for _, step in events:
-        current += step
-        best = max(best, current)
-    return best
 
 
 async def run_runner_baseline(out: Path, jobs: int, limit: int, seconds: float) -> dict[str, Any]:

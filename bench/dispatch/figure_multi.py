@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench._common import say
+from bench._common import max_overlap, say
 from bench.dispatch.config import SCP_AET
 from bench.dispatch.report import Report
 from bench.dispatch.service import PACS, Service, running_service
@@ -52,16 +52,6 @@ def sent_uids(cases: list[Path]) -> set[str]:
         for case in cases
         for p in case.glob("*.dcm")
     }
-
-
-def max_overlap(intervals: list[tuple[float, float]]) -> int:
-    """The most intervals open at one instant (an end before a start at the same instant)."""
-    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
-    most = now = 0
-    for _, step in edges:
-        now += step
-        most = max(most, now)
-    return most
 
 
 async def _limits_held(service: Service) -> dict[str, tuple[int, int]]:

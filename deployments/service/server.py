@@ -22,19 +22,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from deployments.service.api import _healthy
-from deployments.service.child_process import ChildProcess
+from deployments.service.child_process import READY_TIMEOUT, ChildProcess
 from deployments.service.history_vacuum import vacuum_environment
 from deployments.service.server_tuning import tuning_environment
 
 __all__ = [
-    "HEALTH_TIMEOUT",
     "SETUP_DONE_ENV",
     "PrefectServer",
     "PrefectServices",
     "prepare_database",
 ]
 
-HEALTH_TIMEOUT = 180.0
 #: Health checks that may fail in a row before a running server counts as hung.
 UNHEALTHY_CHECKS = 10
 #: For processes that start on a database :func:`prepare_database` has set up.
@@ -110,9 +108,6 @@ class PrefectServer(_PrefectProcess):
     def ready(self) -> bool:
         return _healthy(self.api_url)
 
-    def wait_ready(self, timeout: float = HEALTH_TIMEOUT) -> None:
-        super().wait_ready(timeout)
-
     def why_down(self) -> str | None:
         exited = super().why_down()
         if exited is not None:
@@ -134,7 +129,7 @@ class PrefectServices(_PrefectProcess):
 
 
 def prepare_database(
-    log_file: Path, env: Mapping[str, str], timeout: float = HEALTH_TIMEOUT
+    log_file: Path, env: Mapping[str, str], timeout: float = READY_TIMEOUT
 ) -> None:
     """Migrate the database and register Prefect's block types, once, in a process with the
     servers' environment ``env`` (their database, their ``PREFECT_HOME``)."""

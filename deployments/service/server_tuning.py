@@ -7,7 +7,7 @@ at once, CPU per process group) on a 2-core host; README's capacity table has th
   than what one case keeps busy at once (its API requests, the event persister, the task-run
   recorder, the triggers): the extra connections were opened and closed for every case or
   two — a PostgreSQL backend started each time and every statement prepared again. With 20
-  kept, PostgreSQL's CPU per case halved and new sessions fell from ≈ 1.6 per case to none.
+  kept, PostgreSQL's CPU per case halved and new sessions fell from ≈ 1.6 to ≈ 0.2 per case.
   Costs a few MB of PostgreSQL memory per idle connection. ``--api-processes N`` divide it.
 * **The task-run recorder writes in batches.** Prefect's default writes each task-run state
   change in its own transaction as it arrives. Batches of up to 50, flushed at least every

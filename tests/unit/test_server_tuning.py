@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from deployments.service.server_tuning import MAX_OVERFLOW, POOL_SIZE, tuning_environment
 
 BATCH = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"
@@ -20,6 +22,19 @@ def test_api_processes_share_the_pool_within_postgresqls_connections() -> None:
         env = tuning_environment({}, processes)
         per_process = int(env[POOL_SIZE]) + int(env[MAX_OVERFLOW])
         assert processes * per_process + services <= 100
+
+
+def test_prefect_reads_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read back through the installed Prefect: a misspelt variable is silently ignored."""
+    from prefect.settings import Settings
+
+    for name, value in tuning_environment({}, 2).items():
+        monkeypatch.setenv(name, value)
+    server = Settings().server
+    assert server.database.sqlalchemy.pool_size == 10
+    assert server.database.sqlalchemy.max_overflow == 5
+    assert server.services.task_run_recorder.batch_size == 50
+    assert server.services.task_run_recorder.flush_interval == 1
 
 
 def test_what_the_site_set_wins() -> None:
